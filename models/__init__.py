@@ -1,0 +1,1 @@
+"""Networks and the diffusion core: pure PyTorch, nothing about data, files or training loops."""

@@ -1,0 +1,1 @@
+"""Command-line programs and the few helpers they share (data, checkpoints, run logging, config)."""

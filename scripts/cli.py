@@ -1,0 +1,96 @@
+"""Turning dataclass configs into command lines, and user errors into one clear message.
+
+Every script defines one dataclass config. `build_parser` generates the argparse parser from it
+(kebab-case flags, defaults shown in --help), so a flag can never be parsed and then ignored.
+`run_main` is the shared `if __name__ == "__main__"` body: a `UserError` ends the program with one
+line on stderr and exit status 2 instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+ConfigT = TypeVar("ConfigT")
+
+EXIT_USER_ERROR = 2
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad path, bad flag, corrupt data, OOM...). The message says how."""
+
+
+def option(default: Any, help: str, *, choices: Sequence[Any] | None = None, positional: bool = False,
+           flag: str | None = None) -> Any:
+    """A dataclass field carrying its command-line help (and optional choices / positional-ness).
+
+    `flag` overrides the generated flag name, e.g. `--class` for a field that must be called `classes`.
+    """
+    metadata = {"help": help, "choices": choices, "positional": positional, "flag": flag}
+    if isinstance(default, list | dict):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def _scalar_type(annotation: Any) -> Any:
+    """The argparse `type` for a field annotation like `int`, `float | None`, `list[str]`."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is list:
+        return args[0]
+    if args:  # Optional[X] / X | None
+        return _scalar_type(args[0])
+    return annotation
+
+
+def build_parser(config_cls: type, description: str) -> argparse.ArgumentParser:
+    """An argparse parser with one option per dataclass field, defaults listed in --help."""
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    hints = typing.get_type_hints(config_cls)
+    for field in dataclasses.fields(config_cls):
+        meta = field.metadata
+        annotation = hints[field.name]
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        kwargs: dict[str, Any] = {"help": meta.get("help", "")}
+        if meta.get("positional"):
+            names = [field.name]
+            if default is not None:
+                kwargs["nargs"] = "?"
+        else:
+            names = [meta.get("flag") or "--" + field.name.replace("_", "-")]
+            kwargs["dest"] = field.name
+        if annotation is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction if default else "store_true"
+        else:
+            kwargs["type"] = _scalar_type(annotation)
+            if typing.get_origin(annotation) is list:
+                kwargs["nargs"] = "*" if meta.get("positional") else "+"
+            if meta.get("choices") is not None:
+                kwargs["choices"] = list(meta["choices"])
+        kwargs["default"] = default
+        parser.add_argument(*names, **kwargs)
+    return parser
+
+
+def parse_config(config_cls: type[ConfigT], argv: Sequence[str] | None, description: str) -> ConfigT:
+    """Parse argv (None = sys.argv[1:]) into a config instance."""
+    namespace = build_parser(config_cls, description).parse_args(argv)
+    return config_cls(**vars(namespace))
+
+
+def run_main(main: Callable[[Any], Any], config_cls: type, description: str,
+             argv: Sequence[str] | None = None) -> None:
+    """Parse the command line, run main(cfg), and turn a UserError into one line and exit status 2."""
+    cfg = parse_config(config_cls, argv, description)
+    try:
+        main(cfg)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
