@@ -1,0 +1,60 @@
+"""Device, precision and Accelerator set-up shared by both trainers, and GPU errors turned into advice."""
+
+from __future__ import annotations
+
+import torch
+from accelerate import Accelerator
+
+from scripts.cli import UserError
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("auto", "no", "fp16", "bf16")
+
+
+def resolve_device_type(requested: str) -> str:
+    """'auto' becomes cuda > mps > cpu; an explicit device that is not there is a user error."""
+    cuda_ok = torch.cuda.is_available()
+    mps_ok = torch.backends.mps.is_available()
+    if requested == "auto":
+        return "cuda" if cuda_ok else "mps" if mps_ok else "cpu"
+    if requested == "cuda" and not cuda_ok:
+        raise UserError("--device cuda was asked for but no CUDA GPU is visible — use --device cpu (or auto)")
+    if requested == "mps" and not mps_ok:
+        raise UserError("--device mps was asked for but Apple MPS is not available — use --device cpu (or auto)")
+    return requested
+
+
+def resolve_mixed_precision(requested: str, device_type: str) -> str:
+    """'auto': bf16 on Ampere and newer, fp16 (with loss scaling) on T4/Volta, full fp32 ('no') elsewhere."""
+    if requested == "auto":
+        if device_type != "cuda":
+            return "no"
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+    if requested == "fp16" and device_type == "cpu":
+        # Accelerate would silently train in fp32; say so instead of pretending.
+        raise UserError("--mixed-precision fp16 needs a GPU; on CPU use --mixed-precision bf16 or no")
+    return requested
+
+
+def make_accelerator(device: str, mixed_precision: str, gradient_accumulation_steps: int = 1,
+                     log_with: str | None = None, project_dir: str | None = None) -> Accelerator:
+    """One Accelerator for the whole run (DDP, mixed precision, gradient accumulation)."""
+    device_type = resolve_device_type(device)
+    precision = resolve_mixed_precision(mixed_precision, device_type)
+    # TF32 matmuls are ~8x faster than fp32 on Ampere+ and accurate enough for training.
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return Accelerator(cpu=device_type == "cpu", mixed_precision=precision,
+                       gradient_accumulation_steps=gradient_accumulation_steps,
+                       log_with=log_with, project_dir=project_dir)
+
+
+def describe_gpu_failure(error: BaseException) -> str | None:
+    """An actionable message for CUDA out-of-memory and other CUDA errors, else None."""
+    text = str(error)
+    if isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in text.lower():
+        return ("out of GPU memory — lower --batch-size (and raise --gradient-accumulation-steps to keep the "
+                "effective batch), choose a smaller --model or --image-size, or use --mixed-precision bf16/fp16")
+    if isinstance(error, RuntimeError) and ("CUDA" in text or "cuDNN" in text or "NCCL" in text):
+        return f"CUDA error: {text.splitlines()[0]} — check the driver/GPU, or run on the CPU with --device cpu"
+    return None
