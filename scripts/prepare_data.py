@@ -40,7 +40,6 @@ CAT_BREEDS = (
     "Siamese",
     "Sphynx",
 )
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
 
 def refuse_foreign_classes(out: Path, allowed: Iterable[str]) -> None:
@@ -144,18 +143,22 @@ def prepare_oxford(root: Path, out_dir: Path, download: bool, link: bool) -> dic
 
 
 def _is_hidden(relative: Path) -> bool:
-    return any(part.startswith(".") for part in relative.parts)
+    """Dot folders/files and `__MACOSX`-style ones: the same names scripts.data skips."""
+    return any(part.startswith((".", "__")) for part in relative.parts)
 
 
 def folder_images(source: Path) -> list[tuple[str, Path]]:
     """(class, image) pairs of a `source/<class>/**/image` tree, skipping hidden entries and non-images."""
+    # Imported here: scripts.data pulls in torch, which make_toy_cats (importing this module) does not need.
+    from scripts.data import IMAGE_EXTENSIONS
+
     pairs = []
     for path in sorted(source.rglob("*")):
         relative = path.relative_to(source)
         if (
             len(relative.parts) >= 2
             and not _is_hidden(relative)
-            and path.suffix.lower() in IMAGE_SUFFIXES
+            and path.suffix.lower() in IMAGE_EXTENSIONS
             and path.is_file()
         ):
             pairs.append((relative.parts[0], path))
@@ -170,7 +173,7 @@ def import_folder(source: Path, out: Path, link: bool) -> dict[str, Counter[str]
     if not pairs:
         raise UserError(
             f"no images found under {source} — expected {source}/<class>/<image>.jpg "
-            f"(one subfolder per class; suffixes {', '.join(sorted(IMAGE_SUFFIXES))})"
+            "(one subfolder per class, images as .jpg, .png, .webp, ...)"
         )
     refuse_foreign_classes(out, {name for name, _ in pairs})
     # Flatten nested folders into the file name so two `img1.jpg` in different subfolders stay distinct.

@@ -140,6 +140,7 @@ def test_from_folder_imports_class_tree_skipping_hidden_and_non_images(tmp_path:
     _tiny_jpeg(source / "ginger" / "c.jpeg")
     _tiny_jpeg(source / ".ipynb_checkpoints" / "x.jpg")
     _tiny_jpeg(source / "ginger" / ".thumbs" / "y.jpg")
+    _tiny_jpeg(source / "__MACOSX" / "tabby" / "z.jpg")
     _tiny_jpeg(source / "loose.jpg")
     (source / "ginger" / "notes.txt").write_text("not an image")
 
