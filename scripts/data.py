@@ -524,25 +524,41 @@ def to_unit_float(images_uint8: torch.Tensor) -> torch.Tensor:
     return images_uint8.to(torch.float32).div_(255.0)
 
 
-def _crop(images: torch.Tensor, params: AugmentationParams) -> torch.Tensor:
-    """Per-sample crop + resize back to full size in one batched bilinear `grid_sample`."""
-    batch = images.shape[0]
-    theta = torch.zeros(batch, 2, 3, device=images.device, dtype=images.dtype)
-    theta[:, 0, 0] = params.crop_side
-    theta[:, 1, 1] = params.crop_side
-    theta[:, :, 2] = params.crop_shift
-    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+def _crop_grid(params: AugmentationParams, height: int, width: int) -> torch.Tensor:
+    """The (B, H, W, 2) `grid_sample` grid of each sample's crop, mirrored where `flip` is set.
+
+    Crops are axis-aligned, so the grid is an outer combination of one x row and one y column per sample
+    (much cheaper than `affine_grid`'s general matrix product).
+    """
+    device = params.crop_side.device
+
+    def pixel_centres(n: int) -> torch.Tensor:  # in [-1, 1], as align_corners=False expects
+        return (torch.arange(n, device=device, dtype=torch.float32) * 2 + 1) / n - 1
+
+    mirror = 1.0 - 2.0 * params.flip.float()
+    grid_x = (params.crop_side * mirror)[:, None] * pixel_centres(width) + params.crop_shift[:, 0:1]
+    grid_y = params.crop_side[:, None] * pixel_centres(height) + params.crop_shift[:, 1:2]
+    return torch.stack(torch.broadcast_tensors(grid_x[:, None, :], grid_y[:, :, None]), dim=-1)
+
+
+def _crop_and_flip(images: torch.Tensor, params: AugmentationParams) -> torch.Tensor:
+    """Per-sample crop (+ flip) resized back to full size in one batched bilinear `grid_sample`."""
+    grid = _crop_grid(params, images.shape[2], images.shape[3])
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def _jitter_colour(images: torch.Tensor, params: AugmentationParams) -> torch.Tensor:
-    """Brightness, contrast, saturation (torchvision's formulas, per sample), clamped after each."""
+    """torchvision's brightness -> contrast -> saturation, per sample, folded into one affine map.
+
+    With b, c, s the factors, L the luma and m its image mean, the chain equals
+    c*b*(s*x + (1-s)*L) + (1-c)*b*m; it differs from torchvision only by skipping the clamps in between.
+    """
     luma_weights = torch.tensor(_LUMA, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
-    images = (images * params.brightness.view(-1, 1, 1, 1)).clamp_(0, 1)
-    mean_luma = (images * luma_weights).sum(1, keepdim=True).mean((2, 3), keepdim=True)
-    images = torch.lerp(mean_luma, images, params.contrast.view(-1, 1, 1, 1)).clamp_(0, 1)
-    luma = (images * luma_weights).sum(1, keepdim=True)
-    return torch.lerp(luma, images, params.saturation.view(-1, 1, 1, 1)).clamp_(0, 1)
+    luma = F.conv2d(images, luma_weights)  # a 1x1 convolution is the per-pixel weighted channel sum
+    brightness, contrast, saturation = (f.view(-1, 1, 1, 1) for f in (params.brightness, params.contrast,
+                                                                      params.saturation))
+    shift = (1 - contrast) * brightness * luma.mean((2, 3), keepdim=True)
+    return torch.lerp(luma, images, saturation).mul_(contrast * brightness).add_(shift).clamp_(0, 1)
 
 
 def apply_augmentation(images_uint8: torch.Tensor, params: AugmentationParams) -> torch.Tensor:
@@ -550,10 +566,11 @@ def apply_augmentation(images_uint8: torch.Tensor, params: AugmentationParams) -
     if len(params) != images_uint8.shape[0]:
         raise ValueError(f"{len(params)} augmentation parameter sets for a batch of {images_uint8.shape[0]}")
     params = params.to(images_uint8.device)
-    flipped = torch.where(params.flip.view(-1, 1, 1, 1), images_uint8.flip(-1), images_uint8)
-    images = to_unit_float(flipped)
     if params.crops:
-        images = _crop(images, params).clamp_(0, 1)
+        images = _crop_and_flip(to_unit_float(images_uint8), params).clamp_(0, 1)
+    else:
+        flipped = torch.where(params.flip.view(-1, 1, 1, 1), images_uint8.flip(-1), images_uint8)
+        images = to_unit_float(flipped)
     if params.colour:
         images = _jitter_colour(images, params)
     return images

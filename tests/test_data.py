@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from pathlib import Path
@@ -419,6 +420,34 @@ def test_flip_mirrors_exactly_the_flagged_images():
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
+def test_crop_stage_with_full_crop_is_identity_and_flips_exactly():
+    images = random_uint8_batch()
+    params = dataclasses.replace(data.identity_augmentation(6), crops=True)
+    params.flip = torch.tensor([True, False, True, False, False, True])
+
+    out = data.apply_augmentation(images, params)
+
+    expected = data.to_unit_float(images)
+    expected[params.flip] = expected[params.flip].flip(-1)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+
+
+def test_colour_jitter_matches_torchvision_per_sample():
+    from torchvision.transforms.v2 import functional  # the reference; imported here as it is slow to load
+    images = torch.randint(70, 180, (4, 3, 8, 8), dtype=torch.uint8)  # mid-range: no clipping in between
+    params = data.draw_augmentation("full", 4, 8, data.step_generator(3, 1))
+    params.crops = False
+    params.flip[:] = False
+
+    out = data.apply_augmentation(images, params)
+
+    for i, image in enumerate(data.to_unit_float(images)):
+        image = functional.adjust_brightness(image, params.brightness[i].item())
+        image = functional.adjust_contrast(image, params.contrast[i].item())
+        image = functional.adjust_saturation(image, params.saturation[i].item())
+        torch.testing.assert_close(out[i], image, rtol=0, atol=2e-3)
+
+
 def test_basic_level_only_flips():
     images = random_uint8_batch(batch=32)
     params = data.draw_augmentation("basic", 32, 8, data.step_generator(1, 2))
@@ -438,7 +467,7 @@ def test_medium_level_crops_inside_the_image():
     assert params.crop_side.std() > 0.02
 
     images = random_uint8_batch(batch=200, size=16)
-    flipped_only = data.apply_augmentation(images, data.dataclasses.replace(params, crops=False))
+    flipped_only = data.apply_augmentation(images, dataclasses.replace(params, crops=False))
     assert (data.apply_augmentation(images, params) - flipped_only).abs().mean() > 0.01
 
 
