@@ -553,8 +553,8 @@ def _jitter_colour(images: torch.Tensor, params: AugmentationParams) -> torch.Te
     With b, c, s the factors, L the luma and m its image mean, the chain equals
     c*b*(s*x + (1-s)*L) + (1-c)*b*m; it differs from torchvision only by skipping the clamps in between.
     """
-    luma_weights = torch.tensor(_LUMA, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
-    luma = F.conv2d(images, luma_weights)  # a 1x1 convolution is the per-pixel weighted channel sum
+    # A plain weighted channel sum: a 1x1 conv2d does the same ~20x slower on CPU.
+    luma = sum(weight * images[:, channel:channel + 1] for channel, weight in enumerate(_LUMA))
     brightness, contrast, saturation = (f.view(-1, 1, 1, 1) for f in (params.brightness, params.contrast,
                                                                       params.saturation))
     shift = (1 - contrast) * brightness * luma.mean((2, 3), keepdim=True)
