@@ -221,14 +221,15 @@ def _read_cache(directory: Path, image_size: int, key: str) -> ImageCache | None
     try:
         meta = json.loads(meta_path.read_text())
         images = np.load(images_path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError):
+        labels = np.asarray(meta["labels"], dtype=np.int64)
+        class_names, skipped = list(meta["class_names"]), list(meta["skipped"])
+    except (OSError, ValueError, KeyError, TypeError):  # unreadable or hand-edited: rebuild it
         return None
-    labels = np.asarray(meta.get("labels", []), dtype=np.int64)
-    if meta.get("key") != key or images.dtype != np.uint8 or images.shape != (len(labels), 3, image_size,
-                                                                              image_size):
+    expected_shape = (len(labels), 3, image_size, image_size)
+    if meta.get("key") != key or images.dtype != np.uint8 or images.shape != expected_shape:
         return None
-    return ImageCache(images=images, labels=labels, class_names=list(meta["class_names"]),
-                      image_size=image_size, skipped=list(meta["skipped"]), path=images_path)
+    return ImageCache(images=images, labels=labels, class_names=class_names, image_size=image_size,
+                      skipped=skipped, path=images_path)
 
 
 def _writable_dir(candidates: Sequence[Path]) -> Path:

@@ -237,14 +237,18 @@ def test_cache_is_rebuilt_when_files_or_size_change(tmp_path):
     assert modified.path.exists(), "caches of other sizes are kept"
 
 
-def test_cache_with_broken_metadata_is_rebuilt(tmp_path):
+@pytest.mark.parametrize("damage", ["images", "metadata"])
+def test_damaged_cache_is_rebuilt(tmp_path, damage):
     root = make_image_folder(tmp_path / "cats", {"black": 2, "tabby": 2})
     cache = data.load_or_build_cache(root, 6, show_progress=False)
-    np.save(cache.path, np.zeros((1, 3, 6, 6), dtype=np.uint8))  # e.g. overwritten by hand
+    if damage == "images":
+        np.save(cache.path, np.zeros((1, 3, 6, 6), dtype=np.uint8))  # e.g. overwritten by hand
+    else:
+        cache.path.with_suffix(".json").write_text(json.dumps({"labels": [0, 0, 1, 1]}))
 
     rebuilt = data.load_or_build_cache(root, 6, show_progress=False)
 
-    assert rebuilt.images.shape == (4, 3, 6, 6)
+    assert rebuilt.images.shape == (4, 3, 6, 6) and rebuilt.class_names == ["black", "tabby"]
 
 
 def test_interrupted_build_leaves_nothing_that_is_trusted_later(tmp_path, monkeypatch):
