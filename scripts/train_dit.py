@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from models.diffusion import OBJECTIVES, build_objective
+from models.diffusion import OBJECTIVES, build_objective, drop_labels
 from models.ema import EMA
 from models.tiny_dit import DIT_SIZES, build_dit, count_parameters
 from scripts.checkpoints import (list_complete_states, load_training_state, prune_states,
@@ -45,6 +45,9 @@ from scripts.sample import class_grid_labels, sample_images, save_grid
 REPORT_TO = ("none", "tensorboard", "wandb")
 FINAL_NAME = "tinydit_final.safetensors"
 FINAL_RAW_NAME = "tinydit_final_raw.safetensors"
+# The objectives' own defaults (logit-normal t for flow, linear betas for ddpm); stored in the weights
+# metadata so sampling rebuilds exactly the objective that was trained.
+OBJECTIVE_OPTIONS: dict[str, Any] = {}
 # Sample grids: one row per class, this many columns (fewer when there are many classes).
 GRID_COLUMNS = 8
 
@@ -160,7 +163,7 @@ class StepDraw:
     augmentation: Any  # scripts.data.AugmentationParams
     t: torch.Tensor
     noise: torch.Tensor
-    drop_labels: torch.Tensor  # bool: replace the label by the null class
+    label_drop_mask: torch.Tensor  # bool: replace the label by the null class
 
 
 def draw_step(cfg: TrainDiTConfig, cache: ImageCache, objective, step: int, device: torch.device) -> StepDraw:
@@ -173,7 +176,7 @@ def draw_step(cfg: TrainDiTConfig, cache: ImageCache, objective, step: int, devi
     return StepDraw(indices, augmentation, t, noise, drop)
 
 
-def micro_batch(draw: StepDraw, cache: ImageCache, objective, micro: int, batch_size: int, rank: int,
+def micro_batch(draw: StepDraw, cache: ImageCache, micro: int, batch_size: int, rank: int,
                 world_size: int, null_class: int, device: torch.device) -> tuple[torch.Tensor, ...]:
     """(x0 in [-1, 1], labels, t, noise) of this rank's share of forward pass `micro` of the step."""
     start, stop = shard_bounds(batch_size, rank, world_size)
@@ -182,7 +185,7 @@ def micro_batch(draw: StepDraw, cache: ImageCache, objective, micro: int, batch_
     images = gather_batch(cache.images, local).to(device, non_blocking=True)
     x0 = unit_to_dit(apply_augmentation(images, draw.augmentation.slice(start, stop)))
     labels = torch.from_numpy(cache.labels[local]).to(device)
-    labels = objective.drop_labels(labels, draw.drop_labels[start:stop], null_class)
+    labels = drop_labels(labels, draw.label_drop_mask[start:stop], null_class)
     return x0, labels, draw.t[start:stop], draw.noise[start:stop]
 
 
@@ -331,7 +334,7 @@ def main(cfg: TrainDiTConfig, on_checkpoint: Callable[[Path], None] | None = Non
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     raw_model = build_dit(cfg.model, cfg.image_size, cache.num_classes).to(device)
-    objective = build_objective(cfg.objective)
+    objective = build_objective(cfg.objective, **OBJECTIVE_OPTIONS)
     optimizer = torch.optim.AdamW(raw_model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   fused=device.type == "cuda")
     model = torch.compile(raw_model) if cfg.compile else raw_model
@@ -417,7 +420,7 @@ class TrainingLoop:
         draw = draw_step(cfg, self.cache, self.objective, step, device)
         loss_sum = torch.zeros((), device=device)
         for micro in range(cfg.gradient_accumulation_steps):
-            x0, labels, t, noise = micro_batch(draw, self.cache, self.objective, micro, cfg.batch_size,
+            x0, labels, t, noise = micro_batch(draw, self.cache, micro, cfg.batch_size,
                                                accelerator.process_index, accelerator.num_processes,
                                                self.trainer.raw_model.null_class, device)
             with accelerator.accumulate(self.model):
@@ -508,16 +511,12 @@ def write_final_weights(cfg: TrainDiTConfig, trainer: Trainer, objective, class_
                                  ("raw", trainer.raw_model, summary["final_raw"])):
         metadata = dit_metadata(config_dict(cfg), model_name=cfg.model, image_size=cfg.image_size, in_channels=3,
                                 class_names=class_names, objective_name=cfg.objective,
-                                objective_options=objective_options(objective), step=step, weights=weights)
+                                objective_options=OBJECTIVE_OPTIONS, step=step, weights=weights)
         save_model(path, model, metadata)
     shared = Path(cfg.output_dir) / FINAL_NAME
     tmp = shared.with_name(shared.name + ".tmp")
     shutil.copyfile(summary["final"], tmp)
     os.replace(tmp, shared)
-
-
-def objective_options(objective) -> dict[str, Any]:
-    return dict(getattr(objective, "options", {}))
 
 
 if __name__ == "__main__":
