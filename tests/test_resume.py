@@ -1,0 +1,106 @@
+"""Exact resume of `python scripts/train_dit.py` killed for real (SIGKILL, SIGTERM), as a user would see it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_train_dit import make_toy_data
+
+from scripts.checkpoints import COMPLETE_MARKER, list_complete_states, load_weights
+
+pytestmark = pytest.mark.slow
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+STEPS = 120
+SAVE_INTERVAL = 10
+KEEP = 3
+
+
+def trainer_command(data: Path, output_dir: Path, steps: int = STEPS, save_interval: int = SAVE_INTERVAL) -> list[str]:
+    return [sys.executable, str(PROJECT_ROOT / "scripts" / "train_dit.py"), str(data), "--output-dir",
+            str(output_dir), "--model", "T/4", "--image-size", "16", "--steps", str(steps), "--batch-size", "4",
+            "--lr", "1e-3", "--warmup-steps", "5", "--save-interval", str(save_interval), "--sample-interval",
+            "100000", "--sample-steps", "2", "--log-interval", "1", "--keep-checkpoints", str(KEEP),
+            "--device", "cpu", "--mixed-precision", "no"]
+
+
+def start(command: list[str]) -> subprocess.Popen:
+    # One thread: bitwise reproducibility needs the same reduction order in every run, and it is faster here.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(command, env=env, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def finish(process: subprocess.Popen, timeout: float = 240) -> str:
+    output, _ = process.communicate(timeout=timeout)
+    assert process.returncode == 0, output[-3000:]
+    return output
+
+
+def wait_for(condition, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, f"trainer exited early:\n{process.communicate()[0][-3000:]}"
+        assert time.monotonic() < deadline, "trainer made no progress"
+        time.sleep(0.01)
+
+
+def assert_same_files(first: Path, second: Path) -> None:
+    a, b = load_weights(first)[0], load_weights(second)[0]
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"{name} differs"
+
+
+@pytest.fixture(scope="module")
+def toy_data(tmp_path_factory) -> Path:
+    return make_toy_data(tmp_path_factory.mktemp("toy") / "cats")
+
+
+def test_sigkill_then_rerun_gives_bitwise_the_uninterrupted_weights(toy_data, tmp_path):
+    uninterrupted = start(trainer_command(toy_data, tmp_path / "straight"))
+    killed_dir = tmp_path / "killed"
+    state = killed_dir / "dit" / "state"
+    victim = start(trainer_command(toy_data, killed_dir))
+    wait_for(lambda: (state / f"step_{SAVE_INTERVAL:07d}" / COMPLETE_MARKER).is_file(), victim)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    newest = list_complete_states(state)[-1][0]
+    assert newest < STEPS, "the kill should land mid-run"
+    # What a kill during the next save leaves: its temp folder, or the renamed folder before its marker.
+    next_save = newest + SAVE_INTERVAL
+    partial = state / f"step_{next_save:07d}"
+    partial.mkdir(exist_ok=True)
+    (partial / "state.safetensors").write_bytes(b"truncated")
+    (state / f".tmp-step_{next_save:07d}-999999").mkdir()
+
+    output = finish(start(trainer_command(toy_data, killed_dir)))
+    finish(uninterrupted)
+
+    assert f"resuming from step {newest}" in output
+    for name in ("tinydit_final.safetensors", "tinydit_final_raw.safetensors"):
+        assert_same_files(tmp_path / "straight" / "dit" / name, killed_dir / "dit" / name)
+    assert not list(state.glob(".tmp-*"))
+    assert [step for step, _ in list_complete_states(state)] == [STEPS - 2 * SAVE_INTERVAL,
+                                                                 STEPS - SAVE_INTERVAL, STEPS]
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_143(toy_data, tmp_path):
+    process = start(trainer_command(toy_data, tmp_path, steps=100000, save_interval=100000))
+    metrics = tmp_path / "dit" / "metrics.jsonl"
+    wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 2, process)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+
+    assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
+    states = list_complete_states(tmp_path / "dit" / "state")
+    assert len(states) == 1 and states[0][0] >= 2
+    assert f"stopped by SIGTERM at step {states[0][0]}" in output
+    assert not (tmp_path / "dit" / "tinydit_final.safetensors").exists()
