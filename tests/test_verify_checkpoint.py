@@ -1,0 +1,221 @@
+"""verify_checkpoint: good DiT/classifier files pass; every kind of broken or unsafe file fails with a reason.
+
+The builders at the top (`trained_dit`, `save_dit`, `trained_classifier`, `save_classifier`) make small
+models that look trained, without running a trainer; test_export_onnx.py reuses them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from models.classifier import build_classifier
+from models.tiny_dit import TinyDiT, build_dit
+from scripts.checkpoints import save_weights
+from scripts.cli import UserError
+from scripts.model_files import classifier_metadata, dit_metadata, save_model
+from scripts.verify_checkpoint import VerifyConfig, main, verify
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+CLASS_NAMES = ["tabby", "black", "ginger"]
+DIT_NAME, DIT_SIZE = "T/4", 16
+CLASSIFIER_BACKBONE, CLASSIFIER_SIZE = "mobilenet_v3_small", 32
+
+
+def look_trained(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Move every float tensor (zero-init layers, biases, BatchNorm statistics) a little off its init."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tensor in model.state_dict().values():  # state-dict tensors share storage with the model
+            if tensor.is_floating_point():
+                tensor.add_(0.02 * torch.randn(tensor.shape, generator=generator))
+    return model.eval()
+
+
+def trained_dit(seed: int = 0) -> TinyDiT:
+    """A T/4 DiT at 16 px that looks trained."""
+    torch.manual_seed(seed)
+    return look_trained(build_dit(DIT_NAME, DIT_SIZE, len(CLASS_NAMES)), seed)
+
+
+def dit_test_metadata(*, objective: str = "flow", step: int = 100, class_names: list[str] = CLASS_NAMES) -> dict:
+    return dit_metadata({"cfg_scale": 2.0}, model_name=DIT_NAME, image_size=DIT_SIZE, in_channels=3,
+                        class_names=class_names, objective_name=objective, objective_options={}, step=step,
+                        weights="ema")
+
+
+def save_dit(path: Path, model: nn.Module | None = None, **metadata_options) -> Path:
+    """Save `model` (default: a trained-looking DiT) with DiT metadata (see dit_test_metadata for options)."""
+    return save_model(path, model if model is not None else trained_dit(), dit_test_metadata(**metadata_options))
+
+
+def trained_classifier(seed: int = 0) -> nn.Module:
+    """A small torchvision classifier that looks trained."""
+    torch.manual_seed(seed)
+    return look_trained(build_classifier(CLASSIFIER_BACKBONE, len(CLASS_NAMES)), seed)
+
+
+def save_classifier(path: Path, model: nn.Module | None = None, *, epoch: int = 1,
+                    data_dir: str | None = None) -> Path:
+    metadata = classifier_metadata({"data_dir": data_dir}, backbone=CLASSIFIER_BACKBONE, image_size=CLASSIFIER_SIZE,
+                                   class_names=CLASS_NAMES, metrics={"val_accuracy": 0.5}, epoch=epoch)
+    return save_model(path, model if model is not None else trained_classifier(), metadata)
+
+
+def failed_checks(path: Path) -> dict[str, str]:
+    """Verify `path`, which must fail; {failed check name: detail}."""
+    report = verify(VerifyConfig(checkpoint=str(path), device="cpu"))
+    assert not report.passed
+    return {check.name: check.detail for check in report.checks if not check.passed}
+
+
+@pytest.fixture(scope="module")
+def dit_path(tmp_path_factory) -> Path:
+    return save_dit(tmp_path_factory.mktemp("dit") / "tinydit_final.safetensors")
+
+
+def test_trained_dit_passes_every_check_and_writes_a_sample_grid(dit_path, capsys):
+    report = main(VerifyConfig(checkpoint=str(dit_path), device="cpu", sample_steps=2))
+    names = [check.name for check in report.checks]
+    assert names == ["load", "metadata", "keys", "shapes", "dtypes", "finite", "parameters", "trained", "forward",
+                     "sample"]
+    assert report.passed and report.kind == "dit" and report.classes == CLASS_NAMES
+    assert report.parameters == sum(p.numel() for p in trained_dit().parameters())
+    sample = dit_path.with_name("tinydit_final_verify.png")
+    assert report.sample == str(sample) and sample.stat().st_size > 0
+    text = capsys.readouterr().out
+    assert "PASSED (10/10 checks passed)" in text and "step 100" in text and "tabby, black, ginger" in text
+
+
+def test_json_report_parses(dit_path, tmp_path, capsys):
+    main(VerifyConfig(checkpoint=str(dit_path), json=True, device="cpu", sample_steps=1,
+                      sample_out=str(tmp_path / "s.png")))
+    report = json.loads(capsys.readouterr().out)
+    assert report["passed"] is True and report["kind"] == "dit" and report["sample"] == str(tmp_path / "s.png")
+    assert {check["name"] for check in report["checks"]} >= {"keys", "finite", "trained", "sample"}
+
+
+def test_trained_classifier_passes_and_pt_files_load_without_pickle(tmp_path):
+    model = trained_classifier()
+    for path in (tmp_path / "cats.safetensors", tmp_path / "cats.pt"):
+        report = main(VerifyConfig(checkpoint=str(save_classifier(path, model)), device="cpu"))
+        assert report.passed and report.kind == "classifier" and report.sample is None
+        assert [c.name for c in report.checks][-2:] == ["trained", "forward"]
+
+
+def test_untrained_dit_fails_the_trained_check(tmp_path):
+    path = save_dit(tmp_path / "fresh.safetensors", build_dit(DIT_NAME, DIT_SIZE, len(CLASS_NAMES)), step=0)
+    failed = failed_checks(path)
+    assert set(failed) == {"trained"}
+    assert "step 0" in failed["trained"] and "adaLN_modulation.weight" in failed["trained"]
+
+
+def test_classifier_before_its_first_step_fails_the_trained_check(tmp_path):
+    fresh = build_classifier(CLASSIFIER_BACKBONE, len(CLASS_NAMES))
+    failed = failed_checks(save_classifier(tmp_path / "fresh.safetensors", fresh, epoch=0))
+    assert set(failed) == {"trained"} and "running_mean" in failed["trained"]
+
+
+def test_nan_weights_fail_the_finite_check(tmp_path):
+    model = trained_dit()
+    with torch.no_grad():
+        model.blocks[1].mlp.fc1.weight[0, 0] = float("nan")
+    failed = failed_checks(save_dit(tmp_path / "nan.safetensors", model))
+    assert set(failed) == {"finite"} and "blocks.1.mlp.fc1.weight" in failed["finite"]
+
+
+def test_weights_of_another_shape_fail_the_shape_check(tmp_path):
+    path = save_dit(tmp_path / "wrong.safetensors", class_names=CLASS_NAMES + ["siamese", "sphynx"])
+    failed = failed_checks(path)
+    assert "y_embedder.embedding_table.weight" in failed["shapes"] and "parameters" in failed
+
+
+def test_missing_tensors_fail_the_key_check(tmp_path):
+    state = trained_dit().state_dict()
+    del state["final_layer.linear.weight"]
+    failed = failed_checks(save_weights(tmp_path / "partial.safetensors", state, dit_test_metadata()))
+    assert "final_layer.linear.weight" in failed["keys"]
+
+
+def truncated(path: Path) -> Path:
+    data = save_dit(path).read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def without_metadata(path: Path) -> Path:
+    save_file(trained_dit().state_dict(), str(path))
+    return path
+
+
+def garbage(path: Path) -> Path:
+    path.write_bytes(b"this is not a checkpoint at all" * 10)
+    return path
+
+
+def pt_without_sidecar(path: Path) -> Path:
+    torch.save(trained_dit().state_dict(), path)
+    return path
+
+
+@pytest.mark.parametrize("make_file, name, reason", [
+    (lambda tmp: tmp / "nowhere.safetensors", "nowhere.safetensors", "checkpoint not found"),
+    (lambda tmp: truncated(tmp / "cut.safetensors"), "cut.safetensors", "truncated or corrupt"),
+    (lambda tmp: garbage(tmp / "junk.safetensors"), "junk.safetensors", "truncated or corrupt"),
+    (lambda tmp: garbage(tmp / "weights.ckpt"), "weights.ckpt", "unknown checkpoint format"),
+    (lambda tmp: without_metadata(tmp / "bare.safetensors"), "bare.safetensors", "no tiny-cats metadata"),
+    (lambda tmp: pt_without_sidecar(tmp / "bare.pt"), "bare.pt", "metadata file bare.pt.json is missing"),
+], ids=["missing", "truncated", "garbage", "wrong-format", "no-metadata", "pt-no-metadata"])
+def test_unloadable_files_fail_with_a_clear_reason(tmp_path, make_file, name, reason):
+    failed = failed_checks(make_file(tmp_path))
+    assert list(failed) == ["load"]
+    assert name in failed["load"] and reason in failed["load"]
+
+
+def test_main_raises_a_user_error_naming_the_failure(tmp_path, capsys):
+    with pytest.raises(UserError, match="failed verification — load: checkpoint not found"):
+        main(VerifyConfig(checkpoint=str(tmp_path / "nowhere.safetensors")))
+    assert "FAIL  load" in capsys.readouterr().out
+
+
+class CreatesFileWhenUnpickled:
+    """A pickle payload that, if ever unpickled, creates `target`: the code path verify must never take."""
+
+    def __init__(self, target: Path):
+        self.target = target
+
+    def __reduce__(self):
+        return (os.mkdir, (str(self.target),))
+
+
+def test_malicious_pickle_is_refused_and_never_run(tmp_path):
+    target = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"weight": torch.zeros(2), "payload": CreatesFileWhenUnpickled(target)}, path)
+    save_dit(tmp_path / "evil_twin.pt")  # a valid sidecar for the evil file, so only the pickle can stop it
+    (tmp_path / "evil_twin.pt.json").rename(tmp_path / "evil.pt.json")
+    failed = failed_checks(path)
+    assert "refused" in failed["load"]
+    assert not target.exists()
+
+
+def test_command_line_exits_2_and_still_prints_a_json_report(tmp_path):
+    model = trained_dit()
+    with torch.no_grad():
+        model.final_layer.linear.bias.fill_(float("inf"))
+    path = save_dit(tmp_path / "inf.safetensors", model)
+    result = subprocess.run([sys.executable, "scripts/verify_checkpoint.py", "--checkpoint", str(path), "--json",
+                             "--device", "cpu"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    report = json.loads(result.stdout)
+    assert report["passed"] is False
+    assert [c["name"] for c in report["checks"] if not c["passed"]] == ["finite"]
+    assert "failed verification" in result.stderr and "final_layer.linear.bias" in result.stderr
