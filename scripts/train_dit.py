@@ -249,10 +249,14 @@ def architecture(cfg: TrainDiTConfig, class_names: list[str]) -> dict[str, Any]:
             "class_names": list(class_names)}
 
 
-def data_schedule(cfg: TrainDiTConfig) -> dict[str, Any]:
-    """What decides the data order; a resume with other values trains on, but not on the same numbers."""
+def training_schedule(cfg: TrainDiTConfig) -> dict[str, Any]:
+    """The data order and the LR schedule (a pure function of the step, so this is all its state).
+
+    A resume with other values trains on, but no longer as an uninterrupted run would have.
+    """
     return {"batch_size": cfg.batch_size, "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-            "seed": cfg.seed, "augmentation_level": cfg.augmentation_level, "label_dropout": cfg.label_dropout}
+            "seed": cfg.seed, "augmentation_level": cfg.augmentation_level, "label_dropout": cfg.label_dropout,
+            "lr": cfg.lr, "warmup_steps": effective_warmup(cfg)}
 
 
 def rng_states() -> dict[str, Any]:
@@ -275,7 +279,7 @@ class Trainer:
     def state(self, step: int, cfg: TrainDiTConfig, class_names: list[str]) -> dict[str, Any]:
         state = {"step": step, "model": self.raw_model.state_dict(), "ema": self.ema.state_dict(),
                  "optimizer": self.optimizer.state_dict(), "rng": rng_states(),
-                 "architecture": architecture(cfg, class_names), "data_schedule": data_schedule(cfg)}
+                 "architecture": architecture(cfg, class_names), "training_schedule": training_schedule(cfg)}
         if self.accelerator.scaler is not None:
             state["scaler"] = self.accelerator.scaler.state_dict()
         return state
@@ -296,10 +300,11 @@ def check_resumable(state: dict[str, Any], folder: Path, cfg: TrainDiTConfig, cl
     if differences:
         raise UserError(f"{folder} was trained with a different setup ({'; '.join(differences)}) — use the same "
                         "flags and data to continue it, or a new --run-name to start another run")
-    changed = [key for key, value in data_schedule(cfg).items() if state["data_schedule"].get(key) != value]
+    saved_schedule = state["training_schedule"]
+    changed = [key for key, value in training_schedule(cfg).items() if saved_schedule.get(key) != value]
     if changed:
-        log(f"note: {', '.join(changed)} changed since the checkpoint; training continues, but no longer on "
-            "the same batches as an uninterrupted run would")
+        log(f"note: {', '.join(changed)} changed since the checkpoint; training continues, but no longer "
+            "exactly as an uninterrupted run would")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -385,7 +390,7 @@ def main(cfg: TrainDiTConfig, on_checkpoint: Callable[[Path], None] | None = Non
                     signal.Signals(stop.signum).name, step)
         raise SystemExit(128 + stop.signum)
 
-    if not (run_dir / "samples" / f"step_{step:07d}.png").exists():  # e.g. rerun of a finished run
+    if step == start_step:  # a rerun of a finished run: the loop wrote no final grid this time
         write_samples(step)
     summary = {"run_dir": run_dir, "final": run_dir / FINAL_NAME, "final_raw": run_dir / FINAL_RAW_NAME,
                "step": step, "loss": loop.last_loss}
