@@ -310,6 +310,25 @@ def test_multi_gpu_command_hands_every_option_to_accelerate(volumes):
     assert parse_config(train_dit.TrainDiTConfig, command[7:], "") == cfg
 
 
+@pytest.mark.slow
+def test_multi_gpu_body_runs_the_trainer_under_accelerate_launch(volumes):
+    cfg = tiny_dit_config(steps=2, gpu="A10G:2")  # two CPU processes (gloo) stand in for two GPUs
+    volumes.outputs.run_dir = volumes.output_root / "checkpoints" / cfg.run_name
+    with pytest.warns(UserWarning, match="executing locally"):
+        summary = modal_app.train_dit_remote.local(cfg, 2)
+    log = (Path(summary["run_dir"]) / "training.log").read_text()
+    assert "processes=2" in log and "done: step 2" in log
+    assert volumes.outputs.commits[-1] == [2]  # the commit after the subprocess sees its checkpoint
+
+
+def test_a_failed_multi_gpu_trainer_is_committed_and_raised(volumes, monkeypatch):
+    crashing_launcher = [sys.executable, "-c", "raise SystemExit(3)"]
+    monkeypatch.setattr(modal_app, "multi_gpu_command", lambda *args: crashing_launcher)
+    with pytest.raises(RuntimeError, match="exited with status 3"):
+        modal_app.run_trainer(train_dit, tiny_dit_config(steps=2, gpu="A10G:2"), 2)
+    assert len(volumes.outputs.commits) == 1
+
+
 def test_download_copies_a_run_without_its_training_state(volumes, tmp_path):
     volumes.outputs.files = {"checkpoints/dit-1/tinydit_final.safetensors": b"weights",
                              "checkpoints/dit-1/samples/step_0000004.png": b"png",
