@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -74,7 +75,9 @@ def export_with_dynamic_batch(model: nn.Module, example_inputs: tuple[torch.Tens
     model = model.eval()
     batch = torch.export.Dim("batch", min=1, max=4096)
     parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # All inputs share the one batch Dim on purpose; the exporter warns that it renames none of them.
+        warnings.filterwarnings("ignore", message=r"# The axis name: batch will not be used")
         program = torch.onnx.export(
             model, example_inputs, dynamo=True, opset_version=opset, optimize=True,
             input_names=list(input_names), output_names=[output_name],

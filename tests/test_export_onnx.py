@@ -1,0 +1,149 @@
+"""ONNX export of the DiT and the classifier: files, sidecars, parity checks that pass and that can fail.
+
+Each export costs seconds, so every export runs once per module (fixtures) and the tests inspect it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_verify_checkpoint import CLASS_NAMES, save_classifier, save_dit, trained_dit
+
+from scripts.cli import UserError
+from scripts.export_dit_onnx import ExportDiTConfig, compare_sampling, onnx_sample, random_inputs
+from scripts.export_dit_onnx import main as export_dit
+from scripts.export_onnx import ExportClassifierConfig, top1_disagreements
+from scripts.export_onnx import main as export_classifier
+from scripts.make_toy_cats import generate_toy_cats
+from scripts.model_files import build_objective_from_metadata, load_dit
+from scripts.onnx_export import (
+    PARITY_TOLERANCE,
+    make_ort_session,
+    parity_with_torch,
+    read_sidecar,
+    require_parity,
+)
+
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def flow_export(tmp_path_factory) -> tuple[dict, Path]:
+    """A flow-objective DiT exported with --verify --test: (summary, checkpoint path)."""
+    folder = tmp_path_factory.mktemp("flow")
+    checkpoint = save_dit(folder / "tinydit_final.safetensors", objective="flow")
+    summary = export_dit(ExportDiTConfig(checkpoint=str(checkpoint), output=str(folder / "tinydit.onnx"),
+                                         verify=True, test=True, steps=STEPS, test_per_class=1))
+    return summary, checkpoint
+
+
+def test_dit_export_writes_graph_sidecar_and_onnx_grid_and_passes_both_checks(flow_export):
+    summary, _ = flow_export
+    assert Path(summary["onnx"]).stat().st_size > 0 and Path(summary["onnx_grid"]).stat().st_size > 0
+    assert not Path(summary["onnx"] + ".data").exists()  # one self-contained file
+    assert summary["max_abs_diff"] <= PARITY_TOLERANCE
+    assert summary["sampling_max_abs_diff"] <= 1e-3
+
+
+def test_dit_sidecar_holds_what_a_runtime_needs(flow_export):
+    summary, _ = flow_export
+    sidecar = json.loads(Path(summary["sidecar"]).read_text())
+    assert Path(summary["sidecar"]).name == "tinydit.json"
+    assert sidecar["class_names"] == CLASS_NAMES and sidecar["null_class"] == len(CLASS_NAMES)
+    assert (sidecar["image_size"], sidecar["in_channels"], sidecar["pixel_range"]) == (16, 3, [-1.0, 1.0])
+    assert sidecar["objective"]["prediction"] == "velocity" and sidecar["objective"]["time_scale"] == 1000.0
+    assert sidecar["sampling"] == {**sidecar["sampling"], "sampler": "euler", "steps": STEPS, "cfg_scale": 2.0}
+
+
+def test_dit_graph_has_a_dynamic_batch_axis(flow_export):
+    summary, _ = flow_export
+    inputs = {node.name: node.shape for node in make_ort_session(summary["onnx"], threads=1).get_inputs()}
+    assert set(inputs) == {"x", "t", "y"}
+    assert all(isinstance(shape[0], str) for shape in inputs.values())
+    assert inputs["x"][1:] == [3, 16, 16]
+
+
+def test_parity_check_fails_for_a_graph_of_other_weights(flow_export):
+    summary, _ = flow_export
+    other = trained_dit(seed=1)
+    batches = [random_inputs(other, 2, torch.Generator().manual_seed(0))]
+    diffs = parity_with_torch(other, make_ort_session(summary["onnx"]), batches)
+    with pytest.raises(UserError, match="differs from PyTorch"):
+        require_parity("denoiser", diffs, PARITY_TOLERANCE, log=lambda _: None)
+
+
+def test_heun_sampling_from_the_sidecar_matches_pytorch(flow_export):
+    summary, checkpoint = flow_export
+    model, objective, _ = load_dit(checkpoint)
+    noise = torch.randn((2, 3, 16, 16), generator=torch.Generator().manual_seed(3))
+    labels = torch.tensor([2, 0])
+    expected = objective.sample(model, noise, labels, steps=2, cfg_scale=3.0, sampler="heun").numpy()
+    actual = onnx_sample(make_ort_session(summary["onnx"]), read_sidecar(summary["onnx"]), noise.numpy(),
+                         labels.numpy(), steps=2, cfg_scale=3.0, sampler="heun")
+    assert np.abs(actual - expected).max() <= 1e-4
+
+
+def test_sampling_check_fails_when_the_sidecar_is_wrong(flow_export, tmp_path):
+    summary, checkpoint = flow_export
+    onnx_path = tmp_path / "copy.onnx"
+    onnx_path.write_bytes(Path(summary["onnx"]).read_bytes())
+    sidecar = read_sidecar(summary["onnx"])
+    sidecar["objective"]["time_scale"] = 1.0  # a runtime that feeds the network the wrong time
+    (tmp_path / "copy.json").write_text(json.dumps(sidecar))
+    model, objective, _ = load_dit(checkpoint)
+    cfg = ExportDiTConfig(checkpoint=str(checkpoint), output=str(onnx_path), test_per_class=1)
+    with pytest.raises(UserError, match="ONNX sampling differs from PyTorch"):
+        compare_sampling(model, objective, onnx_path, cfg)
+
+
+def test_ddpm_export_with_ddim_sampling_and_int8_copy(tmp_path):
+    checkpoint = save_dit(tmp_path / "ddpm.safetensors", objective="ddpm")
+    summary = export_dit(ExportDiTConfig(checkpoint=str(checkpoint), output=str(tmp_path / "ddpm.onnx"), test=True,
+                                         quantize=True, steps=STEPS, test_per_class=1))
+    sidecar = read_sidecar(summary["onnx"])
+    objective = build_objective_from_metadata({"kind": "dit", "objective": "ddpm"})
+    assert sidecar["objective"]["alphas_cumprod"] == objective.alphas_cumprod.tolist()
+    assert summary["sampling_max_abs_diff"] <= 1e-3
+    assert Path(summary["int8"]).is_file() and summary["int8_bytes"] < summary["fp32_bytes"] / 2
+    assert 0 < summary["int8_max_abs_diff"] < 1.0  # int8 is lossy but close
+
+
+def test_missing_checkpoint_exports_nothing(tmp_path):
+    output = tmp_path / "tinydit.onnx"
+    with pytest.raises(UserError, match="checkpoint not found"):
+        export_dit(ExportDiTConfig(checkpoint=str(tmp_path / "none.safetensors"), output=str(output)))
+    with pytest.raises(UserError, match="checkpoint not found"):
+        export_classifier(ExportClassifierConfig(checkpoint=str(tmp_path / "none.safetensors"),
+                                                 output=str(output)))
+    assert not output.exists() and not output.with_suffix(".json").exists()
+
+
+def test_classifier_export_matches_pytorch_and_agrees_on_real_images(tmp_path):
+    data_dir = tmp_path / "cats"
+    generate_toy_cats(data_dir, per_class=2, size=40, seed=0, classes=["black", "white", "calico"])
+    checkpoint = save_classifier(tmp_path / "cats_model.safetensors", data_dir=str(data_dir))
+    summary = export_classifier(ExportClassifierConfig(checkpoint=str(checkpoint),
+                                                       output=str(tmp_path / "cats_model.onnx"), verify=True))
+    assert summary["max_abs_diff"] <= PARITY_TOLERANCE
+    assert summary["top1_agreement"] == 1.0  # found the images through the checkpoint's training data_dir
+    sidecar = json.loads(Path(summary["sidecar"]).read_text())
+    assert sidecar["class_names"] == CLASS_NAMES and sidecar["image_size"] == 32
+    assert sidecar["preprocessing"]["mean"] == [0.485, 0.456, 0.406]
+    inputs = make_ort_session(summary["onnx"], threads=1).get_inputs()
+    assert [node.name for node in inputs] == ["images"] and isinstance(inputs[0].shape[0], str)
+
+
+def test_top1_disagreements_excuse_only_near_ties():
+    torch_logits = np.array([[2.0, 1.0, 0.0], [1.0, 1.0 + 1e-6, 0.0]])
+    assert top1_disagreements(torch_logits, torch_logits.copy(), 1e-4) == 0
+    swapped = torch_logits[:, [1, 0, 2]]
+    assert top1_disagreements(torch_logits, swapped, 1e-4) == 1  # row 0 is a real disagreement, row 1 a tie
+
+
+def test_ort_session_uses_the_requested_threads(flow_export):
+    session = make_ort_session(flow_export[0]["onnx"], threads=1)
+    assert session.get_session_options().intra_op_num_threads == 1
