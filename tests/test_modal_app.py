@@ -163,6 +163,17 @@ def test_run_without_a_token_stops_with_the_login_advice_before_any_remote_call(
     assert "Token missing" not in result.stdout + result.stderr  # Modal's own client never got that far
 
 
+def test_cli_options_take_extra_flags_and_offer_the_scripts_choices():
+    import click
+    from modal.cli.run import _get_click_command_for_local_entrypoint
+
+    command = _get_click_command_for_local_entrypoint(modal_app.app, modal_app.dit)
+    params = command.make_context("dit", ["--extra-args", "--ema-decay 0.99", "--model", "B/4"]).params
+    assert (params["extra_args"], params["model"], params["steps"]) == ("--ema-decay 0.99", "B/4", 200000)
+    with pytest.raises(click.BadParameter, match="S/4"):
+        command.make_context("dit", ["--model", "Z/9"])
+
+
 def test_preflight_without_a_token_raises_the_login_advice(no_token):
     with pytest.raises(UserError, match="modal token new"):
         modal_app.require_modal_auth()
