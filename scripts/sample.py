@@ -68,12 +68,13 @@ def resolve_classes(requested: list[str], class_names: list[str]) -> list[int]:
 @dataclass
 class SampleConfig:
     checkpoint: str = option("checkpoints/tinydit_final.safetensors", "TinyDiT weights file (.safetensors)")
-    classes: list[str] = option([], "class names or ids to sample, one grid row each (default: all classes)",
+    classes: list[str] = option([], "class names or ids to sample, one grid row each; none given = all classes",
                                 flag="--class")
     num: int = option(8, "images per class")
     steps: int = option(50, "sampling steps")
     cfg_scale: float = option(4.0, "classifier-free guidance scale (1 = no guidance)")
-    sampler: str | None = option(None, "sampler of the checkpoint's objective (default: the objective's default)")
+    sampler: str | None = option(None, "sampler of the checkpoint's objective (flow: euler/heun, ddpm: ddim/ddpm); "
+                                            "None = the objective's default")
     seed: int = option(0, "seed of the starting noise; the same seed gives the same images")
     out: str = option("samples/grid.png", "a .png path for one grid, or a folder for one PNG per image")
     device: str = option("auto", "where to run", choices=DEVICES)

@@ -65,6 +65,8 @@ class TrainDiTConfig:
     save_interval: int = option(10000, "save the full training state every N steps (and at the end)")
     sample_interval: int = option(5000, "write an EMA sample grid every N steps (and at the end)")
     log_interval: int = option(100, "log loss/lr/grad-norm/img/s every N steps (at most every 10%% of the run)")
+    # S/4 at 64 px: 256 tokens, 33M parameters, ~2.6e18 training FLOPs for 200k steps of batch 256: hours on
+    # an A100/H100, under the 24 h limit of one Modal attempt on an A10G (estimated at 40% utilisation).
     model: str = option("S/4", "TinyDiT size (width/depth/heads by letter, patch after the slash)",
                         choices=tuple(DIT_SIZES))
     image_size: int = option(64, "training resolution (must be divisible by the model's patch size)")
@@ -311,7 +313,21 @@ def check_resumable(state: dict[str, Any], folder: Path, cfg: TrainDiTConfig, cl
 # The run
 # ---------------------------------------------------------------------------------------------------------
 def main(cfg: TrainDiTConfig, on_checkpoint: Callable[[Path], None] | None = None) -> dict[str, Any]:
-    """Train (or continue) the run; returns {"run_dir", "final", "final_raw", "step", "loss"}."""
+    """Train (or continue) the run; returns {"run_dir", "final", "final_raw", "step", "loss"}.
+
+    `on_checkpoint(folder)` runs on the main process after every complete state save (Modal commits its
+    volume there).
+    """
+    try:
+        return train(cfg, on_checkpoint)
+    except (torch.cuda.OutOfMemoryError, RuntimeError) as error:
+        advice = describe_gpu_failure(error)  # OOM: what to lower; other CUDA errors: try --device cpu
+        if advice is None:
+            raise
+        raise UserError(advice) from error
+
+
+def train(cfg: TrainDiTConfig, on_checkpoint: Callable[[Path], None] | None) -> dict[str, Any]:
     accelerator = make_accelerator(cfg.device, cfg.mixed_precision, cfg.gradient_accumulation_steps,
                                    log_with=None if cfg.report_to == "none" else cfg.report_to,
                                    project_dir=str(Path(cfg.output_dir) / cfg.run_name))
@@ -353,6 +369,9 @@ def main(cfg: TrainDiTConfig, on_checkpoint: Callable[[Path], None] | None = Non
     if resume_from is not None:
         start_step, state = load_training_state(resume_from)
         check_resumable(state, resume_from, cfg, cache.class_names, logger.info)
+        if start_step > cfg.steps:
+            raise UserError(f"{resume_from} is already at step {start_step}, beyond --steps {cfg.steps} — raise "
+                            "--steps to train on, or use a new --run-name")
         trainer.load(state)
         logger.info("resuming from step %d (%s)", start_step, resume_from)
     else:
@@ -377,14 +396,8 @@ def main(cfg: TrainDiTConfig, on_checkpoint: Callable[[Path], None] | None = Non
 
     loop = TrainingLoop(cfg, accelerator, model, trainer, objective, cache, warmup, logger,
                         MetricsWriter(run_dir / "metrics.jsonl", enabled=is_main), save_checkpoint, write_samples)
-    try:
-        with stop_on_signals() as stop:
-            step = loop.run(start_step, stop)
-    except (torch.cuda.OutOfMemoryError, RuntimeError) as error:
-        advice = describe_gpu_failure(error)
-        if advice is None:
-            raise
-        raise UserError(advice) from error
+    with stop_on_signals() as stop:
+        step = loop.run(start_step, stop)
     if stop.signum is not None and step < cfg.steps:
         logger.info("stopped by %s at step %d after saving its state; run the same command to resume",
                     signal.Signals(stop.signum).name, step)

@@ -163,6 +163,21 @@ def test_resume_refuses_a_different_model(toy_data, tmp_path):
         train_dit.main(tiny_config(toy_data, tmp_path, steps=4, model="T/8"))
 
 
+def test_resume_refuses_a_checkpoint_beyond_the_requested_steps(toy_data, tmp_path):
+    train_dit.main(tiny_config(toy_data, tmp_path, steps=4))
+    with pytest.raises(UserError, match="already at step 4, beyond --steps 2"):
+        train_dit.main(tiny_config(toy_data, tmp_path, steps=2))
+
+
+def test_out_of_memory_becomes_advice(toy_data, tmp_path, monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train_dit, "build_dit", lambda *args, **kwargs: out_of_memory())
+    with pytest.raises(UserError, match="out of GPU memory — lower --batch-size"):
+        train_dit.main(tiny_config(toy_data, tmp_path))
+
+
 def test_resume_from_an_explicit_state_folder(toy_data, tmp_path):
     train_dit.main(tiny_config(toy_data, tmp_path / "first", steps=4, save_interval=2))
     folder = tmp_path / "first" / "dit" / "state" / "step_0000002"
