@@ -56,7 +56,7 @@ COATS: dict[str, Coat] = {
                   nose=_PINK, whiskers=(160, 160, 160), inner_ear=_PALE_PINK),
     "orange_tabby": Coat(base=(226, 142, 62), pattern="stripes", marking=(160, 78, 28), eyes=_WARM_EYES,
                          nose=(210, 110, 100), whiskers=(245, 235, 220), inner_ear=(235, 160, 150)),
-    "grey_tabby": Coat(base=(150, 150, 155), pattern="stripes", marking=(55, 55, 62), eyes=_WARM_EYES,
+    "grey_tabby": Coat(base=(135, 135, 140), pattern="stripes", marking=(55, 55, 62), eyes=_WARM_EYES,
                        nose=(160, 95, 100), whiskers=(235, 235, 235), inner_ear=(210, 150, 155)),
     "calico": Coat(base=(238, 234, 226), pattern="patches", marking=(0, 0, 0), eyes=_WARM_EYES,
                    nose=_PINK, whiskers=(150, 150, 150), inner_ear=_PALE_PINK),
@@ -65,6 +65,12 @@ COATS: dict[str, Coat] = {
                     inner_ear=(120, 90, 85)),
 }  # fmt: skip
 _CALICO_PATCHES = ((222, 130, 50), (30, 28, 32))
+
+
+def _calico_colours(rng: np.random.Generator) -> list[RGB]:
+    """Orange, black, orange, ... from a random start: a calico always shows both, never one alone."""
+    start = int(rng.integers(2))
+    return [_CALICO_PATCHES[(start + i) % 2] for i in range(6)]
 
 
 @dataclass(frozen=True)
@@ -85,7 +91,7 @@ class Pose:
 
 
 def _sample_pose(rng: np.random.Generator, canvas: int) -> Pose:
-    r = rng.uniform(0.15, 0.25) * canvas
+    r = rng.uniform(0.16, 0.25) * canvas
     # Keep the ear tips inside the picture: they reach about 1.9 head radii above the head centre.
     cy = rng.uniform(1.9 * r + 0.03 * canvas, 0.56 * canvas)
     return Pose(
@@ -216,13 +222,13 @@ def _head_markings(draw: ImageDraw.ImageDraw, head: HeadFrame, coat: Coat, rng: 
     elif coat.pattern == "patches":
         # One big patch over an eye/ear and one smaller elsewhere: a calico head is never plain white.
         side = rng.choice((-1, 1))
+        big, small = _calico_colours(rng)[:2]
         draw.polygon(
-            head.ellipse(side * 0.55, -0.5, rng.uniform(0.5, 0.7), rng.uniform(0.45, 0.65)),
-            fill=_CALICO_PATCHES[int(rng.integers(2))],
+            head.ellipse(side * 0.55, -0.5, rng.uniform(0.5, 0.7), rng.uniform(0.45, 0.65)), fill=big
         )
         draw.polygon(
             head.ellipse(-side * 0.6, rng.uniform(-0.7, 0.1), rng.uniform(0.3, 0.45), rng.uniform(0.3, 0.45)),
-            fill=_CALICO_PATCHES[int(rng.integers(2))],
+            fill=small,
         )
 
 
@@ -237,16 +243,13 @@ def _body_markings(draw: ImageDraw.ImageDraw, body: Body, coat: Coat, rng: np.ra
         lines = [[(x0, y), (body.cx, y + bend), (x1, y)] for y in np.arange(top, bottom, step)]
         _stripes(draw, lines, coat.marking, width)
     elif coat.pattern == "patches":
-        for _ in range(int(rng.integers(3, 6))):
+        colours = _calico_colours(rng)
+        for colour in colours[: int(rng.integers(3, 6))]:
             x = body.cx + rng.uniform(-1.0, 1.0) * body.rx
             y = body.cy + rng.uniform(-0.9, 0.6) * body.ry
             rx, ry = rng.uniform(0.3, 0.6) * body.rx, rng.uniform(0.25, 0.5) * body.ry
-            draw.ellipse((x - rx, y - ry, x + rx, y + ry), fill=_CALICO_PATCHES[int(rng.integers(2))])
-        draw.line(
-            body.tail[len(body.tail) // 2 :],
-            fill=_CALICO_PATCHES[int(rng.integers(2))],
-            width=body.tail_width * 2,
-        )
+            draw.ellipse((x - rx, y - ry, x + rx, y + ry), fill=colour)
+        draw.line(body.tail[len(body.tail) // 2 :], fill=colours[-1], width=body.tail_width * 2)
 
 
 def _point_mask(canvas: int, head: HeadFrame, body: Body) -> Image.Image:
@@ -333,7 +336,7 @@ def _light(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     size = pixels.shape[0]
     angle = rng.uniform(0, 2 * math.pi)
     ys, xs = np.mgrid[0:size, 0:size] / size - 0.5
-    shade = rng.uniform(0.85, 1.12) + rng.uniform(0.0, 0.3) * (xs * math.cos(angle) + ys * math.sin(angle))
+    shade = rng.uniform(0.88, 1.12) + rng.uniform(0.0, 0.25) * (xs * math.cos(angle) + ys * math.sin(angle))
     noisy = pixels * shade[..., None] + rng.normal(0.0, 3.0, pixels.shape)
     return np.clip(noisy, 0, 255).astype(np.uint8)
 
