@@ -1,0 +1,112 @@
+"""Image classifiers: a torchvision backbone with a fresh head for our classes.
+
+`build_classifier("resnet18", num_classes=6)` gives a randomly initialised network;
+`pretrained=True` starts from torchvision's ImageNet weights, which are downloaded once into
+`$TORCH_HOME/hub/checkpoints/` (default `~/.cache/torch/hub/checkpoints/`). Offline and without that
+file the build raises `PretrainedWeightsUnavailable`, whose message names the exact file to put there.
+This module knows nothing about training or files on disk beyond that cache.
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.error
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision import models as tv
+
+# name -> (constructor, ImageNet weights enum). The names double as the trainer's --backbone choices.
+_REGISTRY: dict[str, tuple[Callable[..., nn.Module], tv.WeightsEnum]] = {
+    "resnet18": (tv.resnet18, tv.ResNet18_Weights.IMAGENET1K_V1),
+    "resnet34": (tv.resnet34, tv.ResNet34_Weights.IMAGENET1K_V1),
+    "resnet50": (tv.resnet50, tv.ResNet50_Weights.IMAGENET1K_V2),
+    "mobilenet_v3_small": (tv.mobilenet_v3_small, tv.MobileNet_V3_Small_Weights.IMAGENET1K_V1),
+    "efficientnet_b0": (tv.efficientnet_b0, tv.EfficientNet_B0_Weights.IMAGENET1K_V1),
+    "convnext_tiny": (tv.convnext_tiny, tv.ConvNeXt_Tiny_Weights.IMAGENET1K_V1),
+}
+BACKBONES = tuple(_REGISTRY)
+
+
+class PretrainedWeightsUnavailable(RuntimeError):
+    """ImageNet weights are neither cached nor downloadable (typically: no internet)."""
+
+    def __init__(self, backbone: str, weights_file: Path, reason: str):
+        super().__init__(
+            f"pretrained {backbone} weights are not available ({reason}); expected them at {weights_file}"
+        )
+        self.backbone = backbone
+        self.weights_file = weights_file
+        self.reason = reason
+
+
+def _check_backbone(backbone: str) -> None:
+    if backbone not in _REGISTRY:
+        raise ValueError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
+
+
+def pretrained_weights_file(backbone: str) -> Path:
+    """Where torch.hub caches (and looks for) the ImageNet weights of `backbone`."""
+    _check_backbone(backbone)
+    url = _REGISTRY[backbone][1].url
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+
+
+def _imagenet_state_dict(backbone: str) -> dict[str, torch.Tensor]:
+    """The ImageNet state dict from the torch.hub cache, downloading it when it is not there yet."""
+    weights = _REGISTRY[backbone][1]
+    try:
+        return torch.hub.load_state_dict_from_url(
+            weights.url, progress=True, check_hash=True, weights_only=True
+        )
+    except (
+        urllib.error.URLError,
+        OSError,
+    ) as error:  # URLError is an OSError; both mean "no file, no network"
+        raise PretrainedWeightsUnavailable(backbone, pretrained_weights_file(backbone), str(error)) from error
+
+
+def _head_parent(model: nn.Module) -> tuple[nn.Module, str]:
+    """(module holding the final Linear, its attribute name): ResNets use `fc`, others `classifier[-1]`."""
+    if isinstance(getattr(model, "fc", None), nn.Linear):
+        return model, "fc"
+    classifier = model.classifier
+    return classifier, str(len(classifier) - 1)
+
+
+def build_classifier(backbone: str, num_classes: int, pretrained: bool = False) -> nn.Module:
+    """A torchvision `backbone` whose last Linear layer is replaced by a fresh `num_classes`-way one."""
+    _check_backbone(backbone)
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be positive, got {num_classes}")
+    constructor = _REGISTRY[backbone][0]
+    model = constructor(weights=None)
+    if pretrained:
+        model.load_state_dict(_imagenet_state_dict(backbone))
+    parent, name = _head_parent(model)
+    old_head: nn.Linear = getattr(parent, name)
+    setattr(parent, name, nn.Linear(old_head.in_features, num_classes))
+    return model
+
+
+def _final_linear(model: nn.Module) -> nn.Linear:
+    """The classification head: in every registered backbone, the last Linear module (DDP-wrapped too)."""
+    linears = [module for module in model.modules() if isinstance(module, nn.Linear)]
+    if not linears:
+        raise ValueError("model has no Linear layer to take penultimate features from")
+    return linears[-1]
+
+
+def penultimate_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The (B, D) input of the classification head for images `x` (normalised like training inputs)."""
+    captured: list[torch.Tensor] = []
+    hook = _final_linear(model).register_forward_hook(
+        lambda _module, inputs, _output: captured.append(inputs[0])
+    )
+    try:
+        model(x)
+    finally:
+        hook.remove()
+    return captured[0].flatten(1)
