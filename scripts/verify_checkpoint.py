@@ -210,7 +210,7 @@ def describe(metadata: dict[str, Any]) -> tuple[str, str]:
                  f"{metadata.get('in_channels')} channels, objective {metadata.get('objective')}")
         return model, f"step {metadata.get('step')} ({metadata.get('weights', '?')} weights)"
     model = f"{metadata.get('backbone')} classifier, {metadata.get('image_size')} px"
-    metrics = metadata.get("metrics") or {}
+    metrics = {k: v for k, v in (metadata.get("metrics") or {}).items() if k != "epoch"}
     shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
     return model, f"epoch {metadata.get('epoch')}" + (f" ({shown})" if shown else "")
 
