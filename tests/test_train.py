@@ -182,6 +182,7 @@ class Killed(Exception):
     """Stands in for a kill right after a training state was written."""
 
 
+@pytest.mark.slow
 def test_an_interrupted_run_resumes_exactly_and_writes_pt(tmp_path):
     data_dir = tmp_path / "cats"
     generate_toy_cats(data_dir, per_class=6, size=16, seed=1)
@@ -240,6 +241,7 @@ def test_offline_pretrained_stops_with_one_clear_message(toy_cats, tmp_path, mon
     assert str(tmp_path / "torch" / "hub" / "checkpoints") in message
 
 
+@pytest.mark.slow
 def test_missing_data_folder_exits_with_status_2_and_says_what_to_do(tmp_path):
     result = subprocess.run(
         [
