@@ -13,6 +13,7 @@ CKPT ?= checkpoints
 STEPS ?= 300000
 
 .DEFAULT_GOAL := help
+SMOKE_DATA ?= data/toy-smoke
 .PHONY: help install test lint data train train-dit sample verify export local-smoke quality bench clean
 
 help: ## list the targets
@@ -34,6 +35,45 @@ lint: install ## ruff over the code
 
 data: install ## generate the built-in toy-cats data set into $(DATA)
 	$(PY) scripts/make_toy_cats.py --out $(DATA) --per-class $(PER_CLASS) --size $(SIZE)
+
+train: install ## train the classifier on $(DATA) from scratch (CPU-friendly; ~99% val acc on toy cats)
+	test -d $(DATA) || $(MAKE) data
+	$(PY) scripts/train.py $(DATA) --no-pretrained --epochs 6 --lr 2e-3 --output $(CKPT)/cats_model.safetensors
+
+train-dit: install ## a short TinyDiT run on $(DATA) at 32 px that learns on a CPU (T/4, flow, lr 1e-3)
+	test -d $(DATA) || $(MAKE) data
+	$(PY) scripts/train_dit.py $(DATA) --model T/4 --image-size 32 --steps 2000 --batch-size 64 --lr 1e-3 \
+		--warmup-steps 100 --save-interval 500 --sample-interval 500 --run-name dit-local --output-dir $(CKPT)
+
+sample: install ## sample a grid (one row per class) from $(CKPT)/tinydit_final.safetensors
+	$(PY) scripts/sample.py --checkpoint $(CKPT)/tinydit_final.safetensors --num 8 --out $(CKPT)/samples.png
+
+verify: install ## verify the DiT and classifier checkpoints in $(CKPT) (report + sample grid)
+	$(PY) scripts/verify_checkpoint.py --checkpoint $(CKPT)/tinydit_final.safetensors
+	$(PY) scripts/verify_checkpoint.py --checkpoint $(CKPT)/cats_model.safetensors
+
+export: install ## export both models in $(CKPT) to ONNX and check them against PyTorch
+	$(PY) scripts/export_dit_onnx.py --checkpoint $(CKPT)/tinydit_final.safetensors \
+		--output $(CKPT)/tinydit.onnx --verify --test
+	$(PY) scripts/export_onnx.py --checkpoint $(CKPT)/cats_model.safetensors --output $(CKPT)/cats_model.onnx \
+		--verify --images $(DATA)
+
+local-smoke: install ## the whole chain offline on toy cats: data, classifier, DiT, sample, verify, export
+	@start=$$(date +%s); \
+	set -e; \
+	rm -rf $(CKPT)/smoke-classifier $(CKPT)/smoke-dit; \
+	$(PY) scripts/make_toy_cats.py --out $(SMOKE_DATA) --per-class 40 --size 32 --seed 0; \
+	$(PY) scripts/train.py $(SMOKE_DATA) --no-pretrained --epochs 2 --batch-size 16 --lr 2e-3 --image-size 32 \
+		--run-name smoke-classifier --output-dir $(CKPT) --output $(CKPT)/cats_model.safetensors --device cpu; \
+	$(PY) scripts/train_dit.py $(SMOKE_DATA) --model T/4 --image-size 32 --steps 60 --batch-size 32 --lr 1e-3 \
+		--warmup-steps 10 --save-interval 30 --sample-interval 60 --sample-steps 10 \
+		--run-name smoke-dit --output-dir $(CKPT) --device cpu; \
+	$(PY) scripts/sample.py --checkpoint $(CKPT)/tinydit_final.safetensors --steps 10 --num 4 \
+		--out $(CKPT)/smoke-dit/sample_grid.png --device cpu; \
+	$(MAKE) --no-print-directory verify export DATA=$(SMOKE_DATA); \
+	echo; echo "local-smoke finished in $$(( $$(date +%s) - start )) s. Outputs:"; \
+	ls -1 $(CKPT)/cats_model.safetensors $(CKPT)/tinydit_final.safetensors $(CKPT)/*.onnx $(CKPT)/*.json \
+		$(CKPT)/smoke-dit/sample_grid.png $(CKPT)/smoke-dit/training.log $(CKPT)/smoke-classifier/training.log
 
 clean: ## remove generated data, caches and run outputs (keeps .venv)
 	rm -rf data/cats data/toy* checkpoints/* .pytest_cache
