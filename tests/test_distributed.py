@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from accelerate.commands.config.config_args import load_config_from_file
 from safetensors.torch import load_file
 from test_train_dit import make_toy_data
 
@@ -33,6 +34,7 @@ pytestmark = pytest.mark.slow
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DRIVER = PROJECT_ROOT / "tests" / "ddp_driver.py"
+ACCELERATE_CONFIGS = PROJECT_ROOT / "configs" / "accelerate"
 STEPS = 4
 BATCH = 4
 LR = 1e-3
@@ -46,22 +48,32 @@ CLASSIFIER_EPOCHS = 2
 LAUNCH_TIMEOUT_S = 300
 
 
+_ports_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    """A port that is free now and not given to another launch of this module (they start together)."""
+    while True:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        if port not in _ports_handed_out:
+            _ports_handed_out.add(port)
+            return port
 
 
-def accelerate_launch() -> list[str]:
+def accelerate_launch(config_file: Path | None = None) -> list[str]:
     # --multi_gpu with Accelerator(cpu=True) in the trainers gives 2 gloo processes (--cpu would start one).
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+    # A config file supplies the same settings; the flags after it override its GPU count and precision.
+    settings = ["--config_file", str(config_file)] if config_file else ["--multi_gpu"]
+    return [sys.executable, "-m", "accelerate.commands.launch", *settings, "--num_processes", "2",
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
             "--main_process_port", str(free_port())]
 
 
 def torchrun() -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
-            "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    # --standalone: a local rendezvous on a port torchrun picks itself.
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
 def dit_flags(data: Path, output_dir: Path, run_name: str, **overrides: object) -> list[str]:
@@ -109,13 +121,15 @@ class Launch:
         return [json.loads(line) for line in (self.run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def start(launcher: list[str], script: Path, args: list[str], run_dir: Path, dump_dir: Path) -> Launch:
+def start(launcher: list[str], script: Path, args: list[str], out: Path, run_name: str) -> Launch:
+    """Launch `script` (the driver dumps into out/dump-<run_name>); the run's files land in out/<run_name>."""
+    dump_dir = out / f"dump-{run_name}"
+    command = [*launcher, str(script)] + ([str(dump_dir)] if script == DRIVER else []) + args
     # One thread per process: two processes share two cores, and fixed reduction orders keep ranks bitwise equal.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [*launcher, str(script)] + ([str(dump_dir)] if script == DRIVER else []) + args
     process = subprocess.Popen(command, env=env, cwd=PROJECT_ROOT, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
-    return Launch(process, run_dir, dump_dir)
+    return Launch(process, out / run_name, dump_dir)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -137,18 +151,17 @@ def toy_data(tmp_path_factory) -> Path:
 def launches(toy_data, tmp_path_factory):
     """All 2-process jobs of this module, started at once."""
     out = tmp_path_factory.mktemp("launches")
+    eight_gpu_config = ACCELERATE_CONFIGS / "multi_gpu_8.yaml"  # the shipped file, cut down to 2 processes
+    # Batch 2 x 2 accumulation steps: the same 4 samples per optimizer step as the reference, through no_sync.
+    accumulation = dit_flags(toy_data, out, "accumulation", **{"batch-size": BATCH // 2,
+                                                              "gradient-accumulation-steps": 2})
     jobs = {
-        "dit": start(accelerate_launch(), DRIVER, ["dit", *dit_flags(toy_data, out, "dit")], out / "dit",
-                     out / "dump-dit"),
-        # batch 2 x 2 accumulation steps: the same 4 samples per optimizer step as the reference, via no_sync.
-        "accumulation": start(torchrun(), DRIVER,
-                              ["dit", *dit_flags(toy_data, out, "accumulation", **{"batch-size": BATCH // 2,
-                                                                                  "gradient-accumulation-steps": 2})],
-                              out / "accumulation", out / "dump-accumulation"),
+        "dit": start(accelerate_launch(eight_gpu_config), DRIVER, ["dit", *dit_flags(toy_data, out, "dit")], out,
+                     "dit"),
+        "accumulation": start(torchrun(), DRIVER, ["dit", *accumulation], out, "accumulation"),
         "uneven": start(accelerate_launch(), PROJECT_ROOT / "scripts" / "train_dit.py",
-                        dit_flags(toy_data, out, "uneven", **{"batch-size": 5}), out / "uneven", out / "unused"),
-        "classifier": start(torchrun(), DRIVER, ["classifier", *classifier_flags(toy_data, out)],
-                            out / "classifier", out / "dump-classifier"),
+                        dit_flags(toy_data, out, "uneven", **{"batch-size": 5}), out, "uneven"),
+        "classifier": start(torchrun(), DRIVER, ["classifier", *classifier_flags(toy_data, out)], out, "classifier"),
     }
     yield jobs
     for job in jobs.values():
@@ -291,3 +304,15 @@ def test_classifier_validation_figures_are_those_of_the_saved_model(launches, to
     assert len(evaluation.labels) == len(val_idx) > 2  # more than one rank's share
     assert evaluation.accuracy == pytest.approx(last["val_acc"])
     assert evaluation.loss == pytest.approx(last["val_loss"], rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The accelerate config files of the README
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("name", "distributed_type", "processes", "machines"), [
+    ("single_gpu_bf16", "NO", 1, 1), ("multi_gpu_8", "MULTI_GPU", 8, 1), ("two_nodes", "MULTI_GPU", 16, 2)])
+def test_accelerate_config_files_load_with_the_documented_setup(name, distributed_type, processes, machines):
+    config = load_config_from_file(str(ACCELERATE_CONFIGS / f"{name}.yaml"))  # unknown keys raise here
+    assert (config.distributed_type, config.num_processes, config.num_machines) == (distributed_type, processes,
+                                                                                     machines)
+    assert config.mixed_precision == "bf16" and not config.use_cpu
