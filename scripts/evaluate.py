@@ -47,6 +47,7 @@ from scripts.runtime import DEVICES, resolve_device_type
 from scripts.sample import SAMPLE_CHUNK, class_grid_labels, sample_images, save_grid
 
 GRID_COLUMNS = 8
+KID_SUBSET_SIZE = 1000  # the usual KID subset size, when there are enough images
 FEATURE_FID_NOTE = ("classifier-feature FID: Fréchet distance in the project classifier's penultimate feature "
                     "space, NOT Inception FID; compare it only with real_vs_real_baseline in this report")
 MEMORISATION_NOTE = ("ratio = median NN distance (sample -> training set) / median NN distance (held-out real -> "
@@ -211,8 +212,12 @@ def inception_features(model: nn.Module, images_unit: torch.Tensor, batch_size: 
 def distance_report(sample_features: np.ndarray, heldout_features: np.ndarray, baseline_features: np.ndarray,
                     seed: int) -> dict[str, Any]:
     """FID and KID of samples vs held-out, beside the same for real (training) images vs held-out."""
-    sample_kid = kid(sample_features, heldout_features, seed=seed)
-    baseline_kid = kid(baseline_features, heldout_features, seed=seed)
+    # Subsets of half the smaller set: with subsets as big as the sets every draw is identical and the
+    # spread over subsets (kid_std) would always read 0.
+    smallest = min(len(sample_features), len(baseline_features), len(heldout_features))
+    subset = max(2, min(KID_SUBSET_SIZE, smallest // 2))
+    sample_kid = kid(sample_features, heldout_features, subset_size=subset, seed=seed)
+    baseline_kid = kid(baseline_features, heldout_features, subset_size=subset, seed=seed)
     return {"fid": fid(sample_features, heldout_features),
             "fid_real_vs_real_baseline": fid(baseline_features, heldout_features),
             "kid": sample_kid.mean, "kid_std": sample_kid.std,

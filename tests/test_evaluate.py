@@ -63,6 +63,7 @@ def test_evaluate_end_to_end_writes_report_and_grid(setup, monkeypatch, tmp_path
     # Even random features tell the untrained DiT's noise from cats better than cats from cats.
     assert features["fid"] > 2 * features["fid_real_vs_real_baseline"] > 0
     assert features["kid"] > features["kid_real_vs_real_baseline"]
+    assert features["kid_subset_size"] == 3 and features["kid_std"] > 0  # half of the 6 samples: subsets vary
     # An untrained DiT returns its noise: far from every real image, so nowhere near copying.
     assert report["memorisation"]["pixel"]["ratio"] > 1
     assert math.isfinite(report["memorisation"]["classifier_features"]["ratio"])
