@@ -201,6 +201,33 @@ def latest_complete_state(state_root: str | Path) -> Path | None:
     return states[-1][1] if states else None
 
 
+def find_resume_state(resume: str, state_root: str | Path) -> Path | None:
+    """The state folder a run continues from, or None for a fresh start.
+
+    `resume` is the trainers' --resume: "auto" (the newest complete state, if any), "never" (refused when
+    the run already has states, so two runs never mix in one folder) or the path of a state folder.
+    """
+    states = list_complete_states(state_root)
+    if resume == "never":
+        if states:
+            raise UserError(f"run {Path(state_root).parent} already has checkpoints (newest step {states[-1][0]}); "
+                            "--resume never would mix two runs there — pick another --run-name, or use "
+                            "--resume auto to continue it")
+        return None
+    if resume == "auto":
+        return states[-1][1] if states else None
+    return Path(resume)
+
+
+def remove_unfinished_writes(state_root: str | Path) -> int:
+    """Delete the temp folders of state writes a killed run left behind (each is a whole state's size)."""
+    root = Path(state_root)
+    leftovers = list(root.glob(".tmp-*")) if root.is_dir() else []
+    for folder in leftovers:
+        shutil.rmtree(folder)
+    return len(leftovers)
+
+
 def save_training_state(state_root: str | Path, step: int, state: dict[str, Any]) -> Path:
     """Write `state` (nested, see flatten_state) to `state_root/step_N/` atomically and mark it complete."""
     root = Path(state_root)

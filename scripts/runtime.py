@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 
+from scripts.checkpoints import COMPLETE_MARKER
 from scripts.cli import UserError
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -58,3 +62,19 @@ def describe_gpu_failure(error: BaseException) -> str | None:
     if isinstance(error, RuntimeError) and ("CUDA" in text or "cuDNN" in text or "NCCL" in text):
         return f"CUDA error: {text.splitlines()[0]} — check the driver/GPU, or run on the CPU with --device cpu"
     return None
+
+
+def agree_on_resume_state(resume_from: Path | None, accelerator: Accelerator) -> Path | None:
+    """The main process's choice of checkpoint, for every process.
+
+    Each process looks at its own file system; on several machines without a shared --output-dir they
+    would silently disagree (some resume, some start fresh) and diverge or hang.
+    """
+    choice = [None if resume_from is None else str(resume_from)]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(choice, from_process=0)
+    chosen = None if choice[0] is None else Path(choice[0])
+    if chosen is not None and not (chosen / COMPLETE_MARKER).is_file():
+        raise UserError(f"process {accelerator.process_index} cannot see {chosen}, the checkpoint the main process "
+                        "resumes from — on several machines --output-dir must be a folder they all share")
+    return chosen

@@ -7,8 +7,9 @@
 A run lives in <output-dir>/<run-name>/ (config.json, training.log, metrics.jsonl, state/,
 cats_model_best.safetensors); the final weights go to --output. Every epoch ends with a validation pass
 and a complete training state, so an interrupted run continues from its last finished epoch when started
-again with the same --run-name (`--resume auto`). The batch order and augmentation of optimizer step s
-are drawn for the whole global batch from (seed, s), so 1 and N processes train on the same samples.
+again with the same command (`--resume auto`; the default --run-name is the fixed "classifier"). The batch
+order and augmentation of optimizer step s are drawn for the whole global batch from (seed, s), so 1 and N
+processes train on the same samples.
 """
 
 from __future__ import annotations
@@ -27,7 +28,12 @@ from torch import nn
 from tqdm import tqdm
 
 from models.classifier import BACKBONES, PretrainedWeightsUnavailable, build_classifier
-from scripts.checkpoints import list_complete_states, load_training_state, prune_states, save_training_state
+from scripts.checkpoints import (
+    find_resume_state,
+    load_training_state,
+    prune_states,
+    save_training_state,
+)
 from scripts.cli import UserError, option, run_main
 from scripts.data import (
     AUGMENTATION_LEVELS,
@@ -42,13 +48,12 @@ from scripts.model_files import classifier_metadata, classifier_normalize, save_
 from scripts.runlog import (
     MetricsWriter,
     config_dict,
-    default_run_name,
     format_duration,
     log_run_header,
     setup_logger,
     write_config,
 )
-from scripts.runtime import DEVICES, PRECISIONS, describe_gpu_failure, make_accelerator
+from scripts.runtime import DEVICES, PRECISIONS, agree_on_resume_state, describe_gpu_failure, make_accelerator
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt")
 BEST_STEM = "cats_model_best"
@@ -103,11 +108,7 @@ class TrainConfig:
         choices=PRECISIONS,
     )
     seed: int = option(0, "seed of the split, the initial head/weights, the batch order and augmentation")
-    run_name: str | None = option(
-        None,
-        "run folder under --output-dir (default classifier-<date>-<time>); "
-        "the same name resumes the same run",
-    )
+    run_name: str = option("classifier", "run folder under --output-dir; the same name resumes the same run")
     output_dir: str = option("checkpoints", "where run folders go")
     resume: str = option(
         "auto",
@@ -303,21 +304,6 @@ def architecture(cfg: TrainConfig, class_names: list[str]) -> dict[str, Any]:
     return {"backbone": cfg.backbone, "image_size": cfg.image_size, "class_names": list(class_names)}
 
 
-def find_resume_state(cfg: TrainConfig, state_root: Path) -> Path | None:
-    """The state folder to continue from, or None for a fresh start (see --resume)."""
-    states = list_complete_states(state_root)
-    if cfg.resume == "never":
-        if states:
-            raise UserError(
-                f"run {state_root.parent} already has saved epochs; --resume never would mix two runs "
-                "there — pick another --run-name, or use --resume auto to continue it"
-            )
-        return None
-    if cfg.resume == "auto":
-        return states[-1][1] if states else None
-    return Path(cfg.resume)
-
-
 @dataclass
 class Progress:
     """What a training state records besides the weights and the optimizer."""
@@ -360,17 +346,16 @@ def main(cfg: TrainConfig, on_checkpoint: Callable[[Path], None] | None = None) 
     validation predictions of the final model and its confusion matrix."""
     accelerator = make_accelerator(cfg.device, cfg.mixed_precision)
     validate_config(cfg, accelerator.num_processes)
-    cfg.run_name = cfg.run_name or broadcast_run_name(accelerator)
     is_main, device = accelerator.is_main_process, accelerator.device
     run_dir = Path(cfg.output_dir) / cfg.run_name
     state_root = run_dir / "state"
     logger = setup_logger(run_dir / "training.log", is_main)
-    resume_from = find_resume_state(cfg, state_root)
+    resume_from = agree_on_resume_state(find_resume_state(cfg.resume, state_root), accelerator)
     if is_main:
         write_config(run_dir, cfg)
     log_run_header(logger, cfg, str(device), accelerator.mixed_precision, accelerator.num_processes)
 
-    with accelerator.main_process_first():  # the main process builds the cache, the others then read it
+    with accelerator.local_main_process_first():  # one process per machine builds the cache, the others read it
         cache = load_or_build_cache(cfg.data_dir, cfg.image_size, log=logger, show_progress=is_main)
     train_idx, val_idx = stratified_split(cache.labels, cfg.val_split, cfg.seed)
     if len(train_idx) == 0:
@@ -472,16 +457,6 @@ def main(cfg: TrainConfig, on_checkpoint: Callable[[Path], None] | None = None) 
         logger.info("done: final weights %s%s", cfg.output, best_note)
     accelerator.wait_for_everyone()
     return summary
-
-
-def broadcast_run_name(accelerator) -> str:
-    """The default run name, taken from the main process so that ranks starting a second apart agree."""
-    from accelerate.utils import broadcast_object_list
-
-    names = [default_run_name("classifier")]
-    if accelerator.num_processes > 1:
-        broadcast_object_list(names, from_process=0)
-    return names[0]
 
 
 def save_state(

@@ -32,14 +32,15 @@ from tqdm import tqdm
 from models.diffusion import OBJECTIVES, build_objective, drop_labels
 from models.ema import EMA
 from models.tiny_dit import DIT_SIZES, build_dit, count_parameters
-from scripts.checkpoints import (list_complete_states, load_training_state, prune_states,
+from scripts.checkpoints import (find_resume_state, list_complete_states, load_training_state, prune_states,
+                                 remove_unfinished_writes,
                                  save_training_state, state_dir_name)
 from scripts.cli import UserError, option, run_main
 from scripts.data import (AUGMENTATION_LEVELS, ImageCache, apply_augmentation, draw_augmentation, gather_batch,
                           global_batch_indices, load_or_build_cache, shard_bounds, step_generator)
 from scripts.model_files import dit_metadata, save_model, unit_to_dit
 from scripts.runlog import MetricsWriter, config_dict, format_duration, log_run_header, setup_logger, write_config
-from scripts.runtime import DEVICES, PRECISIONS, describe_gpu_failure, make_accelerator
+from scripts.runtime import DEVICES, PRECISIONS, agree_on_resume_state, describe_gpu_failure, make_accelerator
 from scripts.sample import class_grid_labels, sample_images, save_grid
 
 REPORT_TO = ("none", "tensorboard", "wandb")
@@ -223,28 +224,6 @@ def stop_on_signals() -> Iterator[StopRequest]:
 # ---------------------------------------------------------------------------------------------------------
 # Training state
 # ---------------------------------------------------------------------------------------------------------
-def find_resume_state(cfg: TrainDiTConfig, state_root: Path) -> Path | None:
-    """The state folder to continue from, or None for a fresh start (see --resume)."""
-    states = list_complete_states(state_root)
-    if cfg.resume == "never":
-        if states:
-            raise UserError(f"run {state_root.parent} already has checkpoints (newest step {states[-1][0]}); "
-                            "--resume never would mix two runs there — pick another --run-name, or use "
-                            "--resume auto to continue it")
-        return None
-    if cfg.resume == "auto":
-        return states[-1][1] if states else None
-    return Path(cfg.resume)
-
-
-def remove_unfinished_writes(state_root: Path) -> int:
-    """Delete temp folders of checkpoint writes that a killed run left behind (each is a full state)."""
-    leftovers = list(state_root.glob(".tmp-*")) if state_root.is_dir() else []
-    for folder in leftovers:
-        shutil.rmtree(folder, ignore_errors=True)
-    return len(leftovers)
-
-
 def architecture(cfg: TrainDiTConfig, class_names: list[str]) -> dict[str, Any]:
     """What must match for a state to load into this run's model."""
     return {"model": cfg.model, "image_size": cfg.image_size, "objective": cfg.objective,
@@ -336,7 +315,7 @@ def train(cfg: TrainDiTConfig, on_checkpoint: Callable[[Path], None] | None) -> 
     run_dir = Path(cfg.output_dir) / cfg.run_name
     state_root = run_dir / "state"
     logger = setup_logger(run_dir / "training.log", is_main)
-    resume_from = find_resume_state(cfg, state_root)
+    resume_from = agree_on_resume_state(find_resume_state(cfg.resume, state_root), accelerator)
     if is_main:
         write_config(run_dir, cfg)
         removed = remove_unfinished_writes(state_root)
@@ -348,7 +327,7 @@ def train(cfg: TrainDiTConfig, on_checkpoint: Callable[[Path], None] | None) -> 
         logger.info("warmup capped: --warmup-steps %d is not below --steps %d, using %d warmup steps",
                     cfg.warmup_steps, cfg.steps, warmup)
 
-    with accelerator.main_process_first():  # the main process builds the cache, the others then read it
+    with accelerator.local_main_process_first():  # one process per machine builds the cache, the others read it
         cache = load_or_build_cache(cfg.data_dir, cfg.image_size, log=logger, show_progress=is_main)
     logger.info("data: %d images, %d classes (%s) from %s", len(cache), cache.num_classes,
                 ", ".join(cache.class_names), cfg.data_dir)

@@ -174,7 +174,7 @@ def test_predict_agrees_with_the_training_time_validation(one_epoch, toy_cats, c
 
 def test_resume_never_refuses_a_run_that_has_saved_epochs(one_epoch, toy_cats):
     cfg = config(toy_cats, one_epoch["run_dir"].parent, "--run-name", "smoke", "--resume", "never")
-    with pytest.raises(UserError, match="already has saved epochs"):
+    with pytest.raises(UserError, match="already has checkpoints"):
         main(cfg)
 
 
