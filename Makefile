@@ -59,21 +59,62 @@ export: install ## export both models in $(CKPT) to ONNX and check them against 
 		--verify --images $(DATA)
 
 local-smoke: install ## the whole chain offline on toy cats: data, classifier, DiT, sample, verify, export
-	@start=$$(date +%s); \
-	set -e; \
-	rm -rf $(CKPT)/smoke-classifier $(CKPT)/smoke-dit; \
-	$(PY) scripts/make_toy_cats.py --out $(SMOKE_DATA) --per-class 40 --size 32 --seed 0; \
+	rm -rf $(CKPT)/smoke-classifier $(CKPT)/smoke-dit
+	$(PY) scripts/make_toy_cats.py --out $(SMOKE_DATA) --per-class 40 --size 32 --seed 0
 	$(PY) scripts/train.py $(SMOKE_DATA) --no-pretrained --epochs 2 --batch-size 16 --lr 2e-3 --image-size 32 \
-		--run-name smoke-classifier --output-dir $(CKPT) --output $(CKPT)/cats_model.safetensors --device cpu; \
+		--run-name smoke-classifier --output-dir $(CKPT) --output $(CKPT)/cats_model.safetensors --device cpu
+	$(PY) scripts/predict.py --checkpoint $(CKPT)/cats_model.safetensors $(SMOKE_DATA)/siamese/siamese_00000.png
 	$(PY) scripts/train_dit.py $(SMOKE_DATA) --model T/4 --image-size 32 --steps 60 --batch-size 32 --lr 1e-3 \
 		--warmup-steps 10 --save-interval 30 --sample-interval 60 --sample-steps 10 \
-		--run-name smoke-dit --output-dir $(CKPT) --device cpu; \
+		--run-name smoke-dit --output-dir $(CKPT) --device cpu
 	$(PY) scripts/sample.py --checkpoint $(CKPT)/tinydit_final.safetensors --steps 10 --num 4 \
-		--out $(CKPT)/smoke-dit/sample_grid.png --device cpu; \
-	$(MAKE) --no-print-directory verify export DATA=$(SMOKE_DATA); \
-	echo; echo "local-smoke finished in $$(( $$(date +%s) - start )) s. Outputs:"; \
-	ls -1 $(CKPT)/cats_model.safetensors $(CKPT)/tinydit_final.safetensors $(CKPT)/*.onnx $(CKPT)/*.json \
-		$(CKPT)/smoke-dit/sample_grid.png $(CKPT)/smoke-dit/training.log $(CKPT)/smoke-classifier/training.log
+		--out $(CKPT)/smoke-dit/sample_grid.png --device cpu
+	$(MAKE) --no-print-directory verify export DATA=$(SMOKE_DATA)
+	@echo; echo "local-smoke finished. Outputs:"
+	@ls -1 $(CKPT)/cats_model.safetensors $(CKPT)/tinydit_final.safetensors $(CKPT)/*.onnx $(CKPT)/*.json \
+		$(CKPT)/*.png $(CKPT)/smoke-dit/sample_grid.png $(CKPT)/smoke-dit/training.log \
+		$(CKPT)/smoke-classifier/training.log
+
+.PHONY: modal-check modal-data modal-upload modal-train modal-dit modal-download
+# --- Modal (modal_app.py) ----------------------------------------------------------------------------------
+# Variables: STEPS, BATCH, ACCUM, AUG, GPU (empty = each entrypoint's default:
+# T4 classifier, A10G DiT), MODAL_DATA (data set name on the volume), RUN (run name), EPOCHS, CLS_BATCH.
+MODAL := $(VENV)/bin/modal
+BATCH ?= 256
+ACCUM ?= 1
+AUG ?= full
+GPU ?=
+MODAL_DATA ?= cats
+RUN ?=
+EPOCHS ?= 20
+CLS_BATCH ?= 64
+MODAL_GPU_FLAG = $(if $(GPU),--gpu $(GPU))
+MODAL_RUN_FLAG = $(if $(RUN),--run-name $(RUN))
+
+modal-check: install ## Modal: token valid, entrypoints load, image builds and imports the project
+	$(MODAL) token info
+	$(MODAL) run modal_app.py::dit --help > /dev/null
+	$(MODAL) run modal_app.py::classifier --help > /dev/null
+	$(MODAL) shell modal_app.py::prepare_data_remote --cmd "python -c 'import scripts.train_dit, scripts.train, models.tiny_dit; print(\"image ok\")'"
+
+modal-data: install ## Modal: download Oxford-IIIT Pet on Modal into the data volume (cats, cat-vs-other)
+	$(MODAL) run modal_app.py::prepare_data
+
+modal-upload: install ## Modal: upload the local $(DATA) to the data volume as $(MODAL_DATA)
+	$(MODAL) run modal_app.py::upload_data --local-dir $(DATA) --name $(MODAL_DATA)
+
+modal-train: install ## Modal: train the classifier (EPOCHS, CLS_BATCH, GPU, MODAL_DATA, RUN)
+	$(MODAL) run modal_app.py::classifier --epochs $(EPOCHS) --batch-size $(CLS_BATCH) --data $(MODAL_DATA) \
+		$(MODAL_GPU_FLAG) $(MODAL_RUN_FLAG)
+
+modal-dit: install ## Modal: train TinyDiT, detached (STEPS, BATCH, ACCUM, AUG, GPU, MODAL_DATA, RUN)
+	$(MODAL) run --detach modal_app.py::dit --steps $(STEPS) --batch-size $(BATCH) \
+		--gradient-accumulation-steps $(ACCUM) --augmentation-level $(AUG) --data $(MODAL_DATA) \
+		$(MODAL_GPU_FLAG) $(MODAL_RUN_FLAG)
+
+modal-download: install ## Modal: copy run RUN from the outputs volume to $(CKPT)/RUN/
+	$(if $(RUN),,$(error RUN=<run name> is required, e.g. make modal-download RUN=dit-20261128-213012))
+	$(MODAL) run modal_app.py::download --run $(RUN) --local-dir $(CKPT)
 
 clean: ## remove generated data, caches and run outputs (keeps .venv)
 	rm -rf data/cats data/toy* checkpoints/* .pytest_cache
