@@ -21,7 +21,7 @@ import pytest
 import torch
 from accelerate.commands.config.config_args import load_config_from_file
 from safetensors.torch import load_file
-from test_train_dit import make_toy_data
+from builders import make_toy_data
 
 from scripts import train, train_dit
 from scripts.checkpoints import list_complete_states, load_weights
@@ -130,14 +130,6 @@ def start(launcher: list[str], script: Path, args: list[str], out: Path, run_nam
     process = subprocess.Popen(command, env=env, cwd=PROJECT_ROOT, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     return Launch(process, out / run_name, dump_dir)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_verify_checkpoint import CLASS_NAMES, save_classifier, save_dit, trained_dit
+from builders import CLASS_NAMES, save_classifier, save_dit, trained_dit
 
 from scripts.cli import UserError
 from scripts.export_dit_onnx import ExportDiTConfig, compare_sampling, onnx_sample, random_inputs

@@ -12,7 +12,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
 from modal.exception import NotFoundError
 from modal.volume import FileEntryType
 
@@ -117,14 +116,6 @@ def volumes(monkeypatch, tmp_path, fake_token) -> SimpleNamespace:
     monkeypatch.setattr(modal_app, "outputs_volume", outputs)
     monkeypatch.setattr(modal_app, "data_volume", FakeDataVolume(("cats",)))
     return SimpleNamespace(data_root=data_root, output_root=output_root, outputs=outputs)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def modal_run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:

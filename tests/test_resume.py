@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train_dit import make_toy_data
+from builders import make_toy_data
 
 from scripts.checkpoints import COMPLETE_MARKER, list_complete_states, load_weights
 

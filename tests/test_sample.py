@@ -6,9 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
-from test_train_dit import TOY_CLASSES, make_toy_data, tiny_config
+from builders import TOY_CLASSES, make_toy_data, tiny_config
 
 from scripts import sample, train_dit
 from scripts.cli import UserError, parse_config
@@ -18,17 +17,8 @@ IMAGE_SIZE = 16
 PADDING = 2  # torchvision's make_grid padding used by save_grid
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core box: one thread avoids oversubscription."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, one_thread) -> Path:
+def checkpoint(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("sample")
     return train_dit.main(tiny_config(make_toy_data(root / "cats"), root / "runs", steps=2))["final"]
 

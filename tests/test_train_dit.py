@@ -13,34 +13,9 @@ from scripts import train_dit
 from scripts.checkpoints import COMPLETE_MARKER, list_complete_states, load_training_state, load_weights
 from scripts.cli import UserError, parse_config
 from scripts.model_files import load_dit
-from scripts.make_toy_cats import generate_toy_cats
 from scripts.train_dit import TrainDiTConfig, learning_rate, validate_config
+from builders import TOY_CLASSES, make_toy_data, tiny_config
 
-TOY_CLASSES = ["black", "white", "orange_tabby"]
-
-
-def make_toy_data(root: Path) -> Path:
-    """Three classes x 4 toy cats at 16 px: enough to exercise every code path in well under a second."""
-    generate_toy_cats(root, per_class=4, size=16, seed=0, classes=TOY_CLASSES)
-    return root
-
-
-def tiny_config(data_dir: Path, output_dir: Path, **overrides) -> TrainDiTConfig:
-    """A few steps of T/4 at 16 px on the CPU; every interval small so all periodic paths run."""
-    settings = dict(data_dir=str(data_dir), output_dir=str(output_dir), model="T/4", image_size=16, steps=4,
-                    batch_size=4, lr=1e-3, warmup_steps=2, save_interval=2, sample_interval=1000, log_interval=1,
-                    sample_steps=2, device="cpu", mixed_precision="no")
-    settings.update(overrides)
-    return TrainDiTConfig(**settings)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core box: one thread avoids oversubscription (20x faster under load)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

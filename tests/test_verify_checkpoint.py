@@ -1,7 +1,6 @@
 """verify_checkpoint: good DiT/classifier files pass; every kind of broken or unsafe file fails with a reason.
 
-The builders at the top (`trained_dit`, `save_dit`, `trained_classifier`, `save_classifier`) make small
-models that look trained, without running a trainer; test_export_onnx.py reuses them.
+The models come from tests/builders.py: small ones that look trained, without running a trainer.
 """
 
 from __future__ import annotations
@@ -15,61 +14,16 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-from torch import nn
 
 from models.classifier import build_classifier
-from models.tiny_dit import TinyDiT, build_dit
+from models.tiny_dit import build_dit
 from scripts.checkpoints import save_weights
 from scripts.cli import UserError
-from scripts.model_files import classifier_metadata, dit_metadata, save_model
 from scripts.verify_checkpoint import VerifyConfig, main, verify
+from builders import (CLASSIFIER_BACKBONE, CLASS_NAMES, DIT_NAME, DIT_SIZE, dit_test_metadata, save_classifier,
+                      save_dit, trained_classifier, trained_dit)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-CLASS_NAMES = ["tabby", "black", "ginger"]
-DIT_NAME, DIT_SIZE = "T/4", 16
-CLASSIFIER_BACKBONE, CLASSIFIER_SIZE = "mobilenet_v3_small", 32
-
-
-def look_trained(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Move every float tensor (zero-init layers, biases, BatchNorm statistics) a little off its init."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for tensor in model.state_dict().values():  # state-dict tensors share storage with the model
-            if tensor.is_floating_point():
-                tensor.add_(0.02 * torch.randn(tensor.shape, generator=generator))
-    return model.eval()
-
-
-def trained_dit(seed: int = 0) -> TinyDiT:
-    """A T/4 DiT at 16 px that looks trained."""
-    torch.manual_seed(seed)
-    return look_trained(build_dit(DIT_NAME, DIT_SIZE, len(CLASS_NAMES)), seed)
-
-
-def dit_test_metadata(*, objective: str = "flow", step: int = 100, class_names: list[str] = CLASS_NAMES) -> dict:
-    return dit_metadata({"cfg_scale": 2.0}, model_name=DIT_NAME, image_size=DIT_SIZE, in_channels=3,
-                        class_names=class_names, objective_name=objective, objective_options={}, step=step,
-                        weights="ema")
-
-
-def save_dit(path: Path, model: nn.Module | None = None, **metadata_options) -> Path:
-    """Save `model` (default: a trained-looking DiT) with DiT metadata (see dit_test_metadata for options)."""
-    return save_model(path, model if model is not None else trained_dit(), dit_test_metadata(**metadata_options))
-
-
-def trained_classifier(seed: int = 0) -> nn.Module:
-    """A small torchvision classifier that looks trained."""
-    torch.manual_seed(seed)
-    return look_trained(build_classifier(CLASSIFIER_BACKBONE, len(CLASS_NAMES)), seed)
-
-
-def save_classifier(path: Path, model: nn.Module | None = None, *, epoch: int = 1,
-                    data_dir: str | None = None) -> Path:
-    metadata = classifier_metadata({"data_dir": data_dir}, backbone=CLASSIFIER_BACKBONE, image_size=CLASSIFIER_SIZE,
-                                   class_names=CLASS_NAMES, metrics={"val_accuracy": 0.5}, epoch=epoch)
-    return save_model(path, model if model is not None else trained_classifier(), metadata)
-
-
 def failed_checks(path: Path) -> dict[str, str]:
     """Verify `path`, which must fail; {failed check name: detail}."""
     report = verify(VerifyConfig(checkpoint=str(path), device="cpu"))
