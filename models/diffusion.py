@@ -95,6 +95,10 @@ class Objective:
         """JSON-ready description that lets a torch-free program re-run the samplers (see subclasses)."""
         raise NotImplementedError
 
+    def options(self) -> dict[str, Any]:
+        """The constructor arguments: `build_objective(self.name, **self.options())` rebuilds this objective."""
+        raise NotImplementedError
+
     def _sample(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, cfg_scale: float,
                 sampler: str, generator: torch.Generator | None) -> torch.Tensor:
         raise NotImplementedError
@@ -135,6 +139,9 @@ class FlowMatching(Objective):
             raise ValueError(f"unknown time sampling {time_sampling!r}; choose one of "
                              f"{', '.join(self.time_samplings)}")
         self.time_sampling = time_sampling
+
+    def options(self):
+        return {"time_sampling": self.time_sampling}
 
     def draw_training_noise(self, shape, generator, device):
         gen_device = generator.device
@@ -218,6 +225,9 @@ class DDPM(Objective):
         self.num_timesteps = num_timesteps
         self.eta = eta
         self.alphas_cumprod = self.schedules[schedule](num_timesteps)  # float64, (T,)
+
+    def options(self):
+        return {"schedule": self.schedule, "num_timesteps": self.num_timesteps, "eta": self.eta}
 
     def draw_training_noise(self, shape, generator, device):
         gen_device = generator.device

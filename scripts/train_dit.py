@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from models.diffusion import OBJECTIVES, build_objective, drop_labels
+from models.diffusion import DDPM, OBJECTIVES, FlowMatching, build_objective, drop_labels
 from models.ema import EMA
 from models.tiny_dit import DIT_SIZES, build_dit, count_parameters
 from scripts.checkpoints import (find_resume_state, list_complete_states, load_training_state, prune_states,
@@ -46,9 +46,6 @@ from scripts.sample import class_grid_labels, sample_images, save_grid
 REPORT_TO = ("none", "tensorboard", "wandb")
 FINAL_NAME = "tinydit_final.safetensors"
 FINAL_RAW_NAME = "tinydit_final_raw.safetensors"
-# The objectives' own defaults (logit-normal t for flow, linear betas for ddpm); stored in the weights
-# metadata so sampling rebuilds exactly the objective that was trained.
-OBJECTIVE_OPTIONS: dict[str, Any] = {}
 # Sample grids: one row per class, this many columns (fewer when there are many classes).
 GRID_COLUMNS = 8
 
@@ -72,6 +69,10 @@ class TrainDiTConfig:
                         choices=tuple(DIT_SIZES))
     image_size: int = option(64, "training resolution (must be divisible by the model's patch size)")
     objective: str = option("flow", "diffusion objective: rectified flow or DDPM", choices=OBJECTIVES)
+    time_sampling: str = option("logit-normal", "flow only: distribution of the training times t",
+                                choices=FlowMatching.time_samplings)
+    noise_schedule: str = option("linear", "ddpm only: beta schedule (DDPM linear or iDDPM cosine)",
+                                 choices=tuple(DDPM.schedules))
     ema_decay: float = option(0.9999, "EMA decay of the weights used for sampling (warmed up from 0)")
     cfg_scale: float = option(4.0, "classifier-free guidance scale of the sample grids")
     sample_steps: int = option(50, "sampling steps of the sample grids")
@@ -224,10 +225,17 @@ def stop_on_signals() -> Iterator[StopRequest]:
 # ---------------------------------------------------------------------------------------------------------
 # Training state
 # ---------------------------------------------------------------------------------------------------------
+def build_training_objective(cfg: TrainDiTConfig):
+    """The objective of --objective with its own option (the other objective's flag does not apply)."""
+    if cfg.objective == "flow":
+        return build_objective("flow", time_sampling=cfg.time_sampling)
+    return build_objective("ddpm", schedule=cfg.noise_schedule)
+
+
 def architecture(cfg: TrainDiTConfig, class_names: list[str]) -> dict[str, Any]:
     """What must match for a state to load into this run's model."""
     return {"model": cfg.model, "image_size": cfg.image_size, "objective": cfg.objective,
-            "class_names": list(class_names)}
+            "objective_options": build_training_objective(cfg).options(), "class_names": list(class_names)}
 
 
 def training_schedule(cfg: TrainDiTConfig) -> dict[str, Any]:
@@ -334,7 +342,7 @@ def train(cfg: TrainDiTConfig, on_checkpoint: Callable[[Path], None] | None) -> 
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     raw_model = build_dit(cfg.model, cfg.image_size, cache.num_classes).to(device)
-    objective = build_objective(cfg.objective, **OBJECTIVE_OPTIONS)
+    objective = build_training_objective(cfg)
     optimizer = torch.optim.AdamW(raw_model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   fused=device.type == "cuda")
     model = torch.compile(raw_model) if cfg.compile else raw_model
@@ -508,7 +516,7 @@ def write_final_weights(cfg: TrainDiTConfig, trainer: Trainer, objective, class_
                                  ("raw", trainer.raw_model, summary["final_raw"])):
         metadata = dit_metadata(config_dict(cfg), model_name=cfg.model, image_size=cfg.image_size, in_channels=3,
                                 class_names=class_names, objective_name=cfg.objective,
-                                objective_options=OBJECTIVE_OPTIONS, step=step, weights=weights)
+                                objective_options=objective.options(), step=step, weights=weights)
         save_model(path, model, metadata)
     shared = Path(cfg.output_dir) / FINAL_NAME
     tmp = shared.with_name(shared.name + ".tmp")

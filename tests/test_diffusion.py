@@ -248,3 +248,11 @@ def test_tiny_model_overfits_one_batch(name):
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] / 10
+
+
+@pytest.mark.parametrize("name, options", [("flow", {"time_sampling": "uniform"}),
+                                           ("ddpm", {"schedule": "cosine", "num_timesteps": 500, "eta": 0.5})])
+def test_options_rebuild_the_same_objective(name, options):
+    objective = build_objective(name, **options)
+    assert objective.options() == options
+    assert build_objective(name, **objective.options()).sidecar() == objective.sidecar()

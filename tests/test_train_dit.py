@@ -91,6 +91,7 @@ def test_short_run_writes_every_artefact_and_caps_the_warmup(toy_data, tmp_path)
     assert metadata["weights"] == "ema" and metadata["step"] == 4
     assert metadata["class_names"] == sorted(TOY_CLASSES) and metadata["image_size"] == 16
     assert metadata["config"]["model"] == "T/4" and metadata["objective"] == "flow"
+    assert metadata["objective_options"] == {"time_sampling": "logit-normal"}
     assert load_weights(summary["final_raw"])[1]["weights"] == "raw"
     shared = tmp_path / "tinydit_final.safetensors"
     assert shared.read_bytes() == summary["final"].read_bytes()
@@ -187,3 +188,11 @@ def test_nan_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(toy_data, tmp
     assert step == 2 and all(torch.isfinite(t).all() for t in state["model"].values())
     assert not (run / "tinydit_final.safetensors").exists()
     assert "loss became NaN/inf" in (run / "training.log").read_text()
+
+
+def test_ddpm_run_records_its_noise_schedule_and_resume_refuses_another(toy_data, tmp_path):
+    summary = train_dit.main(tiny_config(toy_data, tmp_path, objective="ddpm", noise_schedule="cosine", steps=2))
+    _, objective, metadata = load_dit(summary["final"])
+    assert metadata["objective_options"]["schedule"] == "cosine" and objective.schedule == "cosine"
+    with pytest.raises(UserError, match="different"):
+        train_dit.main(tiny_config(toy_data, tmp_path, objective="ddpm", noise_schedule="linear", steps=4))
