@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list
 
 from scripts.checkpoints import COMPLETE_MARKER
@@ -48,6 +49,10 @@ def make_accelerator(device: str, mixed_precision: str, gradient_accumulation_st
     # TF32 matmuls are ~8x faster than fp32 on Ampere+ and accurate enough for training.
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
+    # Accelerate keeps the first run's precision process-wide and refuses another; a second run in the same
+    # process (a notebook, tests, in-process Modal calls) may rightly ask for a different one.
+    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != precision:
+        AcceleratorState._reset_state()
     return Accelerator(cpu=device_type == "cpu", mixed_precision=precision,
                        gradient_accumulation_steps=gradient_accumulation_steps,
                        log_with=log_with, project_dir=project_dir)

@@ -1,0 +1,36 @@
+"""Device / precision resolution and the Accelerator factory shared by both trainers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from scripts.cli import UserError
+from scripts.runtime import describe_gpu_failure, make_accelerator, resolve_device_type, resolve_mixed_precision
+
+
+def test_auto_precision_is_full_fp32_off_gpu():
+    assert resolve_mixed_precision("auto", "cpu") == "no"
+    assert resolve_mixed_precision("bf16", "cpu") == "bf16"
+
+
+def test_fp16_on_cpu_is_refused_instead_of_silently_ignored():
+    with pytest.raises(UserError, match="fp16 needs a GPU"):
+        resolve_mixed_precision("fp16", "cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown on machines without a GPU")
+def test_missing_cuda_says_to_use_the_cpu():
+    with pytest.raises(UserError, match="--device cpu"):
+        resolve_device_type("cuda")
+
+
+def test_a_second_run_in_one_process_may_change_precision():
+    assert make_accelerator("cpu", "bf16").mixed_precision == "bf16"
+    assert make_accelerator("cpu", "no").mixed_precision == "no"
+
+
+def test_gpu_failures_become_advice():
+    assert "--batch-size" in describe_gpu_failure(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried..."))
+    assert "--device cpu" in describe_gpu_failure(RuntimeError("CUDA error: device-side assert triggered"))
+    assert describe_gpu_failure(ValueError("something else")) is None
