@@ -19,6 +19,7 @@ load on a shared machine hits all of them alike and is filtered out rather than 
 from __future__ import annotations
 
 import json
+import math
 import platform
 import tempfile
 import time
@@ -77,7 +78,7 @@ class BenchSpec:
     patch: int
     batch_size: int
     num_classes: int
-    timed_steps: int  # calls per round for each measurement
+    window_s: float  # seconds each measurement runs per round (at least one call)
     matmul_size: int
     sample_steps: int
     cfg_scale: float
@@ -85,10 +86,10 @@ class BenchSpec:
     pipeline_steps: int
 
 
-FULL = BenchSpec(image_size=32, width=256, depth=6, heads=4, patch=4, batch_size=32, num_classes=6, timed_steps=4,
+FULL = BenchSpec(image_size=32, width=256, depth=6, heads=4, patch=4, batch_size=32, num_classes=6, window_s=2.0,
                  matmul_size=2048, sample_steps=20, cfg_scale=4.0, classifier_backbone="resnet18",
                  pipeline_steps=40)
-QUICK = BenchSpec(image_size=16, width=32, depth=1, heads=2, patch=4, batch_size=4, num_classes=2, timed_steps=1,
+QUICK = BenchSpec(image_size=16, width=32, depth=1, heads=2, patch=4, batch_size=4, num_classes=2, window_s=0.0,
                   matmul_size=128, sample_steps=2, cfg_scale=4.0, classifier_backbone="resnet18", pipeline_steps=2)
 
 
@@ -120,28 +121,35 @@ def synchronize(device: torch.device) -> None:
 
 
 class SideBySide:
-    """Named measurements run in turn for several rounds; each keeps its best seconds per call."""
+    """Named measurements run in turn for several rounds; each keeps its best seconds per call.
 
-    def __init__(self, device: torch.device):
+    Every measurement's window lasts about `window_s` (calls per window set from a timed warm-up call), so
+    short ones (a matmul) do not get more chances than long ones (a training step) to land in a quiet moment.
+    """
+
+    def __init__(self, device: torch.device, window_s: float):
         self.device = device
+        self.window_s = window_s
         self.calls: dict[str, tuple[Callable[[], Any], int]] = {}
         self.best: dict[str, float] = {}
 
-    def add(self, name: str, fn: Callable[[], Any], calls_per_round: int) -> None:
-        fn()  # warm-up: allocations, kernel selection, lazy init
+    def _timed(self, fn: Callable[[], Any], calls: int) -> float:
         synchronize(self.device)
-        self.calls[name] = (fn, calls_per_round)
+        started = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        synchronize(self.device)
+        return (time.perf_counter() - started) / calls
+
+    def add(self, name: str, fn: Callable[[], Any]) -> None:
+        fn()  # warm-up: allocations, kernel selection, lazy init
+        seconds = self._timed(fn, 1)
+        self.calls[name] = (fn, max(1, math.ceil(self.window_s / seconds)))
 
     def run(self, rounds: int) -> dict[str, float]:
         for _ in tqdm(range(rounds), desc="measuring", unit="round"):
             for name, (fn, calls) in self.calls.items():
-                synchronize(self.device)
-                started = time.perf_counter()
-                for _ in range(calls):
-                    fn()
-                synchronize(self.device)
-                seconds = (time.perf_counter() - started) / calls
-                self.best[name] = min(self.best.get(name, float("inf")), seconds)
+                self.best[name] = min(self.best.get(name, float("inf")), self._timed(fn, calls))
         return self.best
 
 
@@ -263,10 +271,9 @@ def speed_bar(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def measure(cfg: BenchmarkConfig, spec: BenchSpec, device: torch.device) -> dict[str, Any]:
-    bench = SideBySide(device)
-    matmul_calls = 2 if cfg.quick else 3
-    bench.add("matmul_fp32", matmul_call(spec.matmul_size, torch.float32, device), matmul_calls)
-    bench.add("matmul_bf16", matmul_call(spec.matmul_size, torch.bfloat16, device), matmul_calls)
+    bench = SideBySide(device, spec.window_s)
+    bench.add("matmul_fp32", matmul_call(spec.matmul_size, torch.float32, device))
+    bench.add("matmul_bf16", matmul_call(spec.matmul_size, torch.bfloat16, device))
     variants: dict[str, tuple[torch.dtype | None, bool]] = {"fp32": (None, False), "bf16_autocast":
                                                              (torch.bfloat16, False)}
     if not cfg.skip_compile:
@@ -279,21 +286,21 @@ def measure(cfg: BenchmarkConfig, spec: BenchSpec, device: torch.device) -> dict
             torch.cuda.reset_peak_memory_stats(device)
         started = time.perf_counter()
         bench.add(f"train_{name}", dit_train_step(torch.compile(model) if compiled else model, spec, device,
-                                                  precision), spec.timed_steps)
+                                                  precision))
         if compiled:
             compile_seconds = time.perf_counter() - started
         if device.type == "cuda":
             memory_mb[name] = torch.cuda.max_memory_allocated(device) / 2**20
     sampler_model = build_bench_dit(spec, device).eval()
-    bench.add("sampling", sampling_call(sampler_model, spec, device), 1)
-    bench.add("classifier_train", classifier_train_step(spec, device), spec.timed_steps)
+    bench.add("sampling", sampling_call(sampler_model, spec, device))
+    bench.add("classifier_train", classifier_train_step(spec, device))
     cache = synthetic_cache(max(256, 4 * spec.batch_size), spec.image_size, spec.num_classes)
     bench.add("pipeline", lambda: measure_pipeline_throughput(cache, spec.batch_size, "full", spec.pipeline_steps,
-                                                              device), 1)
+                                                              device))
     with tempfile.TemporaryDirectory() as work_dir:
         for name, (eager, runtime) in onnx_pairs(spec, Path(work_dir)).items():
-            bench.add(f"onnx_{name}_eager", eager, spec.timed_steps)
-            bench.add(f"onnx_{name}_ort", runtime, spec.timed_steps)
+            bench.add(f"onnx_{name}_eager", eager)
+            bench.add(f"onnx_{name}_ort", runtime)
         best = bench.run(cfg.rounds)
 
     flops, flops_by_op = dit_forward_backward_flops(spec, device)
