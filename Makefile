@@ -14,6 +14,9 @@ STEPS ?= 300000
 
 .DEFAULT_GOAL := help
 SMOKE_DATA ?= data/toy-smoke
+QUALITY_DATA ?= data/quality
+QUALITY_OUT ?= checkpoints/quality
+QUALITY_STEPS ?= 1500
 .PHONY: help install test lint data train train-dit sample verify export local-smoke quality bench clean
 
 help: ## list the targets
@@ -75,6 +78,23 @@ local-smoke: install ## the whole chain offline on toy cats: data, classifier, D
 		$(CKPT)/*.png $(CKPT)/smoke-dit/sample_grid.png $(CKPT)/smoke-dit/training.log \
 		$(CKPT)/smoke-classifier/training.log
 
+quality: install ## CPU quality check: toy cats 32 px, classifier, T/4 DiT, evaluate (~10 min on 2 cores)
+	rm -rf $(QUALITY_OUT)
+	$(PY) scripts/make_toy_cats.py --out $(QUALITY_DATA)/train --per-class 200 --size 32 --seed 0
+	$(PY) scripts/make_toy_cats.py --out $(QUALITY_DATA)/heldout --per-class 50 --size 32 --seed 1
+	$(PY) scripts/train.py $(QUALITY_DATA)/train --no-pretrained --image-size 32 --epochs 8 --batch-size 64 \
+		--lr 2e-3 --output $(QUALITY_OUT)/classifier.safetensors --output-dir $(QUALITY_OUT) --run-name classifier
+	$(PY) scripts/train_dit.py $(QUALITY_DATA)/train --model T/4 --image-size 32 --steps $(QUALITY_STEPS) \
+		--batch-size 64 --lr 1e-3 --warmup-steps 100 --ema-decay 0.998 --augmentation-level basic \
+		--save-interval 500 --sample-interval 500 --sample-steps 20 --output-dir $(QUALITY_OUT) --run-name dit
+	$(PY) scripts/evaluate.py --dit $(QUALITY_OUT)/tinydit_final.safetensors \
+		--classifier $(QUALITY_OUT)/classifier.safetensors --data $(QUALITY_DATA)/train \
+		--heldout-data $(QUALITY_DATA)/heldout --num-per-class 50 --steps 20 \
+		--out $(QUALITY_OUT)/report.json --grid $(QUALITY_OUT)/grid.png
+
+bench: install ## speed report (JSON): DiT training MFU fp32/bf16/compile, sampling, data, classifier, ONNX Runtime
+	$(PY) scripts/benchmark.py --out $(CKPT)/bench.json
+
 .PHONY: modal-check modal-data modal-upload modal-train modal-dit modal-download
 # --- Modal (modal_app.py) ----------------------------------------------------------------------------------
 # Variables: STEPS, BATCH, ACCUM, AUG, GPU (empty = each entrypoint's default:
@@ -117,5 +137,5 @@ modal-download: install ## Modal: copy run RUN from the outputs volume to $(CKPT
 	$(MODAL) run modal_app.py::download --run $(RUN) --local-dir $(CKPT)
 
 clean: ## remove generated data, caches and run outputs (keeps .venv)
-	rm -rf data/cats data/toy* checkpoints/* .pytest_cache
+	rm -rf data/cats data/toy* data/quality checkpoints/* .pytest_cache
 	touch checkpoints/.gitkeep
