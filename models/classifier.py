@@ -99,14 +99,22 @@ def _final_linear(model: nn.Module) -> nn.Linear:
     return linears[-1]
 
 
-def penultimate_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The (B, D) input of the classification head for images `x` (normalised like training inputs)."""
+def features_and_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, D) input of the classification head and (B, classes) logits, from one forward pass.
+
+    `x` is normalised like the training inputs.
+    """
     captured: list[torch.Tensor] = []
     hook = _final_linear(model).register_forward_hook(
         lambda _module, inputs, _output: captured.append(inputs[0])
     )
     try:
-        model(x)
+        logits = model(x)
     finally:
         hook.remove()
-    return captured[0].flatten(1)
+    return captured[0].flatten(1), logits
+
+
+def penultimate_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The (B, D) input of the classification head for images `x` (normalised like training inputs)."""
+    return features_and_logits(model, x)[0]

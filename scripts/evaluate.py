@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from models.classifier import penultimate_features
+from models.classifier import features_and_logits
 from scripts.cli import UserError, option, run_main
 from scripts.data import ImageCache, load_or_build_cache, stratified_split, to_unit_float
 from scripts.metrics import (class_fidelity, fid, kid, memorisation_ratio, nearest_neighbour_distances)
@@ -152,24 +152,18 @@ def balanced_subset(labels: np.ndarray, per_class: int, num_classes: int, seed: 
 # Features
 # ------------------------------------------------------------------------------------------------------
 
-def _classification_head(model: nn.Module) -> nn.Linear:
-    """The last Linear layer: what `penultimate_features` feeds (same rule as models.classifier)."""
-    return [module for module in model.modules() if isinstance(module, nn.Linear)][-1]
-
-
 @torch.no_grad()
 def classify(model: nn.Module, metadata: dict[str, Any], images_unit: torch.Tensor, batch_size: int,
              device: torch.device, desc: str) -> tuple[np.ndarray, np.ndarray]:
     """(predicted labels (N,), penultimate features (N, D)) at the classifier's own input size."""
     size = int(metadata["image_size"])
-    head = _classification_head(model)
     predictions, features = [], []
     for batch in tqdm(images_unit.split(batch_size), desc=desc, unit="batch", leave=False):
         batch = batch.to(device)
         if batch.shape[-1] != size:
             batch = F.interpolate(batch, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        batch_features = penultimate_features(model, classifier_normalize(batch, metadata))
-        predictions.append(head(batch_features).argmax(dim=1).cpu())
+        batch_features, logits = features_and_logits(model, classifier_normalize(batch, metadata))
+        predictions.append(logits.argmax(dim=1).cpu())
         features.append(batch_features.cpu())
     return torch.cat(predictions).numpy(), torch.cat(features).double().numpy()
 
