@@ -203,7 +203,9 @@ class TinyDiT(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x (B, C, H, W), t (B,) on the 0..1000 scale, y (B,) int64 (num_classes = null) -> (B, C, H, W)."""
-        tokens = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed  # (B, N, D)
+        # Contiguous (B, N, D) tokens: the transposed conv output would otherwise hand its strided layout
+        # down the residual stream, and every layer norm and linear would copy it (~10% of a CPU step).
+        tokens = self.x_embedder(x).flatten(2).transpose(1, 2).contiguous() + self.pos_embed
         c_act = F.silu(self.t_embedder(t) + self.y_embedder(y))  # every adaLN layer starts with SiLU
         for block in self.blocks:
             tokens = block(tokens, c_act)

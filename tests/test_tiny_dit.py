@@ -98,3 +98,12 @@ def test_build_dit_rejects_bad_names_and_sizes():
         build_dit("XL/2", image_size=32, num_classes=2)
     with pytest.raises(ValueError, match="not divisible by the patch size 8"):
         build_dit("T/8", image_size=20, num_classes=2)
+
+
+def test_residual_stream_is_contiguous_so_norms_and_linears_do_not_copy_it():
+    model = TinyDiT(image_size=16, num_classes=2, width=32, depth=2, heads=2, patch=4)
+    layouts = []
+    for block in model.blocks:
+        block.norm1.register_forward_pre_hook(lambda module, args: layouts.append(args[0].is_contiguous()))
+    model(torch.randn(2, 3, 16, 16), torch.rand(2) * 1000, torch.tensor([0, 1]))
+    assert layouts == [True, True]
