@@ -10,7 +10,9 @@ knows nothing about noise, schedules or label dropout (see models/diffusion.py).
 Departures from the reference that do not change the maths: no learned sigma (the output has as
 many channels as the input), the position embedding is a buffer instead of a frozen parameter,
 attention uses F.scaled_dot_product_attention, and the SiLU of the conditioning vector is computed
-once for all blocks instead of once per block.
+once for all blocks instead of once per block. One departure does change it, slightly: the MLP uses
+exact (erf) GELU instead of DiT's tanh approximation (they differ by at most 5e-4 per activation), because
+PyTorch's CPU erf kernel is ~2x faster, about 5% of a CPU training step.
 
 Shapes: `forward(x, t, y)` takes x (B, C, H, W) float, t (B,) float timesteps on the 0..1000 scale
 the embedding was designed for, y (B,) int64 in [0, num_classes] (num_classes = null class), and
@@ -106,7 +108,7 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    """Position-wise feed-forward with tanh-approximated GELU, as in DiT."""
+    """Position-wise feed-forward with exact GELU (DiT: tanh approximation; see the module docstring)."""
 
     def __init__(self, width: int, hidden: int):
         super().__init__()
@@ -114,7 +116,7 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        return self.fc2(F.gelu(self.fc1(x)))
 
 
 class DiTBlock(nn.Module):
