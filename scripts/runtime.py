@@ -9,7 +9,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list
 
-from scripts.checkpoints import COMPLETE_MARKER
+from scripts.checkpoints import COMPLETE_MARKER, state_dir_name
 from scripts.cli import UserError
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -83,3 +83,21 @@ def agree_on_resume_state(resume_from: Path | None, accelerator: Accelerator) ->
         raise UserError(f"process {accelerator.process_index} cannot see {chosen}, the checkpoint the main process "
                         "resumes from — on several machines --output-dir must be a folder they all share")
     return chosen
+
+
+def shared_config_problems(data_dir: str | None, batch_size: int, num_processes: int, resume: str) -> list[str]:
+    """The flag checks both trainers make alike: data folder given, batch split over processes, --resume.
+
+    --batch-size is the global batch of ONE forward pass (gradient accumulation multiplies it), so it only
+    has to split evenly across the processes.
+    """
+    problems = []
+    if not data_dir:
+        problems.append("DATA_DIR is required (an image folder DATA_DIR/<class>/*.jpg)")
+    if batch_size >= 1 and batch_size % num_processes:
+        problems.append(f"--batch-size {batch_size} does not split evenly over {num_processes} processes; "
+                        f"use a multiple of {num_processes}")
+    if resume not in ("auto", "never") and not Path(resume).is_dir():
+        problems.append(f"--resume {resume}: no such state folder (use auto, never, or a folder like "
+                        f"<run>/state/{state_dir_name(10000)})")
+    return problems

@@ -53,7 +53,14 @@ from scripts.runlog import (
     setup_logger,
     write_config,
 )
-from scripts.runtime import DEVICES, PRECISIONS, agree_on_resume_state, describe_gpu_failure, make_accelerator
+from scripts.runtime import (
+    DEVICES,
+    PRECISIONS,
+    agree_on_resume_state,
+    describe_gpu_failure,
+    make_accelerator,
+    shared_config_problems,
+)
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt")
 BEST_STEM = "cats_model_best"
@@ -123,8 +130,6 @@ class TrainConfig:
 def validate_config(cfg: TrainConfig, num_processes: int = 1) -> None:
     """Raise one UserError listing every bad flag or combination, before any work is done."""
     problems = []
-    if not cfg.data_dir:
-        problems.append("DATA_DIR is required (an image folder DATA_DIR/<class>/*.jpg)")
     problems += [
         f"--{name} must be positive (got {value})"
         for name, value in {"epochs": cfg.epochs, "batch-size": cfg.batch_size}.items()
@@ -149,16 +154,7 @@ def validate_config(cfg: TrainConfig, num_processes: int = 1) -> None:
         )
     if Path(cfg.output).suffix not in WEIGHT_SUFFIXES:
         problems.append(f"--output {cfg.output} must end in .safetensors or .pt")
-    if cfg.batch_size >= 1 and cfg.batch_size % num_processes:
-        problems.append(
-            f"--batch-size {cfg.batch_size} does not split evenly over {num_processes} processes; "
-            f"use a multiple of {num_processes}"
-        )
-    if cfg.resume not in ("auto", "never") and not Path(cfg.resume).is_dir():
-        problems.append(
-            f"--resume {cfg.resume}: no such state folder (use auto, never, or a folder like "
-            "<run>/state/step_0000300)"
-        )
+    problems += shared_config_problems(cfg.data_dir, cfg.batch_size, num_processes, cfg.resume)
     if problems:
         raise UserError("; ".join(problems))
 

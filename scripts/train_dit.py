@@ -34,13 +34,14 @@ from models.ema import EMA
 from models.tiny_dit import DIT_SIZES, build_dit, count_parameters
 from scripts.checkpoints import (find_resume_state, list_complete_states, load_training_state, prune_states,
                                  remove_unfinished_writes,
-                                 save_training_state, state_dir_name)
+                                 save_training_state)
 from scripts.cli import UserError, option, run_main
 from scripts.data import (AUGMENTATION_LEVELS, ImageCache, apply_augmentation, draw_augmentation, gather_batch,
                           global_batch_indices, load_or_build_cache, shard_bounds, step_generator)
 from scripts.model_files import dit_metadata, save_model, unit_to_dit
 from scripts.runlog import MetricsWriter, config_dict, format_duration, log_run_header, setup_logger, write_config
-from scripts.runtime import DEVICES, PRECISIONS, agree_on_resume_state, describe_gpu_failure, make_accelerator
+from scripts.runtime import (DEVICES, PRECISIONS, agree_on_resume_state, describe_gpu_failure, make_accelerator,
+                            shared_config_problems)
 from scripts.sample import class_grid_labels, sample_images, save_grid
 
 REPORT_TO = ("none", "tensorboard", "wandb")
@@ -98,8 +99,6 @@ class TrainDiTConfig:
 def validate_config(cfg: TrainDiTConfig, num_processes: int = 1) -> None:
     """Raise one UserError listing every bad flag or combination, before any work is done."""
     problems = []
-    if not cfg.data_dir:
-        problems.append("DATA_DIR is required (an image folder DATA_DIR/<class>/*.jpg)")
     positive = {"steps": cfg.steps, "batch-size": cfg.batch_size, "save-interval": cfg.save_interval,
                 "gradient-accumulation-steps": cfg.gradient_accumulation_steps, "log-interval": cfg.log_interval,
                 "sample-interval": cfg.sample_interval, "sample-steps": cfg.sample_steps,
@@ -121,17 +120,10 @@ def validate_config(cfg: TrainDiTConfig, num_processes: int = 1) -> None:
         patch = DIT_SIZES[cfg.model].patch
         problems.append(f"--image-size {cfg.image_size} is not divisible by the patch size {patch} of "
                         f"{cfg.model}; use a multiple of {patch}")
-    # --batch-size is the global batch of ONE forward pass (accumulation multiplies it), so it only has to
-    # split evenly across the processes.
-    if cfg.batch_size >= 1 and cfg.batch_size % num_processes:
-        problems.append(f"--batch-size {cfg.batch_size} does not split evenly over {num_processes} processes; "
-                        f"use a multiple of {num_processes}")
-    if cfg.resume not in ("auto", "never") and not Path(cfg.resume).is_dir():
-        problems.append(f"--resume {cfg.resume}: no such state folder (use auto, never, or a folder like "
-                        f"<run>/state/{state_dir_name(10000)})")
     if cfg.report_to != "none" and not _tracker_installed(cfg.report_to):
         problems.append(f"--report-to {cfg.report_to}: the {cfg.report_to} package is not installed — "
                         f"pip install {cfg.report_to}, or use --report-to none")
+    problems += shared_config_problems(cfg.data_dir, cfg.batch_size, num_processes, cfg.resume)
     if problems:
         raise UserError("; ".join(problems))
 
