@@ -142,22 +142,17 @@ def prepare_oxford(root: Path, out_dir: Path, download: bool, link: bool) -> dic
     }
 
 
-def _is_hidden(relative: Path) -> bool:
-    """Dot folders/files and `__MACOSX`-style ones: the same names scripts.data skips."""
-    return any(part.startswith((".", "__")) for part in relative.parts)
-
-
 def folder_images(source: Path) -> list[tuple[str, Path]]:
     """(class, image) pairs of a `source/<class>/**/image` tree, skipping hidden entries and non-images."""
     # Imported here: scripts.data pulls in torch, which make_toy_cats (importing this module) does not need.
-    from scripts.data import IMAGE_EXTENSIONS
+    from scripts.data import IMAGE_EXTENSIONS, is_hidden_name
 
     pairs = []
     for path in sorted(source.rglob("*")):
         relative = path.relative_to(source)
         if (
             len(relative.parts) >= 2
-            and not _is_hidden(relative)
+            and not any(is_hidden_name(part) for part in relative.parts)
             and path.suffix.lower() in IMAGE_EXTENSIONS
             and path.is_file()
         ):
