@@ -40,7 +40,7 @@ from models.tiny_dit import TinyDiT, count_parameters
 from scripts.cli import option, run_main
 from scripts.data import measure_pipeline_throughput, synthetic_cache
 from scripts.onnx_export import export_with_dynamic_batch, make_ort_session
-from scripts.runtime import DEVICES, resolve_device_type
+from scripts.runtime import DEVICES, resolve_device_type, synchronize
 
 aten = torch.ops.aten
 
@@ -113,11 +113,6 @@ def count_flops(fn: Callable[[], Any]) -> tuple[int, dict[str, int]]:
         fn()
     by_op = {str(op): int(flops) for op, flops in counter.get_flop_counts()["Global"].items()}
     return int(counter.get_total_flops()), by_op
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class SideBySide:

@@ -32,6 +32,7 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from scripts.cli import UserError
+from scripts.runtime import synchronize
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 CACHE_DIR_NAME = ".tiny-cats-cache"
@@ -61,9 +62,9 @@ class ImageFolderListing:
     files: list[tuple[Path, int]]
 
 
-def _is_hidden(name: str) -> bool:
+def is_hidden_name(name: str) -> bool:
     """Folders like .ipynb_checkpoints, .tiny-cats-cache or __pycache__ are tool clutter, not classes."""
-    return name.startswith(".") or name.startswith("__")
+    return name.startswith((".", "__"))
 
 
 def scan_image_folder(root: str | Path) -> ImageFolderListing:
@@ -73,13 +74,13 @@ def scan_image_folder(root: str | Path) -> ImageFolderListing:
         raise UserError(f"data folder {root} does not exist — {LAYOUT_HINT}")
     if not root.is_dir():
         raise UserError(f"data path {root} is a file, not a folder — {LAYOUT_HINT}")
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not _is_hidden(p.name))
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not is_hidden_name(p.name))
     if not class_dirs:
         raise UserError(f"data folder {root} has no class subfolders — {LAYOUT_HINT}")
     files: list[tuple[Path, int]] = []
     for label, class_dir in enumerate(class_dirs):
         images = sorted(p for p in class_dir.iterdir()
-                        if p.is_file() and not _is_hidden(p.name) and p.suffix.lower() in IMAGE_EXTENSIONS)
+                        if p.is_file() and not is_hidden_name(p.name) and p.suffix.lower() in IMAGE_EXTENSIONS)
         if not images:
             extensions = ", ".join(sorted(IMAGE_EXTENSIONS))
             raise UserError(f"class folder {class_dir} has no image files ({extensions}) — "
@@ -620,14 +621,10 @@ def measure_pipeline_throughput(cache: ImageCache, batch_size: int, level: str, 
     """Images per second of the cached + augmented batch stream (indices -> gather -> augment)."""
     device = torch.device(device)
 
-    def synchronize() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     training_batch(cache, batch_size, 0, seed=0, level=level, device=device)  # warm-up: allocations, kernels
-    synchronize()
+    synchronize(device)
     started = time.perf_counter()
     for step in range(1, steps + 1):
         training_batch(cache, batch_size, step, seed=0, level=level, device=device)
-    synchronize()
+    synchronize(device)
     return steps * batch_size / (time.perf_counter() - started)

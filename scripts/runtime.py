@@ -101,3 +101,9 @@ def shared_config_problems(data_dir: str | None, batch_size: int, num_processes:
         problems.append(f"--resume {resume}: no such state folder (use auto, never, or a folder like "
                         f"<run>/state/{state_dir_name(10000)})")
     return problems
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so that wall-clock timings measure it (a no-op elsewhere)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
