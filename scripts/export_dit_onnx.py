@@ -29,16 +29,14 @@ from scripts.model_files import dit_to_unit, load_dit
 from scripts.onnx_export import (
     PARITY_BATCH_SIZES,
     PARITY_TOLERANCE,
-    check_onnx_file,
+    check_export,
     export_with_dynamic_batch,
     file_size,
     format_size,
     make_ort_session,
     max_abs_diff,
-    parity_with_torch,
     quantize_int8,
     read_sidecar,
-    require_parity,
     write_sidecar,
 )
 from scripts.sample import class_grid_labels, save_grid
@@ -175,11 +173,9 @@ def random_inputs(model, batch_size: int, generator: torch.Generator) -> dict[st
 
 
 def verify_export(model, path: Path, seed: int) -> float:
-    check_onnx_file(path)
-    print("  onnx.checker: OK")
     generator = torch.Generator().manual_seed(seed)
     batches = [random_inputs(model, n, generator) for n in PARITY_BATCH_SIZES]
-    return require_parity("denoiser", parity_with_torch(model, make_ort_session(path), batches), PARITY_TOLERANCE)
+    return check_export("denoiser", model, path, batches)[1]
 
 
 def compare_sampling(model, objective, path: Path, cfg: ExportDiTConfig) -> dict[str, Any]:

@@ -24,13 +24,10 @@ from scripts.model_files import classifier_normalize, load_classifier
 from scripts.onnx_export import (
     PARITY_BATCH_SIZES,
     PARITY_TOLERANCE,
-    check_onnx_file,
+    check_export,
     export_with_dynamic_batch,
     file_size,
     format_size,
-    make_ort_session,
-    parity_with_torch,
-    require_parity,
     write_sidecar,
 )
 
@@ -120,15 +117,12 @@ def check_top1_on_images(model: torch.nn.Module, session, images: torch.Tensor) 
 
 def verify_export(model: torch.nn.Module, metadata: dict[str, Any], path: Path,
                   cfg: ExportClassifierConfig) -> dict[str, Any]:
-    check_onnx_file(path)
-    print("  onnx.checker: OK")
-    session = make_ort_session(path)
     generator = torch.Generator().manual_seed(cfg.seed)
     size = metadata["image_size"]
     batches = [{INPUT_NAME: classifier_normalize(torch.rand((n, 3, size, size), generator=generator), metadata)}
                for n in PARITY_BATCH_SIZES]
-    result: dict[str, Any] = {"max_abs_diff": require_parity("classifier", parity_with_torch(model, session, batches),
-                                                             PARITY_TOLERANCE)}
+    session, worst = check_export("classifier", model, path, batches)
+    result: dict[str, Any] = {"max_abs_diff": worst}
     folder = image_folder_for_check(cfg, metadata)
     if folder is None:
         print("  top-1 on real images: skipped (no --images and the training data_dir is not here)")

@@ -124,6 +124,15 @@ def require_parity(what: str, diffs: dict[int, float], tolerance: float, log=pri
     return worst
 
 
+def check_export(what: str, model: nn.Module, path: str | Path,
+                 batches: Sequence[dict[str, torch.Tensor]]) -> tuple[ort.InferenceSession, float]:
+    """onnx.checker, then ONNX Runtime vs PyTorch on `batches`: (session, worst diff); UserError above tolerance."""
+    check_onnx_file(path)
+    print("  onnx.checker: OK")
+    session = make_ort_session(path)
+    return session, require_parity(what, parity_with_torch(model, session, batches), PARITY_TOLERANCE)
+
+
 def quantize_int8(path: str | Path) -> Path:
     """Int8 dynamic quantisation (weights int8, activations quantised on the fly) to `<name>.int8.onnx`."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
