@@ -27,6 +27,7 @@ import torch
 from scripts.cli import UserError, option, run_main
 from scripts.model_files import dit_to_unit, load_dit
 from scripts.onnx_export import (
+    DEFAULT_OPSET,
     PARITY_BATCH_SIZES,
     PARITY_TOLERANCE,
     check_export,
@@ -57,7 +58,7 @@ class ExportDiTConfig:
     test: bool = option(False, "sample with ONNX Runtime + the sidecar only and compare with the PyTorch sampler "
                                f"from the same noise (fail above {SAMPLING_TOLERANCE:g}); writes the ONNX grid")
     quantize: bool = option(False, "also write an int8 dynamically quantised copy; report size and drift")
-    opset: int | None = option(None, "ONNX opset; default: the exporter's")
+    opset: int = option(DEFAULT_OPSET, "ONNX opset (23 is the first with a fused Attention op)")
     steps: int = option(20, "default sampler steps written to the sidecar (and used by --test)")
     cfg_scale: float | None = option(None, "default guidance scale for the sidecar; default: the training config's")
     sampler: str | None = option(None, "default sampler for the sidecar; default: the objective's default")

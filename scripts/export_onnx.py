@@ -22,6 +22,7 @@ from scripts.cli import UserError, option, run_main
 from scripts.data import IMAGE_EXTENSIONS, UnreadableImage, load_rgb
 from scripts.model_files import classifier_normalize, load_classifier
 from scripts.onnx_export import (
+    DEFAULT_OPSET,
     PARITY_BATCH_SIZES,
     PARITY_TOLERANCE,
     check_export,
@@ -45,7 +46,7 @@ class ExportClassifierConfig:
     images: str | None = option(None, "folder searched recursively for images for the top-1 check; default: the "
                                       "data_dir of the checkpoint's training config, when it exists")
     max_images: int = option(64, "at most this many images for the top-1 check (spread over the folder)")
-    opset: int | None = option(None, "ONNX opset; default: the exporter's")
+    opset: int = option(DEFAULT_OPSET, "ONNX opset (23 is the first with a fused Attention op)")
     seed: int = option(0, "seed of the random parity inputs")
 
 

@@ -18,12 +18,17 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnx_ir as ir
+import onnx_ir.passes.common
 import onnxruntime as ort
 import torch
 from torch import nn
 
 from scripts.cli import UserError
 
+# Opset 23 is the first with a fused Attention op; ONNX Runtime's CPU kernel for it (fed tokens by
+# `attention_on_tokens`) beats the MatMul/Softmax graph that older opsets decompose attention into.
+DEFAULT_OPSET = 23
 PARITY_TOLERANCE = 1e-4
 PARITY_BATCH_SIZES = (1, 2, 5)
 # A file this big still fits a protobuf (2 GiB limit) comfortably; bigger models keep weights outside.
@@ -64,7 +69,7 @@ def read_sidecar(onnx_path: str | Path) -> dict[str, Any]:
 
 
 def export_with_dynamic_batch(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], input_names: Sequence[str],
-                              output_name: str, path: str | Path, opset: int | None = None) -> Path:
+                              output_name: str, path: str | Path, opset: int = DEFAULT_OPSET) -> Path:
     """Export `model(*example_inputs)` with torch.onnx's dynamo exporter; axis 0 of every input is dynamic.
 
     The model is exported in eval mode and the exporter's graph optimiser (constant folding, redundant op
@@ -82,8 +87,80 @@ def export_with_dynamic_batch(model: nn.Module, example_inputs: tuple[torch.Tens
             model, example_inputs, dynamo=True, opset_version=opset, optimize=True,
             input_names=list(input_names), output_names=[output_name],
             dynamic_shapes=tuple({0: batch} for _ in example_inputs), verbose=False)
+    attention_on_tokens(program.model)
     program.save(str(path), external_data=parameter_bytes > _MAX_INLINE_PARAMETER_BYTES)
     return path
+
+
+def attention_on_tokens(model: ir.Model) -> int:
+    """Let each Attention read the fused qkv projection's (B, N, 3*D) tokens directly; returns how many do.
+
+    The exporter lowers `qkv.unflatten(-1, (3, heads, -1)).permute(2, 0, 3, 1, 4)`, SDPA and
+    `out.transpose(1, 2).flatten(2)` to Reshape, Transpose, 3x(Slice, Squeeze), a 4-D Attention, Transpose,
+    Reshape. PyTorch runs those permutes as free views; ONNX Runtime copies every one (~10% of a DiT
+    forward on CPU). Attention's 3-D form (q_num_heads = kv_num_heads = heads) takes (B, N, heads*d)
+    inputs and returns (B, N, heads*d): the same maths with one Split and no copies. A graph not of
+    exactly that shape is left as it was.
+    """
+    rewritten = 0
+    for node in list(model.graph):
+        match = _head_major_attention(node)
+        if match is None:
+            continue
+        qkv, heads, tokens_out = match
+        split = ir.node("Split", [qkv], {"axis": -1, "num_outputs": 3}, num_outputs=3)
+        attention = ir.node("Attention", list(split.outputs),
+                            {**node.attributes, "q_num_heads": heads, "kv_num_heads": heads})
+        model.graph.insert_before(node, [split, attention])
+        tokens_out.replace_all_uses_with(attention.outputs[0])
+        rewritten += 1
+    if rewritten:
+        ir.passes.common.RemoveUnusedNodesPass()(model)  # the bypassed transposes and their constants
+    return rewritten
+
+
+def _const_ints(value: ir.Value | None) -> list[int] | None:
+    tensor = None if value is None else value.const_value
+    return None if tensor is None else [int(v) for v in tensor.numpy().reshape(-1)]
+
+
+def _only_use(value: ir.Value, op_type: str) -> ir.Node | None:
+    uses = list(value.uses())
+    return uses[0].node if len(uses) == 1 and uses[0].node.op_type == op_type else None
+
+
+def _producer(value: ir.Value | None, op_type: str) -> ir.Node | None:
+    node = None if value is None else value.producer()
+    return node if node is not None and node.op_type == op_type else None
+
+
+def _head_major_attention(node: ir.Node) -> tuple[ir.Value, int, ir.Value] | None:
+    """(qkv tokens, heads, the (B, N, D) output) when `node` is the exported head-major pattern, else None."""
+    if node.op_type != "Attention" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 3:
+        return None
+    transposes = set()
+    for index, value in enumerate(node.inputs):  # q, k, v = rows 0, 1, 2 of the permuted (3, B, h, N, d)
+        squeeze = _producer(value, "Squeeze")
+        take = _producer(squeeze.inputs[0], "Slice") if squeeze and _const_ints(squeeze.inputs[1]) == [0] else None
+        if take is None or [_const_ints(v) for v in take.inputs[1:4]] != [[index], [index + 1], [0]]:
+            return None
+        if len(take.inputs) > 4 and _const_ints(take.inputs[4]) != [1]:
+            return None
+        transposes.add(_producer(take.inputs[0], "Transpose"))
+    transpose = transposes.pop() if len(transposes) == 1 else None
+    if transpose is None or list(transpose.attributes.get_ints("perm", [])) != [2, 0, 3, 1, 4]:
+        return None
+    reshape = _producer(transpose.inputs[0], "Reshape")
+    shape = _const_ints(reshape.inputs[1]) if reshape else None  # (B, N, 3, heads, head_dim)
+    if shape is None or len(shape) != 5 or shape[2] != 3:
+        return None
+    back = _only_use(node.outputs[0], "Transpose")
+    if back is None or list(back.attributes.get_ints("perm", [])) != [0, 2, 1, 3]:
+        return None
+    merge = _only_use(back.outputs[0], "Reshape")  # (B, N, heads * head_dim)
+    if merge is None or len(_const_ints(merge.inputs[1]) or []) != 3 or merge.outputs[0].is_graph_output():
+        return None
+    return reshape.inputs[0], shape[3], merge.outputs[0]
 
 
 def check_onnx_file(path: str | Path) -> None:
@@ -136,6 +213,7 @@ def check_export(what: str, model: nn.Module, path: str | Path,
 def quantize_int8(path: str | Path) -> Path:
     """Int8 dynamic quantisation (weights int8, activations quantised on the fly) to `<name>.int8.onnx`."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.registry import IntegerOpsRegistry
 
     path = Path(path)
     quantized = path.with_name(f"{path.stem}.int8.onnx")
@@ -146,7 +224,10 @@ def quantize_int8(path: str | Path) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         stripped = Path(tmp) / path.name
         onnx.save(model, str(stripped))
-        quantize_dynamic(str(stripped), str(quantized), weight_type=QuantType.QInt8)
+        # The quantiser takes every op named Attention for its own com.microsoft Attention and writes a
+        # QAttention that cannot load; the standard Attention op has no weights to quantise anyway.
+        op_types = [op for op in IntegerOpsRegistry if op != "Attention"]
+        quantize_dynamic(str(stripped), str(quantized), weight_type=QuantType.QInt8, op_types_to_quantize=op_types)
     return quantized
 
 

@@ -9,9 +9,12 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
-from builders import CLASS_NAMES, save_classifier, save_dit, trained_dit
+from builders import CLASS_NAMES, DIT_NAME, save_classifier, save_dit, trained_dit
+
+from models.tiny_dit import DIT_SIZES
 
 from scripts.cli import UserError
 from scripts.export_dit_onnx import ExportDiTConfig, compare_sampling, onnx_sample, random_inputs
@@ -21,7 +24,9 @@ from scripts.export_onnx import main as export_classifier
 from scripts.make_toy_cats import generate_toy_cats
 from scripts.model_files import build_objective_from_metadata, load_dit
 from scripts.onnx_export import (
+    DEFAULT_OPSET,
     PARITY_TOLERANCE,
+    attention_on_tokens,
     make_ort_session,
     parity_with_torch,
     read_sidecar,
@@ -147,3 +152,32 @@ def test_top1_disagreements_excuse_only_near_ties():
 def test_ort_session_uses_the_requested_threads(flow_export):
     session = make_ort_session(flow_export[0]["onnx"], threads=1)
     assert session.get_session_options().intra_op_num_threads == 1
+
+
+def test_dit_attention_reads_the_qkv_tokens_without_transposes(flow_export):
+    summary, _ = flow_export
+    size = DIT_SIZES[DIT_NAME]
+    nodes = onnx.load(summary["onnx"]).graph.node
+    attention = [node for node in nodes if node.op_type == "Attention"]
+    assert len(attention) == size.depth
+    for node in attention:
+        attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert attributes["q_num_heads"] == attributes["kv_num_heads"] == size.heads
+    # What is left: the patch embedding's (B, D, N) -> (B, N, D) and the unpatchify.
+    assert sum(node.op_type == "Transpose" for node in nodes) == 2
+
+
+class _AttentionOnHeads(torch.nn.Module):
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+
+
+def test_attention_rewrite_leaves_other_layouts_alone(tmp_path):
+    q, k, v = torch.randn(3, 2, 4, 5, 8).unbind(0)  # head-major inputs: no fused qkv projection to read from
+    program = torch.onnx.export(_AttentionOnHeads(), (q, k, v), dynamo=True, opset_version=DEFAULT_OPSET,
+                                verbose=False)
+    assert attention_on_tokens(program.model) == 0
+    path = tmp_path / "attention.onnx"
+    program.save(str(path))
+    outputs = make_ort_session(path, threads=1).run(None, {"q": q.numpy(), "k": k.numpy(), "v": v.numpy()})
+    np.testing.assert_allclose(outputs[0], _AttentionOnHeads()(q, k, v).numpy(), atol=1e-5)
