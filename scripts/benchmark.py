@@ -7,6 +7,8 @@
   Achieved GFLOP/s = FLOPs of forward + backward counted by `torch.utils.flop_counter.FlopCounterMode`
   (plus the CPU attention kernels it does not know, registered here), divided by the step time. MFU =
   that over the machine's fp32 matmul peak (best of several 2048^3 matmuls), measured in the same run.
+  Beside it, the fp32 step's matrix products replayed alone (same shapes and layouts): their share of
+  the step, and the MFU the step would reach if nothing else took time — the ceiling for these layers.
 - Sampling img/s with classifier-free guidance, the data pipeline's img/s against what training
   consumes, classifier training img/s, and ONNX Runtime vs PyTorch eager latency for one DiT sampling
   step and one classifier batch (CPU; the same export code and session as scripts/export_*).
@@ -31,6 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
@@ -106,6 +109,45 @@ class BenchmarkConfig:
 # ------------------------------------------------------------------------------------------------------
 # Counting and timing
 # ------------------------------------------------------------------------------------------------------
+
+class MatmulRecorder(TorchDispatchMode):
+    """Records every matrix product a call makes (op, operand shapes and strides) so it can be replayed alone."""
+
+    OPS = (aten.mm.default, aten.addmm.default, aten.bmm.default)
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[Any, list[Any]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.OPS:
+            self.calls.append((func, [(a.shape, a.stride()) if isinstance(a, torch.Tensor) else a for a in args]))
+        return func(*args, **(kwargs or {}))
+
+
+def random_strided(shape: torch.Size, stride: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Random values in exactly this layout (transposed, broadcast and sliced views included)."""
+    storage = 1 + sum((size - 1) * step for size, step in zip(shape, stride, strict=True))
+    return torch.randn(storage, device=device).as_strided(shape, stride)
+
+
+def matmuls_only_call(fn: Callable[[], Any], device: torch.device) -> Callable[[], None]:
+    """A call that runs just the matrix products of one `fn()`: same ops, shapes and memory layouts.
+
+    Its time is what the step would take if everything else (norms, activations, attention, optimizer)
+    were free; with the step's FLOPs it bounds the MFU any implementation of these layers can reach here.
+    """
+    with MatmulRecorder() as recorder:
+        fn()
+    replay = [(func, [random_strided(*arg, device) if isinstance(arg, tuple) else arg for arg in args])
+              for func, args in recorder.calls]
+
+    def run() -> None:
+        for func, args in replay:
+            func(*args)
+
+    return run
+
 
 def count_flops(fn: Callable[[], Any]) -> tuple[int, dict[str, int]]:
     """(total FLOPs, FLOPs per aten op) of one call of `fn`, CPU attention kernels included."""
@@ -280,8 +322,10 @@ def measure(cfg: BenchmarkConfig, spec: BenchSpec, device: torch.device) -> dict
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         started = time.perf_counter()
-        bench.add(f"train_{name}", dit_train_step(torch.compile(model) if compiled else model, spec, device,
-                                                  precision))
+        step = dit_train_step(torch.compile(model) if compiled else model, spec, device, precision)
+        bench.add(f"train_{name}", step)
+        if name == "fp32":
+            bench.add("train_fp32_matmuls_only", matmuls_only_call(step, device))
         if compiled:
             compile_seconds = time.perf_counter() - started
         if device.type == "cuda":
@@ -306,6 +350,10 @@ def measure(cfg: BenchmarkConfig, spec: BenchSpec, device: torch.device) -> dict
         entry["speedup_vs_fp32"] = best["train_fp32"] / best[f"train_{name}"]
         if name in memory_mb:
             entry["memory_peak_mb"] = memory_mb[name]
+    matmuls_only = best["train_fp32_matmuls_only"]
+    training["fp32"].update({"matmuls_only_ms": matmuls_only * 1e3,
+                             "matmul_share_of_step": matmuls_only / best["train_fp32"],
+                             "mfu_if_only_matmuls_took_time": flops / matmuls_only / peak})
     training["bf16_autocast"]["mfu_vs_bf16_matmul_peak"] = flops / best["train_bf16_autocast"] / peak_bf16
     if compile_seconds is not None:
         training["compile"]["compile_seconds"] = compile_seconds

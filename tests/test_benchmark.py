@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from models.tiny_dit import TinyDiT
-from scripts.benchmark import QUICK, BenchmarkConfig, count_flops, main, speed_bar
+from scripts.benchmark import QUICK, BenchmarkConfig, count_flops, main, matmuls_only_call, speed_bar
 
 FORWARD_OP = "aten._scaled_dot_product_flash_attention_for_cpu"
 BACKWARD_OP = "aten._scaled_dot_product_flash_attention_for_cpu_backward"
@@ -40,6 +40,23 @@ def test_flop_count_of_a_linear_layer():
     assert total == 2 * 4 * 8 * 5
 
 
+def test_matmul_replay_repeats_exactly_the_steps_matrix_products():
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4, bias=False))
+    x = torch.randn(6, 8)
+
+    def step():
+        mlp(x).square().mean().backward()
+
+    replay = matmuls_only_call(step, torch.device("cpu"))
+    step_flops, step_ops = count_flops(step)
+    replay_flops, replay_ops = count_flops(replay)
+    assert replay_flops == step_flops > 0  # every FLOP of this step is in a matrix product
+    assert replay_ops == step_ops
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: pytest.fail("replay ran autograd"), lambda t: t):
+        replay()
+
+
 def test_quick_benchmark_emits_every_figure(tmp_path):
     out = tmp_path / "bench.json"
     report = main(BenchmarkConfig(quick=True, out=str(out), skip_compile=True, rounds=1, device="cpu"))
@@ -50,6 +67,9 @@ def test_quick_benchmark_emits_every_figure(tmp_path):
         assert entry["img_per_s"] > 0 and 0 < entry["mfu_vs_fp32_matmul_peak"]
         assert entry["gflop_per_s"] * 1e9 * entry["step_ms"] / 1e3 == \
             pytest.approx(training["gflop_per_step"] * 1e9)
+    assert training["fp32"]["matmuls_only_ms"] > 0 and training["fp32"]["mfu_if_only_matmuls_took_time"] > 0
+    assert training["fp32"]["matmul_share_of_step"] == pytest.approx(
+        training["fp32"]["matmuls_only_ms"] / training["fp32"]["step_ms"])
     assert training["compile"] == {"skipped": "--skip-compile"}
     assert training["gflop_per_step_by_op"][FORWARD_OP] > 0
     assert report["matmul_peak_gflop_per_s"]["fp32"] > 0
