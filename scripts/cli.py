@@ -15,6 +15,8 @@ import typing
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+from scripts.host_memory import reuse_freed_memory
+
 ConfigT = TypeVar("ConfigT")
 
 EXIT_USER_ERROR = 2
@@ -86,6 +88,7 @@ def run_main(main: Callable[[Any], Any], config_cls: type, description: str,
              argv: Sequence[str] | None = None) -> None:
     """Parse the command line, run main(cfg), and turn a UserError into one line and exit status 2."""
     cfg = parse_config(config_cls, argv, description)
+    reuse_freed_memory()  # every script of the kit runs its tensors on a heap that keeps freed pages
     try:
         main(cfg)
     except UserError as error:
