@@ -2,8 +2,9 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from models.tiny_dit import DIT_SIZES, TinyDiT, build_dit, count_parameters, sincos_2d
+from models.tiny_dit import DIT_SIZES, TinyDiT, attention, build_dit, count_parameters, sincos_2d
 
 
 def dit_reference_parameter_count(width: int, depth: int, patch: int, in_channels: int, out_channels: int,
@@ -107,3 +108,15 @@ def test_residual_stream_is_contiguous_so_norms_and_linears_do_not_copy_it():
         block.norm1.register_forward_pre_hook(lambda module, args: layouts.append(args[0].is_contiguous()))
     model(torch.randn(2, 3, 16, 16), torch.rand(2) * 1000, torch.tensor([0, 1]))
     assert layouts == [True, True]
+
+
+def test_cpu_bf16_attention_runs_in_fp32_and_returns_bf16():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 8, 16).bfloat16().requires_grad_() for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attention(q, k, v)
+    assert out.dtype == torch.bfloat16
+    expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).bfloat16()
+    assert torch.equal(out, expected)
+    out.float().square().sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.bfloat16 for t in (q, k, v))
