@@ -102,7 +102,7 @@ class BenchmarkConfig:
                                 "figures mean nothing")
     out: str = option("", "also write the JSON report to this file")
     skip_compile: bool = option(False, "skip the torch.compile measurement (its compile takes minutes on a CPU)")
-    rounds: int = option(3, "measurement rounds; each figure is its best round")
+    rounds: int = option(5, "measurement rounds; each figure is its best round")
     device: str = option("auto", "where to measure the models (ONNX Runtime is always CPU)", choices=DEVICES)
 
 

@@ -27,6 +27,7 @@ from scripts.onnx_export import (
     DEFAULT_OPSET,
     PARITY_TOLERANCE,
     attention_on_tokens,
+    export_with_dynamic_batch,
     make_ort_session,
     parity_with_torch,
     read_sidecar,
@@ -181,3 +182,13 @@ def test_attention_rewrite_leaves_other_layouts_alone(tmp_path):
     program.save(str(path))
     outputs = make_ort_session(path, threads=1).run(None, {"q": q.numpy(), "k": k.numpy(), "v": v.numpy()})
     np.testing.assert_allclose(outputs[0], _AttentionOnHeads()(q, k, v).numpy(), atol=1e-5)
+
+
+def test_older_opset_exports_attention_as_plain_ops_with_parity(tmp_path):
+    model = trained_dit(seed=2)
+    inputs = random_inputs(model, 3, torch.Generator().manual_seed(0))
+    path = export_with_dynamic_batch(model, tuple(inputs.values()), list(inputs), "out", tmp_path / "dit20.onnx",
+                                     opset=20)
+    assert not any(node.op_type == "Attention" for node in onnx.load(str(path)).graph.node)
+    diffs = parity_with_torch(model, make_ort_session(path, threads=1), [inputs])
+    assert require_parity("denoiser", diffs, PARITY_TOLERANCE, log=lambda _: None) <= PARITY_TOLERANCE
