@@ -166,6 +166,11 @@ def test_dit_attention_reads_the_qkv_tokens_without_transposes(flow_export):
         assert attributes["q_num_heads"] == attributes["kv_num_heads"] == size.heads
     # What is left: the patch embedding's (B, D, N) -> (B, N, D) and the unpatchify.
     assert sum(node.op_type == "Transpose" for node in nodes) == 2
+    # q, k and v each come from their own projection (MatMul + bias Add), not from a Split of one.
+    producer = {output: node for node in nodes for output in node.output}
+    for node in attention:
+        assert [producer[name].op_type for name in node.input] == ["Add"] * 3
+        assert {producer[producer[name].input[0]].op_type for name in node.input} == {"MatMul"}
 
 
 class _AttentionOnHeads(torch.nn.Module):
