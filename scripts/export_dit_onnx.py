@@ -58,7 +58,7 @@ class ExportDiTConfig:
     test: bool = option(False, "sample with ONNX Runtime + the sidecar only and compare with the PyTorch sampler "
                                f"from the same noise (fail above {SAMPLING_TOLERANCE:g}); writes the ONNX grid")
     quantize: bool = option(False, "also write an int8 dynamically quantised copy; report size and drift")
-    opset: int = option(DEFAULT_OPSET, "ONNX opset (23 is the first with a fused Attention op)")
+    opset: int = option(DEFAULT_OPSET, "ONNX opset: 23 has a fused Attention op; 20 suits older runtimes")
     steps: int = option(20, "default sampler steps written to the sidecar (and used by --test)")
     cfg_scale: float | None = option(None, "default guidance scale for the sidecar; default: the training config's")
     sampler: str | None = option(None, "default sampler for the sidecar; default: the objective's default")

@@ -46,7 +46,7 @@ class ExportClassifierConfig:
     images: str | None = option(None, "folder searched recursively for images for the top-1 check; default: the "
                                       "data_dir of the checkpoint's training config, when it exists")
     max_images: int = option(64, "at most this many images for the top-1 check (spread over the folder)")
-    opset: int = option(DEFAULT_OPSET, "ONNX opset (23 is the first with a fused Attention op)")
+    opset: int = option(DEFAULT_OPSET, "ONNX opset; lower it for a runtime that lacks opset 23")
     seed: int = option(0, "seed of the random parity inputs")
 
 
