@@ -35,9 +35,9 @@ from models.classifier import BACKBONES
 from models.tiny_dit import DIT_SIZES
 from scripts import prepare_data as prepare_data_script
 from scripts import train, train_dit
-from scripts.cli import EXIT_USER_ERROR, UserError, parse_config
-from scripts.data import AUGMENTATION_LEVELS
-from scripts.runlog import default_run_name
+from scripts.lib.cli import EXIT_USER_ERROR, UserError, parse_config
+from scripts.lib.batches import AUGMENTATION_LEVELS
+from scripts.lib.runlog import default_run_name
 
 APP_NAME = "tiny-cats"
 PROJECT_DIR = Path(__file__).resolve().parent
@@ -128,7 +128,7 @@ def _flag(field: dataclasses.Field) -> str:
 
 
 def config_to_argv(cfg: Any) -> list[str]:
-    """The command line that `scripts.cli.parse_config` turns back into exactly `cfg`.
+    """The command line that `scripts.lib.cli.parse_config` turns back into exactly `cfg`.
 
     It starts the trainer under `accelerate launch`, so every option crosses the process boundary.
     """

@@ -114,7 +114,3 @@ def features_and_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor
         hook.remove()
     return captured[0].flatten(1), logits
 
-
-def penultimate_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The (B, D) input of the classification head for images `x` (normalised like training inputs)."""
-    return features_and_logits(model, x)[0]

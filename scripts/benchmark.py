@@ -40,10 +40,11 @@ from tqdm import tqdm
 from models.classifier import build_classifier
 from models.diffusion import build_objective
 from models.tiny_dit import TinyDiT, count_parameters
-from scripts.cli import option, run_main
-from scripts.data import measure_pipeline_throughput, synthetic_cache
-from scripts.onnx_export import export_with_dynamic_batch, make_ort_session
-from scripts.runtime import DEVICES, resolve_device_type, synchronize
+from scripts.lib.cli import option, run_main
+from scripts.lib.batches import training_batch
+from scripts.lib.images import ImageCache, synthetic_cache
+from scripts.lib.onnx_export import export_with_dynamic_batch, make_ort_session
+from scripts.lib.runtime import DEVICES, resolve_device_type, synchronize
 
 aten = torch.ops.aten
 
@@ -244,6 +245,19 @@ def sampling_call(model: nn.Module, spec: BenchSpec, device: torch.device) -> Ca
     noise = torch.randn(spec.batch_size, 3, spec.image_size, spec.image_size, device=device)
     y = torch.arange(spec.batch_size, device=device) % spec.num_classes
     return lambda: objective.sample(model, noise, y, steps=spec.sample_steps, cfg_scale=spec.cfg_scale)
+
+
+def measure_pipeline_throughput(cache: ImageCache, batch_size: int, level: str, steps: int,
+                                device: torch.device | str = "cpu") -> float:
+    """Images per second of the cached + augmented batch stream (indices -> gather -> augment)."""
+    device = torch.device(device)
+    training_batch(cache, batch_size, 0, seed=0, level=level, device=device)  # warm-up: allocations, kernels
+    synchronize(device)
+    started = time.perf_counter()
+    for step in range(1, steps + 1):
+        training_batch(cache, batch_size, step, seed=0, level=level, device=device)
+    synchronize(device)
+    return steps * batch_size / (time.perf_counter() - started)
 
 
 def classifier_train_step(spec: BenchSpec, device: torch.device) -> Callable[[], None]:

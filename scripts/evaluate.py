@@ -39,12 +39,13 @@ from torch import nn
 from tqdm import tqdm
 
 from models.classifier import features_and_logits
-from scripts.cli import UserError, option, run_main
-from scripts.data import ImageCache, load_or_build_cache, stratified_split, to_unit_float
-from scripts.metrics import (class_fidelity, fid, kid, memorisation_ratio, nearest_neighbour_distances)
-from scripts.model_files import classifier_normalize, load_classifier, load_dit
-from scripts.runtime import DEVICES, resolve_device_type
-from scripts.sample import SAMPLE_CHUNK, class_grid_labels, sample_images, save_grid
+from scripts.lib.cli import UserError, option, run_main
+from scripts.lib.batches import stratified_split, to_unit_float
+from scripts.lib.images import ImageCache, load_or_build_cache
+from scripts.lib.metrics import (class_fidelity, fid, kid, memorisation_ratio, nearest_neighbour_distances)
+from scripts.lib.model_files import classifier_normalize, load_classifier, load_dit
+from scripts.lib.runtime import DEVICES, resolve_device_type
+from scripts.lib.sampling import SAMPLE_CHUNK, class_grid_labels, sample_images, save_grid
 
 GRID_COLUMNS = 8
 KID_SUBSET_SIZE = 1000  # the usual KID subset size, when there are enough images

@@ -24,9 +24,9 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from scripts.cli import UserError, option, run_main
-from scripts.model_files import dit_to_unit, load_dit
-from scripts.onnx_export import (
+from scripts.lib.cli import UserError, option, run_main
+from scripts.lib.model_files import dit_to_unit, load_dit
+from scripts.lib.onnx_export import (
     DEFAULT_OPSET,
     PARITY_BATCH_SIZES,
     PARITY_TOLERANCE,
@@ -40,8 +40,7 @@ from scripts.onnx_export import (
     read_sidecar,
     write_sidecar,
 )
-from scripts.sample import class_grid_labels, save_grid
-from scripts.verify_checkpoint import guidance_scale
+from scripts.lib.sampling import class_grid_labels, guidance_scale, save_grid
 
 INPUT_NAMES = ("x", "t", "y")
 OUTPUT_NAME = "prediction"

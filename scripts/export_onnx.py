@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from scripts.cli import UserError, option, run_main
-from scripts.data import IMAGE_EXTENSIONS, UnreadableImage, load_rgb
-from scripts.model_files import classifier_normalize, load_classifier
-from scripts.onnx_export import (
+from scripts.lib.cli import UserError, option, run_main
+from scripts.lib.images import IMAGE_EXTENSIONS, UnreadableImage, load_rgb
+from scripts.lib.model_files import classifier_normalize, load_classifier
+from scripts.lib.onnx_export import (
     DEFAULT_OPSET,
     PARITY_BATCH_SIZES,
     PARITY_TOLERANCE,

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from scripts.cli import UserError, option, run_main
-from scripts.prepare_data import refuse_foreign_classes
+from scripts.lib.cli import UserError, option, run_main
+from scripts.lib.images import refuse_foreign_classes
 
 TOY_CAT_CLASSES = ("black", "white", "orange_tabby", "grey_tabby", "calico", "siamese")
 

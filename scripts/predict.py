@@ -17,10 +17,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from scripts.cli import UserError, option, run_main
-from scripts.data import UnreadableImage, load_rgb, to_unit_float
-from scripts.model_files import classifier_normalize, load_classifier
-from scripts.runtime import DEVICES, resolve_device_type
+from scripts.lib.cli import UserError, option, run_main
+from scripts.lib.batches import to_unit_float
+from scripts.lib.images import UnreadableImage, load_rgb
+from scripts.lib.model_files import classifier_normalize, load_classifier
+from scripts.lib.runtime import DEVICES, resolve_device_type
 
 # Images per forward pass: bounds memory when many files are passed at once.
 PREDICT_BATCH = 64

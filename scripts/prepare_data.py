@@ -24,7 +24,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from scripts.cli import UserError, option, run_main
+from scripts.lib.cli import UserError, option, run_main
+from scripts.lib.images import IMAGE_EXTENSIONS, is_hidden_name, refuse_foreign_classes
 
 CAT_BREEDS = (
     "Abyssinian",
@@ -40,22 +41,6 @@ CAT_BREEDS = (
     "Siamese",
     "Sphynx",
 )
-
-
-def refuse_foreign_classes(out: Path, allowed: Iterable[str]) -> None:
-    """Stop before writing into a folder that already holds other classes: every subfolder of an
-    ImageFolder is a class, so e.g. toy cats and Oxford breeds in one `data/cats` would silently mix."""
-    if not out.is_dir():
-        return
-    allowed = set(allowed)
-    foreign = sorted(
-        p.name for p in out.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in allowed
-    )
-    if foreign:
-        raise UserError(
-            f"{out} already holds other classes ({', '.join(foreign[:6])}) that would mix into this data "
-            "set — remove them or choose another output folder"
-        )
 
 
 def place_file(src: Path, dst: Path, link: bool) -> bool:
@@ -144,8 +129,6 @@ def prepare_oxford(root: Path, out_dir: Path, download: bool, link: bool) -> dic
 
 def folder_images(source: Path) -> list[tuple[str, Path]]:
     """(class, image) pairs of a `source/<class>/**/image` tree, skipping hidden entries and non-images."""
-    # Imported here: scripts.data pulls in torch, which make_toy_cats (importing this module) does not need.
-    from scripts.data import IMAGE_EXTENSIONS, is_hidden_name
 
     pairs = []
     for path in sorted(source.rglob("*")):

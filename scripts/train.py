@@ -28,24 +28,17 @@ from torch import nn
 from tqdm import tqdm
 
 from models.classifier import BACKBONES, PretrainedWeightsUnavailable, build_classifier
-from scripts.checkpoints import (
+from scripts.lib.checkpoints import (
     find_resume_state,
     load_training_state,
     prune_states,
     save_training_state,
 )
-from scripts.cli import UserError, option, run_main
-from scripts.data import (
-    AUGMENTATION_LEVELS,
-    ImageCache,
-    gather_batch,
-    load_or_build_cache,
-    stratified_split,
-    to_unit_float,
-    training_batch,
-)
-from scripts.model_files import classifier_metadata, classifier_normalize, save_model
-from scripts.runlog import (
+from scripts.lib.cli import UserError, option, run_main
+from scripts.lib.batches import AUGMENTATION_LEVELS, gather_batch, stratified_split, to_unit_float, training_batch
+from scripts.lib.images import ImageCache, load_or_build_cache
+from scripts.lib.model_files import classifier_metadata, classifier_normalize, save_model
+from scripts.lib.runlog import (
     MetricsWriter,
     config_dict,
     format_duration,
@@ -53,7 +46,7 @@ from scripts.runlog import (
     setup_logger,
     write_config,
 )
-from scripts.runtime import (
+from scripts.lib.runtime import (
     DEVICES,
     PRECISIONS,
     agree_on_resume_state,

@@ -32,17 +32,17 @@ from tqdm import tqdm
 from models.diffusion import DDPM, OBJECTIVES, FlowMatching, build_objective, drop_labels
 from models.ema import EMA
 from models.tiny_dit import DIT_SIZES, build_dit, count_parameters
-from scripts.checkpoints import (find_resume_state, list_complete_states, load_training_state, prune_states,
+from scripts.lib.checkpoints import (find_resume_state, list_complete_states, load_training_state, prune_states,
                                  remove_unfinished_writes,
                                  save_training_state)
-from scripts.cli import UserError, option, run_main
-from scripts.data import (AUGMENTATION_LEVELS, ImageCache, apply_augmentation, draw_augmentation, gather_batch,
-                          global_batch_indices, load_or_build_cache, shard_bounds, step_generator)
-from scripts.model_files import dit_metadata, save_model, unit_to_dit
-from scripts.runlog import MetricsWriter, config_dict, format_duration, log_run_header, setup_logger, write_config
-from scripts.runtime import (DEVICES, PRECISIONS, agree_on_resume_state, describe_gpu_failure, make_accelerator,
+from scripts.lib.cli import UserError, option, run_main
+from scripts.lib.batches import AUGMENTATION_LEVELS, apply_augmentation, draw_augmentation, gather_batch, global_batch_indices, shard_bounds, step_generator
+from scripts.lib.images import ImageCache, load_or_build_cache
+from scripts.lib.model_files import dit_metadata, save_model, unit_to_dit
+from scripts.lib.runlog import MetricsWriter, config_dict, format_duration, log_run_header, setup_logger, write_config
+from scripts.lib.runtime import (DEVICES, PRECISIONS, agree_on_resume_state, describe_gpu_failure, make_accelerator,
                             shared_config_problems)
-from scripts.sample import class_grid_labels, sample_images, save_grid
+from scripts.lib.sampling import class_grid_labels, sample_images, save_grid
 
 REPORT_TO = ("none", "tensorboard", "wandb")
 FINAL_NAME = "tinydit_final.safetensors"

@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from scripts.checkpoints import load_weights
-from scripts.cli import UserError, option, run_main
-from scripts.model_files import (
+from scripts.lib.checkpoints import load_weights
+from scripts.lib.cli import UserError, option, run_main
+from scripts.lib.model_files import (
     CLASSIFIER_KIND,
     DIT_KIND,
     build_classifier_from_metadata,
@@ -36,10 +36,9 @@ from scripts.model_files import (
     classifier_normalize,
     load_strict,
 )
-from scripts.runtime import DEVICES, resolve_device_type
-from scripts.sample import class_grid_labels, sample_images, save_grid
+from scripts.lib.runtime import DEVICES, resolve_device_type
+from scripts.lib.sampling import DEFAULT_CFG_SCALE, class_grid_labels, guidance_scale, sample_images, save_grid
 
-DEFAULT_CFG_SCALE = 4.0
 SAMPLES_PER_CLASS = 4
 
 
@@ -177,13 +176,6 @@ def check_classifier_forward(model: nn.Module, metadata: dict[str, Any], generat
         ["the same logits for different images"] if torch.equal(logits[0], logits[-1]) else [])
     return Check("forward", not problems, "; ".join(problems) or f"logits {tuple(logits.shape)}, finite; "
                  f"predicted classes {logits.argmax(1).tolist()}")
-
-
-def guidance_scale(requested: float | None, metadata: dict[str, Any]) -> float:
-    """The requested guidance scale, else the one the DiT was trained to sample with, else the default."""
-    if requested is not None:
-        return requested
-    return (metadata.get("config") or {}).get("cfg_scale", DEFAULT_CFG_SCALE)
 
 
 def sample_check(model: nn.Module, metadata: dict[str, Any], cfg: VerifyConfig, out: Path,

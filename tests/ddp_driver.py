@@ -21,7 +21,7 @@ from typing import Any
 from safetensors.torch import save_file
 
 from scripts import train, train_dit
-from scripts.cli import parse_config
+from scripts.lib.cli import parse_config
 
 recorded: dict[str, Any] = {"local_losses": []}
 

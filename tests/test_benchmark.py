@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -10,7 +11,9 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from models.tiny_dit import TinyDiT
-from scripts.benchmark import QUICK, BenchmarkConfig, count_flops, main, matmuls_only_call, speed_bar
+from scripts.benchmark import (QUICK, BenchmarkConfig, count_flops, main, matmuls_only_call,
+                               measure_pipeline_throughput, speed_bar)
+from scripts.lib.images import synthetic_cache
 
 FORWARD_OP = "aten._scaled_dot_product_flash_attention_for_cpu"
 BACKWARD_OP = "aten._scaled_dot_product_flash_attention_for_cpu_backward"
@@ -88,3 +91,8 @@ def test_speed_bar_compares_each_figure_with_its_threshold():
     bar = speed_bar(report)
     assert {name: entry["met"] for name, entry in bar.items()} == {
         "fp32_mfu": True, "bf16_speedup": False, "pipeline_over_training": True, "onnx_dit_step_speedup": True}
+
+
+def test_pipeline_throughput_is_measured():
+    rate = measure_pipeline_throughput(synthetic_cache(32, 8), batch_size=8, level="full", steps=2)
+    assert math.isfinite(rate) and rate > 0

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from scripts.cli import EXIT_USER_ERROR, UserError, build_parser, option, parse_config, run_main
+from scripts.lib.cli import EXIT_USER_ERROR, UserError, build_parser, option, parse_config, run_main
 
 
 @dataclasses.dataclass

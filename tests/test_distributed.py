@@ -24,11 +24,12 @@ from safetensors.torch import load_file
 from builders import make_toy_data
 
 from scripts import train, train_dit
-from scripts.checkpoints import list_complete_states, load_weights
-from scripts.cli import parse_config
-from scripts.data import load_or_build_cache, stratified_split
-from scripts.model_files import load_classifier
-from scripts.runtime import make_accelerator
+from scripts.lib.checkpoints import list_complete_states, load_weights
+from scripts.lib.cli import parse_config
+from scripts.lib.batches import stratified_split
+from scripts.lib.images import load_or_build_cache
+from scripts.lib.model_files import load_classifier
+from scripts.lib.runtime import make_accelerator
 
 pytestmark = pytest.mark.slow
 

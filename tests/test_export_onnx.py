@@ -16,14 +16,14 @@ from builders import CLASS_NAMES, DIT_NAME, save_classifier, save_dit, trained_d
 
 from models.tiny_dit import DIT_SIZES
 
-from scripts.cli import UserError
+from scripts.lib.cli import UserError
 from scripts.export_dit_onnx import ExportDiTConfig, compare_sampling, onnx_sample, random_inputs
 from scripts.export_dit_onnx import main as export_dit
 from scripts.export_onnx import ExportClassifierConfig, top1_disagreements
 from scripts.export_onnx import main as export_classifier
 from scripts.make_toy_cats import generate_toy_cats
-from scripts.model_files import build_objective_from_metadata, load_dit
-from scripts.onnx_export import (
+from scripts.lib.model_files import build_objective_from_metadata, load_dit
+from scripts.lib.onnx_export import (
     DEFAULT_OPSET,
     PARITY_TOLERANCE,
     attention_on_tokens,

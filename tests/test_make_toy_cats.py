@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from scripts.cli import UserError
+from scripts.lib.cli import UserError
 from scripts.make_toy_cats import TOY_CAT_CLASSES, Config, generate_toy_cats, main
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.metrics import (class_fidelity, fid, frechet_distance, gaussian_fit, kid, memorisation_ratio,
+from scripts.lib.metrics import (class_fidelity, fid, frechet_distance, gaussian_fit, kid, memorisation_ratio,
                              mmd2_unbiased, nearest_neighbour_distances)
 
 

@@ -17,8 +17,8 @@ from modal.volume import FileEntryType
 
 import modal_app
 from scripts import train, train_dit
-from scripts.checkpoints import list_complete_states
-from scripts.cli import UserError, parse_config
+from scripts.lib.checkpoints import list_complete_states
+from scripts.lib.cli import UserError, parse_config
 from scripts.make_toy_cats import generate_toy_cats
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]

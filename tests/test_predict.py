@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from models.classifier import build_classifier
-from scripts.cli import EXIT_USER_ERROR, UserError, run_main
-from scripts.model_files import classifier_metadata, save_model
+from scripts.lib.cli import EXIT_USER_ERROR, UserError, run_main
+from scripts.lib.model_files import classifier_metadata, save_model
 from scripts.predict import PredictConfig, main
 
 CLASSES = ["black", "orange", "white"]

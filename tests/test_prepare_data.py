@@ -9,7 +9,7 @@ import pytest
 import torchvision.datasets
 from PIL import Image
 
-from scripts.cli import EXIT_USER_ERROR, UserError, run_main
+from scripts.lib.cli import EXIT_USER_ERROR, UserError, run_main
 from scripts.prepare_data import Config, main
 
 OXFORD_FILES = (

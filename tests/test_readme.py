@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts.cli import build_parser
+from scripts.lib.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"

@@ -13,7 +13,7 @@ import pytest
 import torch
 from builders import make_toy_data
 
-from scripts.checkpoints import COMPLETE_MARKER, list_complete_states, load_weights
+from scripts.lib.checkpoints import COMPLETE_MARKER, list_complete_states, load_weights
 
 pytestmark = pytest.mark.slow
 

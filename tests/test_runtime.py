@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from scripts.cli import UserError
-from scripts.runtime import describe_gpu_failure, make_accelerator, resolve_device_type, resolve_mixed_precision
+from scripts.lib.cli import UserError
+from scripts.lib.runtime import describe_gpu_failure, make_accelerator, resolve_device_type, resolve_mixed_precision
 
 
 def test_auto_precision_is_full_fp32_off_gpu():

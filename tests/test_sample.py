@@ -10,7 +10,7 @@ from PIL import Image
 from builders import TOY_CLASSES, make_toy_data, tiny_config
 
 from scripts import sample, train_dit
-from scripts.cli import UserError, parse_config
+from scripts.lib.cli import UserError, parse_config
 from scripts.sample import SampleConfig
 
 IMAGE_SIZE = 16

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from scripts import predict
-from scripts.checkpoints import list_complete_states, load_weights
-from scripts.cli import UserError, parse_config
-from scripts.data import scan_image_folder
+from scripts.lib.checkpoints import list_complete_states, load_weights
+from scripts.lib.cli import UserError, parse_config
+from scripts.lib.images import scan_image_folder
 from scripts.make_toy_cats import generate_toy_cats
-from scripts.model_files import load_classifier
+from scripts.lib.model_files import load_classifier
 from scripts.train import TrainConfig, format_confusion_matrix, learning_rate, main, validate_config
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]

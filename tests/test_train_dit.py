@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from scripts import train_dit
-from scripts.checkpoints import COMPLETE_MARKER, list_complete_states, load_training_state, load_weights
-from scripts.cli import UserError, parse_config
-from scripts.model_files import load_dit
+from scripts.lib.checkpoints import COMPLETE_MARKER, list_complete_states, load_training_state, load_weights
+from scripts.lib.cli import UserError, parse_config
+from scripts.lib.model_files import load_dit
 from scripts.train_dit import TrainDiTConfig, learning_rate, validate_config
 from builders import TOY_CLASSES, make_toy_data, tiny_config
 

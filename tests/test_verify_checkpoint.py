@@ -17,8 +17,8 @@ from safetensors.torch import save_file
 
 from models.classifier import build_classifier
 from models.tiny_dit import build_dit
-from scripts.checkpoints import save_weights
-from scripts.cli import UserError
+from scripts.lib.checkpoints import save_weights
+from scripts.lib.cli import UserError
 from scripts.verify_checkpoint import VerifyConfig, main, verify
 from builders import (CLASSIFIER_BACKBONE, CLASS_NAMES, DIT_NAME, DIT_SIZE, dit_test_metadata, save_classifier,
                       save_dit, trained_classifier, trained_dit)

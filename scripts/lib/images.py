@@ -1,11 +1,10 @@
-"""The data pipeline shared by both trainers, the evaluation and the benchmark.
+"""Image folders in, a uint8 cache out: listing, decoding and the memory-mapped cache both trainers read.
 
 image folder (DIR/<class>/*.jpg) -> `scan_image_folder` (validate the layout)
 -> `load_rgb` (decode with PIL, fix EXIF rotation and colour mode, resize + centre-crop once)
--> `load_or_build_cache` (uint8 N x 3 x H x W `.npy`, memory-mapped, keyed by listing + size)
--> `global_batch_indices` / `shard` (a pure function of (seed, step): resumable, same samples on 1 or N ranks)
--> `draw_augmentation` / `apply_augmentation` (batched, on the training device) -> model.
-`training_batch` strings the last three together. No per-sample PIL work happens in the training loop.
+-> `load_or_build_cache` (uint8 N x 3 x H x W `.npy`, memory-mapped, keyed by listing + size).
+What happens to the cached images per step lives in scripts/lib/batches.py. This module needs no torch, so
+the data-preparation commands stay light.
 """
 
 from __future__ import annotations
@@ -15,24 +14,19 @@ import functools
 import hashlib
 import json
 import logging
-import math
 import os
 import struct
-import time
 import uuid
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from scripts.cli import UserError
-from scripts.runtime import synchronize
+from scripts.lib.cli import UserError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 CACHE_DIR_NAME = ".tiny-cats-cache"
@@ -87,6 +81,22 @@ def scan_image_folder(root: str | Path) -> ImageFolderListing:
                             f"add images or remove the folder")
         files.extend((path, label) for path in images)
     return ImageFolderListing(root=root, class_names=[d.name for d in class_dirs], files=files)
+
+
+def refuse_foreign_classes(out: Path, allowed: Iterable[str]) -> None:
+    """Stop before writing into a folder that already holds other classes: every subfolder of an
+    ImageFolder is a class, so e.g. toy cats and Oxford breeds in one `data/cats` would silently mix."""
+    if not out.is_dir():
+        return
+    allowed = set(allowed)
+    foreign = sorted(
+        p.name for p in out.iterdir() if p.is_dir() and not is_hidden_name(p.name) and p.name not in allowed
+    )
+    if foreign:
+        raise UserError(
+            f"{out} already holds other classes ({', '.join(foreign[:6])}) that would mix into this data "
+            "set — remove them or choose another output folder"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -360,271 +370,3 @@ def synthetic_cache(num_images: int, image_size: int, num_classes: int = 2, seed
     labels = np.arange(num_images, dtype=np.int64) % num_classes
     return ImageCache(images=images, labels=labels, class_names=[f"class_{i}" for i in range(num_classes)],
                       image_size=image_size, skipped=[], path=None)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Splits and the batch order: pure functions of (seed, step), so resumed and multi-process runs agree
-# ----------------------------------------------------------------------------------------------------------
-
-def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train_idx, val_idx), sorted; each class with >= 2 images lands in both when val_fraction > 0."""
-    if not 0.0 <= val_fraction < 1.0:
-        raise UserError(f"validation fraction must be in [0, 1), got {val_fraction}")
-    rng = np.random.default_rng(seed)
-    train: list[np.ndarray] = []
-    val: list[np.ndarray] = []
-    for label in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == label))
-        num_val = round(len(members) * val_fraction)
-        if val_fraction > 0 and len(members) >= 2:
-            num_val = min(max(num_val, 1), len(members) - 1)
-        val.append(members[:num_val])
-        train.append(members[num_val:])
-    empty = np.empty(0, dtype=np.int64)
-    return (np.sort(np.concatenate([empty, *train])).astype(np.int64),
-            np.sort(np.concatenate([empty, *val])).astype(np.int64))
-
-
-@functools.lru_cache(maxsize=4)
-def _epoch_permutation(num_items: int, seed: int, epoch: int) -> np.ndarray:
-    order = np.random.default_rng([seed, epoch]).permutation(num_items)
-    order.flags.writeable = False  # shared through the LRU cache
-    return order
-
-
-def global_batch_indices(num_items: int, global_batch: int, step: int, seed: int,
-                         pool: np.ndarray | None = None) -> np.ndarray:
-    """Dataset indices of global batch `step`: items [step*B, (step+1)*B) of the endless stream made of one
-    permutation per epoch (epoch e from `default_rng([seed, e])`). `pool` maps stream items to dataset
-    indices (e.g. the classifier's train_idx; then num_items == len(pool))."""
-    if num_items < 1:
-        raise UserError("no training images to draw batches from — check the data folder and split")
-    if global_batch < 1:
-        raise UserError(f"batch size must be positive, got {global_batch}")
-    if step < 0:
-        raise ValueError(f"step must be >= 0, got {step}")
-    if pool is not None and len(pool) != num_items:
-        raise ValueError(f"pool has {len(pool)} items but num_items is {num_items}")
-    start, stop = step * global_batch, (step + 1) * global_batch
-    parts = []
-    for epoch in range(start // num_items, (stop - 1) // num_items + 1):
-        epoch_start = epoch * num_items
-        order = _epoch_permutation(num_items, seed, epoch)
-        parts.append(order[max(start - epoch_start, 0):min(stop - epoch_start, num_items)])
-    positions = np.concatenate(parts)
-    return np.asarray(pool)[positions] if pool is not None else positions
-
-
-def shard(indices: np.ndarray, rank: int, world_size: int) -> np.ndarray:
-    """The contiguous slice of a global batch that process `rank` of `world_size` trains on."""
-    start, stop = shard_bounds(len(indices), rank, world_size)
-    return indices[start:stop]
-
-
-def shard_bounds(global_batch: int, rank: int, world_size: int) -> tuple[int, int]:
-    """[start, stop) of rank's slice of a global batch; the batch must split evenly across processes."""
-    if global_batch % world_size != 0:
-        raise UserError(f"global batch size {global_batch} is not divisible by the {world_size} processes — "
-                        f"choose a batch size that is a multiple of {world_size}")
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
-    per_rank = global_batch // world_size
-    return rank * per_rank, (rank + 1) * per_rank
-
-
-def epoch_of_step(step: int, global_batch: int, num_items: int) -> int:
-    """The epoch that the first item of global batch `step` belongs to."""
-    return step * global_batch // num_items
-
-
-def steps_for_epochs(epochs: float, global_batch: int, num_items: int) -> int:
-    """Optimizer steps that show every item `epochs` times (the last batch may straddle into the next)."""
-    return max(1, math.ceil(epochs * num_items / global_batch))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Augmentation on batch tensors, on the training device
-# ----------------------------------------------------------------------------------------------------------
-
-AUGMENTATION_LEVELS = ("basic", "medium", "full")
-# Crops keep at least this fraction of the side: tiny images lose the cat if cropped harder.
-MIN_CROP_SIDE = 0.8
-# Mild colour jitter only, and no hue change: coat colour is what the classes are about.
-COLOUR_JITTER = 0.15
-_LUMA = (0.299, 0.587, 0.114)
-
-
-@dataclasses.dataclass
-class AugmentationParams:
-    """Per-sample random parameters of one batch. `crops`/`colour` say whether those stages run at all."""
-
-    flip: torch.Tensor  # (B,) bool: mirror left-right
-    crop_side: torch.Tensor  # (B,) fraction of the image side kept (1 = no crop)
-    crop_shift: torch.Tensor  # (B, 2) crop centre x, y in [-1, 1] image coordinates
-    brightness: torch.Tensor  # (B,) multiplicative factors, 1 = unchanged
-    contrast: torch.Tensor
-    saturation: torch.Tensor
-    crops: bool = False
-    colour: bool = False
-
-    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> AugmentationParams:
-        tensors = {f.name: fn(getattr(self, f.name)) for f in dataclasses.fields(self)
-                   if isinstance(getattr(self, f.name), torch.Tensor)}
-        return dataclasses.replace(self, **tensors)
-
-    def __len__(self) -> int:
-        return len(self.flip)
-
-    def slice(self, start: int, stop: int) -> AugmentationParams:
-        """The parameters of samples [start, stop), e.g. one rank's part of the global batch."""
-        return self._map(lambda t: t[start:stop])
-
-    def to(self, device: torch.device | str) -> AugmentationParams:
-        return self._map(lambda t: t.to(device))
-
-
-def identity_augmentation(batch_size: int, device: torch.device | str = "cpu") -> AugmentationParams:
-    """Parameters that change nothing (the starting point that each level randomises further)."""
-    ones = torch.ones(batch_size, device=device)
-    return AugmentationParams(flip=torch.zeros(batch_size, dtype=torch.bool, device=device),
-                              crop_side=ones, crop_shift=torch.zeros(batch_size, 2, device=device),
-                              brightness=ones, contrast=ones, saturation=ones)
-
-
-def draw_augmentation(level: str, batch_size: int, image_size: int,
-                      generator: torch.Generator) -> AugmentationParams:
-    """Draw every random parameter of one GLOBAL batch on the generator's device.
-
-    basic: horizontal flips. medium: + a random square crop keeping 80-100% of the side, anywhere inside
-    the image. full: + brightness/contrast/saturation factors in [0.85, 1.15].
-    """
-    if level not in AUGMENTATION_LEVELS:
-        choices = ", ".join(AUGMENTATION_LEVELS)
-        raise UserError(f"unknown augmentation level {level!r} — choose one of {choices}")
-    device = generator.device
-
-    def uniform(low: float, high: float, *shape: int) -> torch.Tensor:
-        return low + (high - low) * torch.rand(*shape, generator=generator, device=device)
-
-    params = identity_augmentation(batch_size, device)
-    params.flip = torch.rand(batch_size, generator=generator, device=device) < 0.5
-    if level in ("medium", "full"):
-        # Whole pixels at least: a crop smaller than one pixel would only blur the image.
-        min_side = min(MIN_CROP_SIDE, 1.0 - 1.0 / image_size)
-        params.crop_side = uniform(min_side, 1.0, batch_size)
-        params.crop_shift = uniform(-1.0, 1.0, batch_size, 2) * (1.0 - params.crop_side)[:, None]
-        params.crops = True
-    if level == "full":
-        params.brightness, params.contrast, params.saturation = (
-            uniform(1 - COLOUR_JITTER, 1 + COLOUR_JITTER, batch_size) for _ in range(3))
-        params.colour = True
-    return params
-
-
-def to_unit_float(images_uint8: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> float32 in [0, 1], for evaluation (no augmentation)."""
-    return images_uint8.to(torch.float32).div_(255.0)
-
-
-def _crop_grid(params: AugmentationParams, height: int, width: int) -> torch.Tensor:
-    """The (B, H, W, 2) `grid_sample` grid of each sample's crop, mirrored where `flip` is set.
-
-    Crops are axis-aligned, so the grid is an outer combination of one x row and one y column per sample
-    (much cheaper than `affine_grid`'s general matrix product).
-    """
-    device = params.crop_side.device
-
-    def pixel_centres(n: int) -> torch.Tensor:  # in [-1, 1], as align_corners=False expects
-        return (torch.arange(n, device=device, dtype=torch.float32) * 2 + 1) / n - 1
-
-    mirror = 1.0 - 2.0 * params.flip.float()
-    grid_x = (params.crop_side * mirror)[:, None] * pixel_centres(width) + params.crop_shift[:, 0:1]
-    grid_y = params.crop_side[:, None] * pixel_centres(height) + params.crop_shift[:, 1:2]
-    return torch.stack(torch.broadcast_tensors(grid_x[:, None, :], grid_y[:, :, None]), dim=-1)
-
-
-def _crop_and_flip(images: torch.Tensor, params: AugmentationParams) -> torch.Tensor:
-    """Per-sample crop (+ flip) resized back to full size in one batched bilinear `grid_sample`."""
-    grid = _crop_grid(params, images.shape[2], images.shape[3])
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-
-def _jitter_colour(images: torch.Tensor, params: AugmentationParams) -> torch.Tensor:
-    """torchvision's brightness -> contrast -> saturation, per sample, folded into one affine map.
-
-    With b, c, s the factors, L the luma and m its image mean, the chain equals
-    c*b*(s*x + (1-s)*L) + (1-c)*b*m; it differs from torchvision only by skipping the clamps in between.
-    """
-    # A plain weighted channel sum: a 1x1 conv2d does the same ~20x slower on CPU.
-    luma = sum(weight * images[:, channel:channel + 1] for channel, weight in enumerate(_LUMA))
-    brightness, contrast, saturation = (f.view(-1, 1, 1, 1) for f in (params.brightness, params.contrast,
-                                                                      params.saturation))
-    shift = (1 - contrast) * brightness * luma.mean((2, 3), keepdim=True)
-    return torch.lerp(luma, images, saturation).mul_(contrast * brightness).add_(shift).clamp_(0, 1)
-
-
-def apply_augmentation(images_uint8: torch.Tensor, params: AugmentationParams) -> torch.Tensor:
-    """Augment a uint8 (B, 3, H, W) batch on its device; float32 in [0, 1]."""
-    if len(params) != images_uint8.shape[0]:
-        raise ValueError(f"{len(params)} augmentation parameter sets for a batch of {images_uint8.shape[0]}")
-    params = params.to(images_uint8.device)
-    if params.crops:
-        images = _crop_and_flip(to_unit_float(images_uint8), params).clamp_(0, 1)
-    else:
-        flipped = torch.where(params.flip.view(-1, 1, 1, 1), images_uint8.flip(-1), images_uint8)
-        images = to_unit_float(flipped)
-    if params.colour:
-        images = _jitter_colour(images, params)
-    return images
-
-
-def step_generator(seed: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """A torch generator seeded from (seed, step) only, so a resumed run draws the same augmentations."""
-    generator = torch.Generator(device=device)
-    generator.manual_seed((seed * 1_000_003 + step) % (1 << 63))
-    return generator
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The batch stream
-# ----------------------------------------------------------------------------------------------------------
-
-def gather_batch(images: np.ndarray, indices: np.ndarray) -> torch.Tensor:
-    """Rows `indices` of the (memory-mapped) image array as a uint8 tensor, read in file order."""
-    order = np.argsort(indices, kind="stable")
-    rows = images[indices[order]]
-    unsorted = np.empty_like(rows)
-    unsorted[order] = rows
-    return torch.from_numpy(unsorted)
-
-
-def training_batch(cache: ImageCache, global_batch: int, step: int, seed: int, level: str,
-                   device: torch.device | str, rank: int = 0, world_size: int = 1,
-                   pool: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's (augmented images float32 [0, 1], labels int64) of global batch `step`, on `device`.
-
-    Indices and augmentation are drawn for the whole global batch and then sliced, so 1 and N processes
-    train on identical samples, and a resumed run continues exactly.
-    """
-    num_items = len(pool) if pool is not None else len(cache)
-    indices = global_batch_indices(num_items, global_batch, step, seed, pool=pool)
-    start, stop = shard_bounds(global_batch, rank, world_size)
-    local = indices[start:stop]
-    images = gather_batch(cache.images, local).to(device, non_blocking=True)
-    labels = torch.from_numpy(cache.labels[local]).to(device, non_blocking=True)
-    params = draw_augmentation(level, global_batch, cache.image_size, step_generator(seed, step, device))
-    return apply_augmentation(images, params.slice(start, stop)), labels
-
-
-def measure_pipeline_throughput(cache: ImageCache, batch_size: int, level: str, steps: int,
-                                device: torch.device | str = "cpu") -> float:
-    """Images per second of the cached + augmented batch stream (indices -> gather -> augment)."""
-    device = torch.device(device)
-
-    training_batch(cache, batch_size, 0, seed=0, level=level, device=device)  # warm-up: allocations, kernels
-    synchronize(device)
-    started = time.perf_counter()
-    for step in range(1, steps + 1):
-        training_batch(cache, batch_size, step, seed=0, level=level, device=device)
-    synchronize(device)
-    return steps * batch_size / (time.perf_counter() - started)

@@ -24,7 +24,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from scripts.cli import UserError
+from scripts.lib.cli import UserError
 
 # Opset 23 is the first with a fused Attention op; ONNX Runtime's CPU kernel for it (fed tokens by
 # `attention_on_tokens`) beats the MatMul/Softmax graph that older opsets decompose attention into.

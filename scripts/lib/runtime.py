@@ -9,8 +9,8 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list
 
-from scripts.checkpoints import COMPLETE_MARKER, state_dir_name
-from scripts.cli import UserError
+from scripts.lib.checkpoints import COMPLETE_MARKER, state_dir_name
+from scripts.lib.cli import UserError
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "no", "fp16", "bf16")

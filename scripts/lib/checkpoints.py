@@ -26,7 +26,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from scripts.cli import UserError
+from scripts.lib.cli import UserError
 
 FORMAT_NAME = "tiny-cats"
 FORMAT_VERSION = 1
@@ -194,11 +194,6 @@ def list_complete_states(state_root: str | Path) -> list[tuple[int, Path]]:
         if step is not None and folder.is_dir() and (folder / COMPLETE_MARKER).is_file():
             found.append((step, folder))
     return sorted(found)
-
-
-def latest_complete_state(state_root: str | Path) -> Path | None:
-    states = list_complete_states(state_root)
-    return states[-1][1] if states else None
 
 
 def find_resume_state(resume: str, state_root: str | Path) -> Path | None:

@@ -16,8 +16,8 @@ from torch import nn
 
 from models.diffusion import build_objective
 from models.tiny_dit import TinyDiT, build_dit
-from scripts.checkpoints import load_weights, save_weights
-from scripts.cli import UserError
+from scripts.lib.checkpoints import load_weights, save_weights
+from scripts.lib.cli import UserError
 
 DIT_KIND = "dit"
 CLASSIFIER_KIND = "classifier"

@@ -15,7 +15,7 @@ import typing
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from scripts.host_memory import reuse_freed_memory
+from scripts.lib.host_memory import reuse_freed_memory
 
 ConfigT = TypeVar("ConfigT")
 
