@@ -35,7 +35,7 @@ from models.classifier import BACKBONES
 from models.tiny_dit import DIT_SIZES
 from scripts import prepare_data as prepare_data_script
 from scripts import train, train_dit
-from scripts.lib.cli import EXIT_USER_ERROR, UserError, parse_config
+from scripts.lib.cli import EXIT_USER_ERROR, UserError, config_to_argv, flag_name, parse_config
 from scripts.lib.batches import AUGMENTATION_LEVELS
 from scripts.lib.runlog import default_run_name
 
@@ -123,40 +123,13 @@ def require_data_on_volume(name: str) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # Configs: built from the entrypoint's options by the script's own parser, and turned back into flags
 # ---------------------------------------------------------------------------------------------------------
-def _flag(field: dataclasses.Field) -> str:
-    return field.metadata.get("flag") or "--" + field.name.replace("_", "-")
-
-
-def config_to_argv(cfg: Any) -> list[str]:
-    """The command line that `scripts.lib.cli.parse_config` turns back into exactly `cfg`.
-
-    It starts the trainer under `accelerate launch`, so every option crosses the process boundary.
-    """
-    argv: list[str] = []
-    for field in dataclasses.fields(cfg):
-        value = getattr(cfg, field.name)
-        if field.metadata.get("positional"):
-            argv.extend(str(v) for v in (value if isinstance(value, list) else [value]))
-        elif isinstance(value, bool):
-            if value != field.default:
-                argv.append(_flag(field) if value else "--no-" + _flag(field)[2:])
-        elif value is None:
-            if field.default is not None:
-                raise ValueError(f"{field.name}=None has no flag spelling (its default is {field.default!r})")
-        elif isinstance(value, list):
-            argv.extend([_flag(field), *(str(v) for v in value)])
-        else:
-            argv.extend([_flag(field), str(value)])
-    return argv
-
-
 def build_config(config_cls: type, data_dir: str, extra_args: str, options: dict[str, Any]) -> Any:
     """A trainer config: `extra_args` parsed by the script's own parser, the entrypoint's options on top.
 
     A flag given both ways is refused, so no value is silently dropped.
     """
     extra = shlex.split(extra_args)
-    owned = {_flag(field) for field in dataclasses.fields(config_cls) if field.name in options}
+    owned = {flag_name(field) for field in dataclasses.fields(config_cls) if field.name in options}
     given_twice = sorted({token.split("=")[0] for token in extra} & owned)
     if given_twice:
         raise UserError(f"{', '.join(given_twice)} in --extra-args is set by modal_app.py or by one of its "

@@ -2,14 +2,21 @@
 
 Every script defines one dataclass config. `build_parser` generates the argparse parser from it
 (kebab-case flags, defaults shown in --help), so a flag can never be parsed and then ignored.
-`run_main` is the shared `if __name__ == "__main__"` body: a `UserError` ends the program with one
-line on stderr and exit status 2 instead of a traceback.
+`config_to_argv` is the way back, for launchers that start a command in another process. `run_main` is
+the shared `if __name__ == "__main__"` body: a `UserError` ends the program with one line on stderr and
+exit status 2 instead of a traceback.
+
+Exit statuses every command shares (launchers such as modal_app.py act on them):
+0 done; 2 a user error (a retry would fail the same way); 75 stopped at --time-limit after saving (run the
+same command again to continue); 128 + N stopped by signal N after saving (130 Ctrl-C/SIGINT, 143 SIGTERM).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
+import signal
 import sys
 import typing
 from collections.abc import Callable, Sequence
@@ -20,10 +27,17 @@ from scripts.lib.host_memory import reuse_freed_memory
 ConfigT = TypeVar("ConfigT")
 
 EXIT_USER_ERROR = 2
+EXIT_TIME_LIMIT = 75  # EX_TEMPFAIL: not finished, resumable
+EXIT_SIGNAL_BASE = 128
 
 
 class UserError(Exception):
     """A problem the user can fix (bad path, bad flag, corrupt data, OOM...). The message says how."""
+
+
+def flag_name(field: dataclasses.Field) -> str:
+    """The command-line spelling of a config field: --kebab-case, or the field's own `flag`."""
+    return field.metadata.get("flag") or "--" + field.name.replace("_", "-")
 
 
 def option(default: Any, help: str, *, choices: Sequence[Any] | None = None, positional: bool = False,
@@ -63,7 +77,7 @@ def build_parser(config_cls: type, description: str) -> argparse.ArgumentParser:
             if default is not None:
                 kwargs["nargs"] = "?"
         else:
-            names = [meta.get("flag") or "--" + field.name.replace("_", "-")]
+            names = [flag_name(field)]
             kwargs["dest"] = field.name
         if annotation is bool:
             kwargs["action"] = argparse.BooleanOptionalAction if default else "store_true"
@@ -84,6 +98,39 @@ def parse_config(config_cls: type[ConfigT], argv: Sequence[str] | None, descript
     return config_cls(**vars(namespace))
 
 
+def config_to_argv(cfg: Any) -> list[str]:
+    """The command line that `parse_config` turns back into exactly `cfg` (for a command started elsewhere)."""
+    argv: list[str] = []
+    for field in dataclasses.fields(cfg):
+        value = getattr(cfg, field.name)
+        if field.metadata.get("positional"):
+            argv.extend(str(v) for v in (value if isinstance(value, list) else [value]))
+        elif isinstance(value, bool):
+            if value != field.default:
+                argv.append(flag_name(field) if value else "--no-" + flag_name(field)[2:])
+        elif value is None:
+            if field.default is not None:
+                raise ValueError(f"{field.name}=None has no flag spelling (its default is {field.default!r})")
+        elif isinstance(value, list):
+            argv.extend([flag_name(field), *(str(v) for v in value)])
+        else:
+            argv.extend([flag_name(field), str(value)])
+    return argv
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from `5400`, `90m`, `23h30m`, `1h30m15s` or `45s`; UserError otherwise."""
+    value = text.strip().lower()
+    if value.replace(".", "", 1).isdigit():
+        return float(value)
+    match = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?", value)
+    if not value or match is None:
+        raise UserError(f"cannot read the duration {text!r} — use seconds (5400) or hours/minutes/seconds "
+                        "like 23h30m, 90m, 45s")
+    hours, minutes, seconds = (int(part or 0) for part in match.groups())
+    return float(hours * 3600 + minutes * 60 + seconds)
+
+
 def run_main(main: Callable[[Any], Any], config_cls: type, description: str,
              argv: Sequence[str] | None = None) -> None:
     """Parse the command line, run main(cfg), and turn a UserError into one line and exit status 2."""
@@ -96,4 +143,4 @@ def run_main(main: Callable[[Any], Any], config_cls: type, description: str,
         sys.exit(EXIT_USER_ERROR)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(EXIT_SIGNAL_BASE + signal.SIGINT)

@@ -1,0 +1,95 @@
+"""One writer per run folder: a live holder is named and refused, a stale or same-owner lock is taken over."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from scripts.lib.cli import UserError
+from scripts.lib.run_lock import LOCK_NAME, RunLock, read_lock_holder
+
+
+def test_a_second_writer_is_refused_with_the_holder_named(tmp_path):
+    with RunLock(tmp_path / "run"):
+        holder = read_lock_holder(tmp_path / "run")
+        assert holder.pid == os.getpid()
+        with pytest.raises(UserError, match=f"in use by another trainer \\(pid {os.getpid()} on "):
+            RunLock(tmp_path / "run").acquire()
+    assert not (tmp_path / "run" / LOCK_NAME).exists()  # released
+    with RunLock(tmp_path / "run"):  # and free again
+        pass
+
+
+def test_a_lock_whose_process_is_gone_is_taken_over(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    first = RunLock(tmp_path)
+    first.acquire()
+    first._stop.set()  # as if its process had died: no more heartbeats, no release
+    data = json.loads((tmp_path / LOCK_NAME).read_text())
+    data["pid"] = int(dead.stdout)
+    (tmp_path / LOCK_NAME).write_text(json.dumps(data))
+    second = RunLock(tmp_path)
+    second.acquire()
+    assert read_lock_holder(tmp_path).token == second.token
+    with pytest.raises(UserError, match="lost the lock"):
+        first.check_held()
+    second.release()
+
+
+def test_a_lock_from_another_host_expires_with_its_heartbeat(tmp_path):
+    now = time.time()
+    (tmp_path / LOCK_NAME).write_text(json.dumps({"owner": "", "host": "other-node", "pid": 1, "started": now - 999,
+                                                  "heartbeat": now - 30, "token": "x"}))
+    with pytest.raises(UserError, match="other-node"):
+        RunLock(tmp_path, stale_after_s=60).acquire()
+    lock = RunLock(tmp_path, stale_after_s=20)
+    lock.acquire()
+    lock.release()
+
+
+def test_the_same_run_owner_takes_over_at_once(tmp_path):
+    now = time.time()
+    (tmp_path / LOCK_NAME).write_text(json.dumps({"owner": "chain-1", "host": "container-a", "pid": 7,
+                                                  "started": now, "heartbeat": now, "token": "x"}))
+    with pytest.raises(UserError, match="run owner chain-1"):
+        RunLock(tmp_path, owner="chain-2").acquire()
+    with RunLock(tmp_path, owner="chain-1") as lock:
+        assert read_lock_holder(tmp_path).token == lock.token
+
+
+def test_the_heartbeat_keeps_a_lock_fresh(tmp_path):
+    with RunLock(tmp_path, stale_after_s=0.4):
+        first = read_lock_holder(tmp_path).heartbeat
+        time.sleep(0.3)
+        assert read_lock_holder(tmp_path).heartbeat > first
+        with pytest.raises(UserError, match="in use"):
+            RunLock(tmp_path, stale_after_s=0.4).acquire()
+
+
+def _race(folder: str, results) -> None:
+    try:
+        RunLock(folder).acquire()  # never released: the winner keeps it until its process ends
+        results.put("won")
+        time.sleep(1.0)
+    except UserError:
+        results.put("refused")
+
+
+def test_of_processes_racing_for_one_stale_lock_exactly_one_wins(tmp_path):
+    (tmp_path / LOCK_NAME).write_text(json.dumps({"owner": "", "host": "gone", "pid": 1, "started": 0,
+                                                  "heartbeat": 0, "token": "old"}))
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    racers = [context.Process(target=_race, args=(str(tmp_path), results)) for _ in range(4)]
+    for racer in racers:
+        racer.start()
+    outcomes = sorted(results.get(timeout=60) for _ in racers)
+    for racer in racers:
+        racer.join()
+    assert outcomes == ["refused", "refused", "refused", "won"]
