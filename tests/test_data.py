@@ -399,7 +399,7 @@ def test_every_level_gives_float_images_in_unit_range(level):
 
     assert out.shape == images.shape and out.dtype == torch.float32
     assert out.min() >= 0 and out.max() <= 1
-    assert params.crops == (level != "basic") and params.colour == (level == "full")
+    assert params.crops == (level in ("medium", "full")) and params.colour == (level == "full")
 
 
 def test_identity_parameters_change_nothing():
@@ -446,6 +446,14 @@ def test_colour_jitter_matches_torchvision_per_sample():
         image = functional.adjust_contrast(image, params.contrast[i].item())
         image = functional.adjust_saturation(image, params.saturation[i].item())
         torch.testing.assert_close(out[i], image, rtol=0, atol=2e-3)
+
+
+def test_level_none_leaves_images_as_they_are():
+    images = random_uint8_batch(batch=32)
+    params = batches.draw_augmentation("none", 32, 8, batches.step_generator(1, 2))
+    assert not params.flip.any()
+    torch.testing.assert_close(batches.apply_augmentation(images, params), batches.to_unit_float(images),
+                               rtol=0, atol=0)
 
 
 def test_basic_level_only_flips():

@@ -6,12 +6,27 @@ import pytest
 import torch
 
 from scripts.lib.cli import UserError
-from scripts.lib.runtime import describe_gpu_failure, make_accelerator, resolve_device_type, resolve_mixed_precision
+from scripts.lib.runtime import (describe_gpu_failure, make_accelerator, precision_warning, resolve_device_type,
+                                 resolve_mixed_precision)
 
 
-def test_auto_precision_is_full_fp32_off_gpu():
+def fake_cpu(monkeypatch, **capabilities) -> None:
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx2": True, **capabilities})
+
+
+def test_auto_precision_on_cpu_is_bf16_only_where_the_cpu_computes_it(monkeypatch):
+    fake_cpu(monkeypatch, avx512_bf16=True)
+    assert resolve_mixed_precision("auto", "cpu") == "bf16"
+    fake_cpu(monkeypatch, amx_bf16=True)
+    assert resolve_mixed_precision("auto", "cpu") == "bf16"
+    fake_cpu(monkeypatch)  # AVX2 only: bf16 would be emulated, ~30x slower
     assert resolve_mixed_precision("auto", "cpu") == "no"
-    assert resolve_mixed_precision("bf16", "cpu") == "bf16"
+    assert resolve_mixed_precision("bf16", "cpu") == "bf16"  # asked for explicitly: honoured, but...
+    assert "~30x slower" in precision_warning("bf16", "cpu")
+    assert precision_warning("no", "cpu") is None
+    fake_cpu(monkeypatch, avx512_bf16=True)
+    assert precision_warning("bf16", "cpu") is None
+    assert resolve_mixed_precision("auto", "mps") == "no"
 
 
 def test_fp16_on_cpu_is_refused_instead_of_silently_ignored():

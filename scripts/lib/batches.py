@@ -94,7 +94,8 @@ def shard_bounds(global_batch: int, rank: int, world_size: int) -> tuple[int, in
 # Augmentation on batch tensors, on the training device
 # ----------------------------------------------------------------------------------------------------------
 
-AUGMENTATION_LEVELS = ("basic", "medium", "full")
+# none: for data whose orientation is the class (glyphs, text, digits): a mirrored "b" is a "d".
+AUGMENTATION_LEVELS = ("none", "basic", "medium", "full")
 # Crops keep at least this fraction of the side: tiny images lose the cat if cropped harder.
 MIN_CROP_SIDE = 0.8
 # Mild colour jitter only, and no hue change: coat colour is what the classes are about.
@@ -143,7 +144,7 @@ def draw_augmentation(level: str, batch_size: int, image_size: int,
                       generator: torch.Generator) -> AugmentationParams:
     """Draw every random parameter of one GLOBAL batch on the generator's device.
 
-    basic: horizontal flips. medium: + a random square crop keeping 80-100% of the side, anywhere inside
+    none: nothing (no random numbers drawn). basic: horizontal flips. medium: + a random square crop keeping 80-100% of the side, anywhere inside
     the image. full: + brightness/contrast/saturation factors in [0.85, 1.15].
     """
     if level not in AUGMENTATION_LEVELS:
@@ -155,6 +156,8 @@ def draw_augmentation(level: str, batch_size: int, image_size: int,
         return low + (high - low) * torch.rand(*shape, generator=generator, device=device)
 
     params = identity_augmentation(batch_size, device)
+    if level == "none":
+        return params
     params.flip = torch.rand(batch_size, generator=generator, device=device) < 0.5
     if level in ("medium", "full"):
         # Whole pixels at least: a crop smaller than one pixel would only blur the image.

@@ -29,9 +29,22 @@ def resolve_device_type(requested: str) -> str:
     return requested
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX).
+
+    Measured on 2-core machines of one kind: bf16 autocast trained the DiT 1.7x faster than fp32 with
+    AVX512-BF16, and about 30x SLOWER on an AVX2-only one, where bf16 is emulated.
+    """
+    capabilities = torch.cpu.get_capabilities()
+    return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
+
+
 def resolve_mixed_precision(requested: str, device_type: str) -> str:
-    """'auto': bf16 on Ampere and newer, fp16 (with loss scaling) on T4/Volta, full fp32 ('no') elsewhere."""
+    """'auto': bf16 on Ampere and newer, fp16 (with loss scaling) on T4/Volta, bf16 on CPUs that compute it in
+    hardware, full fp32 ('no') elsewhere."""
     if requested == "auto":
+        if device_type == "cpu":
+            return "bf16" if cpu_has_native_bf16() else "no"
         if device_type != "cuda":
             return "no"
         return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
@@ -39,6 +52,14 @@ def resolve_mixed_precision(requested: str, device_type: str) -> str:
         # Accelerate would silently train in fp32; say so instead of pretending.
         raise UserError("--mixed-precision fp16 needs a GPU; on CPU use --mixed-precision bf16 or no")
     return requested
+
+
+def precision_warning(precision: str, device_type: str) -> str | None:
+    """Why an explicitly chosen precision will run badly on this device (None when it is fine)."""
+    if precision == "bf16" and device_type == "cpu" and not cpu_has_native_bf16():
+        return (f"--mixed-precision bf16 on a CPU without AVX512-BF16/AMX ({torch.backends.cpu.get_cpu_capability()}): "
+                "bf16 is emulated there and ran ~30x slower than fp32 — use --mixed-precision no (or auto)")
+    return None
 
 
 def make_accelerator(device: str, mixed_precision: str, gradient_accumulation_steps: int = 1,
