@@ -21,6 +21,7 @@ identically, and `training_loss` is deterministic given its inputs.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -47,6 +48,10 @@ def guided_prediction(model: nn.Module, x: torch.Tensor, t_model: torch.Tensor, 
                  torch.cat([y, torch.full_like(y, null_class)]))
     cond, uncond = both.chunk(2)
     return uncond + cfg_scale * (cond - uncond)
+
+
+def _nothing() -> None:
+    pass
 
 
 def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -100,7 +105,7 @@ class Objective:
         raise NotImplementedError
 
     def _sample(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, cfg_scale: float,
-                sampler: str, generator: torch.Generator | None) -> torch.Tensor:
+                sampler: str, generator: torch.Generator | None, on_step: Callable[[], None]) -> torch.Tensor:
         raise NotImplementedError
 
     def training_loss(self, model: nn.Module, x0: torch.Tensor, y: torch.Tensor, t: torch.Tensor,
@@ -111,10 +116,12 @@ class Objective:
 
     @torch.no_grad()
     def sample(self, model: nn.Module, noise: torch.Tensor, y: torch.Tensor, *, steps: int, cfg_scale: float,
-               sampler: str | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+               sampler: str | None = None, generator: torch.Generator | None = None,
+               on_step: Callable[[], None] | None = None) -> torch.Tensor:
         """Generate x0 from `noise` (B, C, H, W) for labels y (B,) with classifier-free guidance.
 
-        `generator` feeds the stochastic samplers (ancestral DDPM, DDIM with eta > 0).
+        `generator` feeds the stochastic samplers (ancestral DDPM, DDIM with eta > 0). `on_step()` runs after
+        every sampler step (progress bars; it may raise to stop sampling early).
         """
         sampler = sampler or self.default_sampler
         if sampler not in self.samplers:
@@ -122,7 +129,7 @@ class Objective:
                              f"choose one of {', '.join(self.samplers)}")
         if steps < 1:
             raise ValueError(f"sampling needs at least 1 step, got {steps}")
-        return self._sample(model, noise, y, steps, cfg_scale, sampler, generator)
+        return self._sample(model, noise, y, steps, cfg_scale, sampler, generator, on_step or _nothing)
 
 
 class FlowMatching(Objective):
@@ -180,7 +187,7 @@ class FlowMatching(Objective):
         t_model = torch.full((x.shape[0],), t * self.time_scale, device=x.device, dtype=x.dtype)
         return guided_prediction(model, x, t_model, y, cfg_scale, model.null_class)
 
-    def _sample(self, model, x, y, steps, cfg_scale, sampler, generator):
+    def _sample(self, model, x, y, steps, cfg_scale, sampler, generator, on_step):
         times = self.time_grid(steps).tolist()
         for t, t_next in zip(times[:-1], times[1:], strict=True):
             dt = t_next - t
@@ -189,6 +196,7 @@ class FlowMatching(Objective):
                 x_euler = x + dt * velocity
                 velocity = (velocity + self._velocity(model, x_euler, t_next, y, cfg_scale)) / 2
             x = x + dt * velocity
+            on_step()
         return x
 
 
@@ -264,7 +272,7 @@ class DDPM(Objective):
                 "time_scale": 1.0, "time_grid": "round(linspace(num_timesteps - 1, 0, min(steps, num_timesteps)))",
                 "eta": self.eta, "samplers": list(self.samplers), "default_sampler": self.default_sampler}
 
-    def _sample(self, model, x, y, steps, cfg_scale, sampler, generator):
+    def _sample(self, model, x, y, steps, cfg_scale, sampler, generator, on_step):
         # Ancestral DDPM on a respaced subset is DDIM with eta = 1 (Song et al. 2021, eq. 16).
         eta = 1.0 if sampler == "ddpm" else self.eta
         times = self.time_grid(steps).tolist()
@@ -278,6 +286,7 @@ class DDPM(Objective):
             x = math.sqrt(alpha_bar_prev) * x0 + math.sqrt(max(1 - alpha_bar_prev - sigma**2, 0.0)) * eps
             if sigma > 0:
                 x = x + sigma * _randn_like(x, generator)
+            on_step()
         return x
 
 

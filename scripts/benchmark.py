@@ -41,7 +41,7 @@ from models.classifier import build_classifier
 from models.diffusion import build_objective
 from models.tiny_dit import TinyDiT, count_parameters
 from scripts.lib.cli import option, run_main
-from scripts.lib.batches import training_batch
+from scripts.lib.batches import ImageSource, training_batch
 from scripts.lib.images import ImageCache, synthetic_cache
 from scripts.lib.onnx_export import export_with_dynamic_batch, make_ort_session
 from scripts.lib.runtime import DEVICES, resolve_device_type, synchronize
@@ -250,13 +250,13 @@ def sampling_call(model: nn.Module, spec: BenchSpec, device: torch.device) -> Ca
 def measure_pipeline_throughput(cache: ImageCache, batch_size: int, level: str, steps: int,
                                 device: torch.device | str = "cpu") -> float:
     """Images per second of the cached + augmented batch stream (indices -> gather -> augment)."""
-    device = torch.device(device)
-    training_batch(cache, batch_size, 0, seed=0, level=level, device=device)  # warm-up: allocations, kernels
-    synchronize(device)
+    source = ImageSource(cache, device)
+    training_batch(source, batch_size, 0, seed=0, level=level)  # warm-up: allocations, kernels
+    synchronize(source.device)
     started = time.perf_counter()
     for step in range(1, steps + 1):
-        training_batch(cache, batch_size, step, seed=0, level=level, device=device)
-    synchronize(device)
+        training_batch(source, batch_size, step, seed=0, level=level)
+    synchronize(source.device)
     return steps * batch_size / (time.perf_counter() - started)
 
 

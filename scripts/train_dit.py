@@ -3,28 +3,25 @@
     python scripts/train_dit.py data/cats --steps 100 --batch-size 8          # local debug run
     accelerate launch --multi_gpu --num_processes 8 scripts/train_dit.py data/cats   # any GPU box
 
-A run lives in <output-dir>/<run-name>/ (config.json, training.log, metrics.jsonl, samples/, state/).
-Re-running the same command continues the newest complete checkpoint (`--resume auto`; the default run
-name is the fixed "dit" for exactly that reason), and because every random number of optimizer step s
-(batch indices, augmentation, diffusion time and noise, label dropout) is drawn from a generator seeded by
-(seed, s) for the whole global batch, a resumed run — or one on a different number of processes — trains
-on exactly the same numbers as an uninterrupted one.
+A run lives in <output-dir>/<run-name>/ (config.json, training.log, metrics.jsonl, status.json, samples/, state/).
+Re-running the same command continues the newest complete checkpoint (`--resume auto`; the default run name is
+the fixed "dit" for exactly that reason), and because every random number of optimizer step s (batch indices,
+augmentation, diffusion time and noise, label dropout) is drawn from a generator seeded by (seed, s) for the
+whole global batch, a resumed run, or one on a different number of processes, trains on exactly the same numbers
+as an uninterrupted one. Reading order: `main` -> `train` (set-up, top to bottom) -> `train_loop` (the loop and
+its boundaries) -> `optimizer_step` (one step).
 """
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
-import signal
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -32,23 +29,22 @@ from tqdm import tqdm
 from models.diffusion import DDPM, OBJECTIVES, FlowMatching, build_objective, drop_labels
 from models.ema import EMA
 from models.tiny_dit import DIT_SIZES, build_dit, count_parameters
-from scripts.lib.checkpoints import (find_resume_state, list_complete_states, load_training_state, prune_states,
-                                 remove_unfinished_writes,
-                                 save_training_state)
-from scripts.lib.cli import UserError, option, run_main
-from scripts.lib.batches import AUGMENTATION_LEVELS, apply_augmentation, draw_augmentation, gather_batch, global_batch_indices, shard_bounds, step_generator
-from scripts.lib.images import ImageCache, load_or_build_cache
+from scripts.lib.batches import (AUGMENTATION_LEVELS, AugmentationParams, ImageSource, apply_augmentation,
+                                 draw_augmentation, global_batch_indices, shard_bounds, step_generator)
+from scripts.lib.cli import UserError, option, parse_duration, run_main
+from scripts.lib.guard import FirstBadStep, apply_update_only_if_finite, verdict_after_update
 from scripts.lib.model_files import dit_metadata, save_model, unit_to_dit
-from scripts.lib.runlog import MetricsWriter, config_dict, format_duration, log_run_header, setup_logger, write_config
-from scripts.lib.runtime import (DEVICES, PRECISIONS, agree_on_resume_state, describe_gpu_failure, make_accelerator,
-                            shared_config_problems)
-from scripts.lib.sampling import class_grid_labels, sample_images, save_grid
+from scripts.lib.progress import MetricsWindow, next_boundary
+from scripts.lib.run import Run, RunSpec, check_same_setup, common_problems, load_optimizer_state, open_run
+from scripts.lib.runlog import config_dict, format_duration
+from scripts.lib.runtime import DEVICES, PRECISIONS, compile_wanted, synchronize
+from scripts.lib.sampling import SamplingStopped, class_grid_labels, grid_plan, sample_images, save_grid
+from scripts.lib.stopping import StopAgreement, TimeBudget, exit_status, stop_on_signals
 
-REPORT_TO = ("none", "tensorboard", "wandb")
 FINAL_NAME = "tinydit_final.safetensors"
 FINAL_RAW_NAME = "tinydit_final_raw.safetensors"
-# Sample grids: one row per class, this many columns (fewer when there are many classes).
-GRID_COLUMNS = 8
+REPORT_TO = ("none", "tensorboard", "wandb")
+COMPILE_CHOICES = ("auto", "on", "off")
 
 
 @dataclass
@@ -59,13 +55,13 @@ class TrainDiTConfig:
     lr: float = option(1e-4, "peak learning rate (AdamW), reached after the warmup")
     gradient_accumulation_steps: int = option(1, "forward passes per optimizer step; effective batch = "
                                                  "batch-size x this")
-    augmentation_level: str = option("full", "training augmentation", choices=AUGMENTATION_LEVELS)
+    augmentation_level: str = option("full", "training augmentation (none for data whose orientation is the class)",
+                                     choices=AUGMENTATION_LEVELS)
     warmup_steps: int = option(10000, "linear learning-rate warmup (capped to 10%% of --steps when not below it)")
     save_interval: int = option(10000, "save the full training state every N steps (and at the end)")
     sample_interval: int = option(5000, "write an EMA sample grid every N steps (and at the end)")
     log_interval: int = option(100, "log loss/lr/grad-norm/img/s every N steps (at most every 10%% of the run)")
-    # S/4 at 64 px: 256 tokens, 33M parameters, ~2.6e18 training FLOPs for 200k steps of batch 256: hours on
-    # an A100/H100, under the 24 h limit of one Modal attempt on an A10G (estimated at 40% utilisation).
+    # S/4 at 64 px: 256 tokens, 33M parameters, ~2.6e18 training FLOPs for 200k steps of batch 256.
     model: str = option("S/4", "TinyDiT size (width/depth/heads by letter, patch after the slash)",
                         choices=tuple(DIT_SIZES))
     image_size: int = option(64, "training resolution (must be divisible by the model's patch size)")
@@ -76,34 +72,33 @@ class TrainDiTConfig:
                                  choices=tuple(DDPM.schedules))
     ema_decay: float = option(0.9999, "EMA decay of the weights used for sampling (warmed up from 0)")
     cfg_scale: float = option(4.0, "classifier-free guidance scale of the sample grids")
-    sample_steps: int = option(50, "sampling steps of the sample grids")
+    sample_steps: int = option(50, "sampling steps of the sample grids (fewer on a CPU when a grid would be slow)")
     label_dropout: float = option(0.1, "fraction of labels replaced by the null class (enables guidance)")
     max_grad_norm: float = option(1.0, "gradient clipping norm")
     weight_decay: float = option(0.0, "AdamW weight decay")
-    mixed_precision: str = option("auto", "auto: bf16 on Ampere+, fp16 on T4/Volta, none on CPU",
-                                  choices=PRECISIONS)
+    mixed_precision: str = option("auto", "auto: bf16 on Ampere+ and on CPUs with AVX512-BF16/AMX, fp16 on "
+                                          "T4/Volta, none elsewhere", choices=PRECISIONS)
     device: str = option("auto", "where to train", choices=DEVICES)
+    compile: str = option("auto", "torch.compile the model: auto = on CUDA GPUs only (eager elsewhere); a "
+                                  "compile failure falls back to eager", choices=COMPILE_CHOICES)
     seed: int = option(0, "seed of the initial weights, the data order, augmentation and noise")
     run_name: str = option("dit", "run folder under --output-dir; the same name resumes the same run")
     output_dir: str = option("checkpoints", "where run folders and the final weights go")
     resume: str = option("auto", "auto: continue the newest complete checkpoint of this run; never: start "
                                  "fresh (refused if the run has checkpoints); or a state folder to load")
     keep_checkpoints: int = option(5, "complete training states to keep (the newest is never deleted)")
-    compile: bool = option(False, "torch.compile the model (faster on GPUs after a warm-up)")
+    time_limit: str = option("", "wall-clock budget of this attempt (seconds, or like 23h30m): save and exit "
+                                 "with status 75 when the next save would not fit; empty = none")
     report_to: str = option("none", "also log to an Accelerate tracker (if installed)", choices=REPORT_TO)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Configuration checks and schedules
-# ---------------------------------------------------------------------------------------------------------
 def validate_config(cfg: TrainDiTConfig, num_processes: int = 1) -> None:
     """Raise one UserError listing every bad flag or combination, before any work is done."""
-    problems = []
     positive = {"steps": cfg.steps, "batch-size": cfg.batch_size, "save-interval": cfg.save_interval,
                 "gradient-accumulation-steps": cfg.gradient_accumulation_steps, "log-interval": cfg.log_interval,
                 "sample-interval": cfg.sample_interval, "sample-steps": cfg.sample_steps,
                 "keep-checkpoints": cfg.keep_checkpoints, "image-size": cfg.image_size}
-    problems += [f"--{name} must be positive (got {value})" for name, value in positive.items() if value < 1]
+    problems = [f"--{name} must be positive (got {value})" for name, value in positive.items() if value < 1]
     if not cfg.lr > 0:
         problems.append(f"--lr must be positive (got {cfg.lr})")
     if cfg.warmup_steps < 0:
@@ -120,10 +115,14 @@ def validate_config(cfg: TrainDiTConfig, num_processes: int = 1) -> None:
         patch = DIT_SIZES[cfg.model].patch
         problems.append(f"--image-size {cfg.image_size} is not divisible by the patch size {patch} of "
                         f"{cfg.model}; use a multiple of {patch}")
+    try:
+        time_limit_seconds(cfg)
+    except UserError as error:
+        problems.append(f"--time-limit: {error}")
     if cfg.report_to != "none" and not _tracker_installed(cfg.report_to):
         problems.append(f"--report-to {cfg.report_to}: the {cfg.report_to} package is not installed — "
                         f"pip install {cfg.report_to}, or use --report-to none")
-    problems += shared_config_problems(cfg.data_dir, cfg.batch_size, num_processes, cfg.resume)
+    problems += common_problems(cfg.data_dir, cfg.batch_size, num_processes, cfg.resume)
     if problems:
         raise UserError("; ".join(problems))
 
@@ -132,6 +131,10 @@ def _tracker_installed(name: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(name) is not None
+
+
+def time_limit_seconds(cfg: TrainDiTConfig) -> float | None:
+    return parse_duration(cfg.time_limit) if cfg.time_limit else None
 
 
 def effective_warmup(cfg: TrainDiTConfig) -> int:
@@ -148,80 +151,76 @@ def learning_rate(step: int, peak: float, warmup: int) -> float:
     return peak * min(1.0, (step + 1) / warmup)
 
 
+def build_training_objective(cfg: TrainDiTConfig):
+    """The objective of --objective with its own option (the other objective's flag does not apply)."""
+    if cfg.objective == "flow":
+        return build_objective("flow", time_sampling=cfg.time_sampling)
+    return build_objective("ddpm", schedule=cfg.noise_schedule)
+
+
 # ---------------------------------------------------------------------------------------------------------
-# Batches: every random number of a step drawn for the whole (effective, global) batch, then sliced
+# Everything random about one optimizer step, drawn for the whole (effective, global) batch, then sliced
 # ---------------------------------------------------------------------------------------------------------
 @dataclass
 class StepDraw:
-    """Everything random about optimizer step s, for all batch-size x accumulation samples of all ranks."""
+    """Batch indices, augmentation, diffusion time and noise, label dropout of all samples of step s."""
 
-    indices: Any  # np.ndarray of dataset indices
-    augmentation: Any  # scripts.data.AugmentationParams
+    indices: np.ndarray
+    augmentation: AugmentationParams
     t: torch.Tensor
     noise: torch.Tensor
     label_drop_mask: torch.Tensor  # bool: replace the label by the null class
 
 
-def draw_step(cfg: TrainDiTConfig, cache: ImageCache, objective, step: int, device: torch.device) -> StepDraw:
+def draw_step(cfg: TrainDiTConfig, num_images: int, objective, step: int, device: torch.device) -> StepDraw:
     effective = cfg.batch_size * cfg.gradient_accumulation_steps
     generator = step_generator(cfg.seed, step, device)
-    indices = global_batch_indices(len(cache), effective, step, cfg.seed)
+    indices = global_batch_indices(num_images, effective, step, cfg.seed)
     augmentation = draw_augmentation(cfg.augmentation_level, effective, cfg.image_size, generator)
     t, noise = objective.draw_training_noise((effective, 3, cfg.image_size, cfg.image_size), generator, device)
     drop = torch.rand(effective, generator=generator, device=device) < cfg.label_dropout
     return StepDraw(indices, augmentation, t, noise, drop)
 
 
-def micro_batch(draw: StepDraw, cache: ImageCache, micro: int, batch_size: int, rank: int,
-                world_size: int, null_class: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """(x0 in [-1, 1], labels, t, noise) of this rank's share of forward pass `micro` of the step."""
-    start, stop = shard_bounds(batch_size, rank, world_size)
-    start, stop = micro * batch_size + start, micro * batch_size + stop
-    local = draw.indices[start:stop]
-    images = gather_batch(cache.images, local).to(device, non_blocking=True)
-    x0 = unit_to_dit(apply_augmentation(images, draw.augmentation.slice(start, stop)))
-    labels = torch.from_numpy(cache.labels[local]).to(device)
-    labels = drop_labels(labels, draw.label_drop_mask[start:stop], null_class)
-    return x0, labels, draw.t[start:stop], draw.noise[start:stop]
+def micro_slice(cfg: TrainDiTConfig, micro: int, rank: int, world_size: int) -> slice:
+    """This rank's share of forward pass `micro` within the step's effective batch."""
+    start, stop = shard_bounds(cfg.batch_size, rank, world_size)
+    return slice(micro * cfg.batch_size + start, micro * cfg.batch_size + stop)
+
+
+def micro_batch(draw: StepDraw, source: ImageSource, part: slice, null_class: int) -> tuple[torch.Tensor, ...]:
+    """(x0 in [-1, 1], labels with dropout applied, t, noise) of one slice of the step's batch."""
+    images, labels = source.gather(draw.indices[part])
+    x0 = unit_to_dit(apply_augmentation(images, draw.augmentation.slice(part.start, part.stop)))
+    return x0, drop_labels(labels, draw.label_drop_mask[part], null_class), draw.t[part], draw.noise[part]
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Stopping on SIGTERM / SIGINT at a step boundary
+# The checkpointed state
 # ---------------------------------------------------------------------------------------------------------
-class StopRequest:
-    """Set by SIGTERM (preemption) or SIGINT (Ctrl-C); the loop saves and exits at the next step boundary."""
+@dataclass
+class TrainingState:
+    """What a checkpoint holds and restores: weights, EMA, optimizer moments (and the fp16 loss scale)."""
 
-    def __init__(self) -> None:
-        self.signum: int | None = None
+    raw_model: nn.Module  # the plain module (no DDP / compile wrapper)
+    ema: EMA
+    optimizer: Any  # the prepared optimizer
+    scaler: Any  # the fp16 gradient scaler, or None
 
-    def handle(self, signum: int, frame: Any) -> None:
-        if self.signum == signal.SIGINT and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without waiting for the checkpoint
-        self.signum = signum
+    def state_dict(self, step: int, cfg: TrainDiTConfig, class_names: list[str]) -> dict[str, Any]:
+        state = {"step": step, "model": self.raw_model.state_dict(), "ema": self.ema.state_dict(),
+                 "optimizer": self.optimizer.state_dict(), "architecture": architecture(cfg, class_names),
+                 "training_schedule": training_schedule(cfg)}
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        return state
 
-
-@contextmanager
-def stop_on_signals() -> Iterator[StopRequest]:
-    request = StopRequest()
-    if threading.current_thread() is not threading.main_thread():  # handlers can only be set there
-        yield request
-        return
-    previous = {sig: signal.signal(sig, request.handle) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield request
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Training state
-# ---------------------------------------------------------------------------------------------------------
-def build_training_objective(cfg: TrainDiTConfig):
-    """The objective of --objective with its own option (the other objective's flag does not apply)."""
-    if cfg.objective == "flow":
-        return build_objective("flow", time_sampling=cfg.time_sampling)
-    return build_objective("ddpm", schedule=cfg.noise_schedule)
+    def load(self, state: dict[str, Any]) -> None:
+        self.raw_model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        load_optimizer_state(self.optimizer, state["optimizer"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
 
 
 def architecture(cfg: TrainDiTConfig, class_names: list[str]) -> dict[str, Any]:
@@ -240,274 +239,88 @@ def training_schedule(cfg: TrainDiTConfig) -> dict[str, Any]:
             "lr": cfg.lr, "warmup_steps": effective_warmup(cfg)}
 
 
-def rng_states() -> dict[str, Any]:
-    # Training draws all its randomness from per-step generators; these are kept for completeness only.
-    states: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-@dataclass
-class Trainer:
-    """The objects a checkpoint captures."""
-
-    raw_model: nn.Module  # the plain module (no DDP / compile wrapper)
-    ema: EMA
-    optimizer: Any  # the prepared optimizer
-    accelerator: Any
-
-    def state(self, step: int, cfg: TrainDiTConfig, class_names: list[str]) -> dict[str, Any]:
-        state = {"step": step, "model": self.raw_model.state_dict(), "ema": self.ema.state_dict(),
-                 "optimizer": self.optimizer.state_dict(), "rng": rng_states(),
-                 "architecture": architecture(cfg, class_names), "training_schedule": training_schedule(cfg)}
-        if self.accelerator.scaler is not None:
-            state["scaler"] = self.accelerator.scaler.state_dict()
-        return state
-
-    def load(self, state: dict[str, Any]) -> None:
-        self.raw_model.load_state_dict(state["model"])
-        self.ema.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.accelerator.scaler is not None and "scaler" in state:
-            self.accelerator.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"]["torch"])
-
-
-def check_resumable(state: dict[str, Any], folder: Path, cfg: TrainDiTConfig, class_names: list[str],
-                    log: Callable[[str], None]) -> None:
-    saved, wanted = state["architecture"], architecture(cfg, class_names)
-    differences = [f"{key} {saved.get(key, '(not recorded)')} -> {wanted[key]}" for key in wanted
-                   if saved.get(key) != wanted[key]]
-    if differences:
-        raise UserError(f"{folder} was trained with a different setup ({'; '.join(differences)}) — use the same "
-                        "flags and data to continue it, or a new --run-name to start another run")
-    saved_schedule = state["training_schedule"]
-    changed = [key for key, value in training_schedule(cfg).items() if saved_schedule.get(key) != value]
+def resume(run: Run, state: TrainingState, cfg: TrainDiTConfig) -> int:
+    """Load the run's checkpoint into `state` (after checking it fits this setup); returns its step (0: fresh)."""
+    loaded = run.load_resume_state()
+    if loaded is None:
+        return 0
+    step, saved = loaded
+    check_same_setup(run.resume_from, saved["architecture"], architecture(cfg, run.cache.class_names))
+    if step > cfg.steps:
+        raise UserError(f"{run.resume_from} is already at step {step}, beyond --steps {cfg.steps} — raise --steps "
+                        "to train on, or use a new --run-name")
+    changed = [key for key, value in training_schedule(cfg).items() if saved["training_schedule"].get(key) != value]
     if changed:
-        log(f"note: {', '.join(changed)} changed since the checkpoint; training continues, but no longer "
-            "exactly as an uninterrupted run would")
+        run.logger.info("note: %s changed since the checkpoint; training continues, but no longer exactly as an "
+                        "uninterrupted run would", ", ".join(changed))
+    state.load(saved)
+    return step
 
 
 # ---------------------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------------------
-def main(cfg: TrainDiTConfig, on_checkpoint: Callable[[Path], None] | None = None) -> dict[str, Any]:
+def main(cfg: TrainDiTConfig, on_checkpoint=None) -> dict[str, Any]:
     """Train (or continue) the run; returns {"run_dir", "final", "final_raw", "step", "loss"}.
 
     `on_checkpoint(folder)` runs on the main process after every complete state save (Modal commits its
-    volume there).
+    volume there). Stopping early (a signal, --time-limit) raises SystemExit with the status scripts.lib.cli
+    documents, after saving.
     """
-    try:
-        return train(cfg, on_checkpoint)
-    except (torch.cuda.OutOfMemoryError, RuntimeError) as error:
-        advice = describe_gpu_failure(error)  # OOM: what to lower; other CUDA errors: try --device cpu
-        if advice is None:
-            raise
-        raise UserError(advice) from error
+    spec = RunSpec(kind="dit", validate=validate_config, outputs=[Path(cfg.output_dir) / FINAL_NAME],
+                   gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                   log_with=None if cfg.report_to == "none" else cfg.report_to)
+    with open_run(cfg, spec, on_checkpoint, keep_states=cfg.keep_checkpoints) as run:
+        return train(run, cfg)
 
 
-def train(cfg: TrainDiTConfig, on_checkpoint: Callable[[Path], None] | None) -> dict[str, Any]:
-    accelerator = make_accelerator(cfg.device, cfg.mixed_precision, cfg.gradient_accumulation_steps,
-                                   log_with=None if cfg.report_to == "none" else cfg.report_to,
-                                   project_dir=str(Path(cfg.output_dir) / cfg.run_name))
-    validate_config(cfg, accelerator.num_processes)
-    is_main, device = accelerator.is_main_process, accelerator.device
-    run_dir = Path(cfg.output_dir) / cfg.run_name
-    state_root = run_dir / "state"
-    logger = setup_logger(run_dir / "training.log", is_main)
-    resume_from = agree_on_resume_state(find_resume_state(cfg.resume, state_root), accelerator)
-    if is_main:
-        write_config(run_dir, cfg)
-        removed = remove_unfinished_writes(state_root)
-        if removed:
-            logger.info("removed %d unfinished checkpoint write(s) left by a killed run", removed)
-    log_run_header(logger, cfg, str(device), accelerator.mixed_precision, accelerator.num_processes)
-    warmup = effective_warmup(cfg)
-    if warmup != cfg.warmup_steps:
-        logger.info("warmup capped: --warmup-steps %d is not below --steps %d, using %d warmup steps",
-                    cfg.warmup_steps, cfg.steps, warmup)
-
-    with accelerator.local_main_process_first():  # one process per machine builds the cache, the others read it
-        cache = load_or_build_cache(cfg.data_dir, cfg.image_size, log=logger, show_progress=is_main)
-    logger.info("data: %d images, %d classes (%s) from %s", len(cache), cache.num_classes,
-                ", ".join(cache.class_names), cfg.data_dir)
-
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    raw_model = build_dit(cfg.model, cfg.image_size, cache.num_classes).to(device)
+def train(run: Run, cfg: TrainDiTConfig) -> dict[str, Any]:
+    """Set-up -> model -> EMA -> optimizer -> resume -> loop -> final weights."""
+    accelerator, device, logger = run.accelerator, run.device, run.logger
     objective = build_training_objective(cfg)
-    # Fused AdamW (CPU and GPU): one kernel over all parameters instead of a dozen elementwise passes.
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    raw_model = build_dit(cfg.model, cfg.image_size, run.cache.num_classes).to(device)
+    # Fused AdamW (CPU and GPU): one kernel over all parameters instead of a dozen elementwise passes, and one
+    # that can skip a non-finite step on the device (scripts.lib.guard) without waiting for the GPU.
     optimizer = torch.optim.AdamW(raw_model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   fused=device.type in ("cuda", "cpu"))
-    model = torch.compile(raw_model) if cfg.compile else raw_model
     # No LR scheduler goes through prepare(): a prepared one steps once per process (see API-NOTES).
-    model, optimizer = accelerator.prepare(model, optimizer)
-    trainer = Trainer(raw_model, EMA(raw_model, decay=cfg.ema_decay, warmup=True), optimizer, accelerator)
+    model, optimizer = accelerator.prepare(raw_model, optimizer)
+    state = TrainingState(raw_model, EMA(raw_model, decay=cfg.ema_decay, warmup=True), optimizer, accelerator.scaler)
+    start_step = resume(run, state, cfg)
+    run.begin(start_step, cfg.steps, f"from step {start_step}")
     logger.info("model %s: %.2fM parameters, %s objective", cfg.model, count_parameters(raw_model) / 1e6,
                 cfg.objective)
+    if effective_warmup(cfg) != cfg.warmup_steps:
+        logger.info("warmup capped: --warmup-steps %d is not below --steps %d, using %d warmup steps",
+                    cfg.warmup_steps, cfg.steps, effective_warmup(cfg))
+    source = ImageSource(run.cache, device)
+    logger.info("training images gathered on the %s (%s)", "device" if source.placement == "device" else "host",
+                device)
+    if compile_wanted(cfg.compile, device):
+        model = compile_model(run, cfg, model, objective, source)
 
-    start_step = 0
-    if resume_from is not None:
-        start_step, state = load_training_state(resume_from)
-        check_resumable(state, resume_from, cfg, cache.class_names, logger.info)
-        if start_step > cfg.steps:
-            raise UserError(f"{resume_from} is already at step {start_step}, beyond --steps {cfg.steps} — raise "
-                            "--steps to train on, or use a new --run-name")
-        trainer.load(state)
-        logger.info("resuming from step %d (%s)", start_step, resume_from)
-    else:
-        logger.info("starting fresh in %s", run_dir)
-    if cfg.report_to != "none":
-        accelerator.init_trackers("tiny-cats-dit", config={k: v for k, v in config_dict(cfg).items() if v is not None})
-
-    def save_checkpoint(step: int) -> None:
-        if is_main:
-            folder = save_training_state(state_root, step, trainer.state(step, cfg, cache.class_names))
-            prune_states(state_root, cfg.keep_checkpoints)
-            logger.info("saved training state %s", folder)
-            if on_checkpoint is not None:
-                on_checkpoint(folder)
-        accelerator.wait_for_everyone()
-
-    def write_samples(step: int) -> None:
-        if is_main:
-            path = sample_grid(trainer.ema.model, objective, cfg, cache.class_names, run_dir, step, accelerator)
-            logger.info("sample grid %s", path)
-        accelerator.wait_for_everyone()
-
-    loop = TrainingLoop(cfg, accelerator, model, trainer, objective, cache, warmup, logger,
-                        MetricsWriter(run_dir / "metrics.jsonl", enabled=is_main), save_checkpoint, write_samples)
-    with stop_on_signals() as stop:
-        step = loop.run(start_step, stop)
-    if stop.signum is not None and step < cfg.steps:
-        logger.info("stopped by %s at step %d after saving its state; run the same command to resume",
-                    signal.Signals(stop.signum).name, step)
-        raise SystemExit(128 + stop.signum)
-
+    step, stopped, last_loss = train_loop(run, cfg, model, state, objective, source, start_step)
+    if stopped:
+        logger.info("stopped by %s at step %d after saving its state; run the same command to resume", stopped, step)
+        raise SystemExit(exit_status(stopped))
     if step == start_step:  # a rerun of a finished run: the loop wrote no final grid this time
-        write_samples(step)
-    summary = {"run_dir": run_dir, "final": run_dir / FINAL_NAME, "final_raw": run_dir / FINAL_RAW_NAME,
-               "step": step, "loss": loop.last_loss}
-    if is_main:
-        write_final_weights(cfg, trainer, objective, cache.class_names, step, summary)
+        write_sample_grid(run, cfg, state.ema.model, objective, step, None, None, 0.0)
+    summary = {"run_dir": run.run_dir, "final": run.run_dir / FINAL_NAME, "final_raw": run.run_dir / FINAL_RAW_NAME,
+               "step": step, "loss": last_loss}
+    if run.is_main:
+        write_final_weights(cfg, state, objective, run.cache.class_names, step, summary)
         logger.info("done: step %d, final EMA weights %s (also %s)", step, summary["final"],
                     Path(cfg.output_dir) / FINAL_NAME)
     accelerator.wait_for_everyone()
-    accelerator.end_training()
     return summary
 
 
-class TrainingLoop:
-    """The optimizer-step loop with its periodic logging, sampling and saving."""
-
-    def __init__(self, cfg: TrainDiTConfig, accelerator, model: nn.Module, trainer: Trainer, objective,
-                 cache: ImageCache, warmup: int, logger, metrics: MetricsWriter,
-                 save_checkpoint: Callable[[int], None], write_samples: Callable[[int], None]):
-        self.cfg, self.accelerator, self.model, self.trainer = cfg, accelerator, model, trainer
-        self.objective, self.cache, self.warmup, self.logger, self.metrics = objective, cache, warmup, logger, metrics
-        self.save_checkpoint, self.write_samples = save_checkpoint, write_samples
-        self.log_every = min(cfg.log_interval, max(1, cfg.steps // 10))  # short runs log too
-        self.last_loss = math.nan
-
-    def train_step(self, step: int) -> tuple[float, bool, torch.Tensor]:
-        """One optimizer step: (loss averaged over the effective global batch, stop requested, grad norm)."""
-        cfg, accelerator, optimizer = self.cfg, self.accelerator, self.trainer.optimizer
-        device = accelerator.device
-        lr = learning_rate(step, cfg.lr, self.warmup)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        draw = draw_step(cfg, self.cache, self.objective, step, device)
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(cfg.gradient_accumulation_steps):
-            x0, labels, t, noise = micro_batch(draw, self.cache, micro, cfg.batch_size,
-                                               accelerator.process_index, accelerator.num_processes,
-                                               self.trainer.raw_model.null_class, device)
-            with accelerator.accumulate(self.model):
-                loss = self.objective.training_loss(self.model, x0, labels, t, noise)
-                accelerator.backward(loss)
-            loss_sum += loss.detach().float()
-        # One all-reduce per step carries the loss (for the NaN guard and the log) and any rank's stop signal,
-        # so every rank takes the same decision.
-        signals = torch.stack([loss_sum / cfg.gradient_accumulation_steps,
-                               torch.tensor(float(self.stop.signum is not None), device=device)])
-        signals = accelerator.reduce(signals, reduction="sum")
-        loss_value = signals[0].item() / accelerator.num_processes
-        if not math.isfinite(loss_value):
-            raise self.non_finite_loss(step + 1)
-        grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        self.trainer.ema.update(self.trainer.raw_model)
-        return loss_value, signals[1].item() > 0, grad_norm
-
-    def non_finite_loss(self, step: int) -> UserError:
-        newest = list_complete_states(Path(self.cfg.output_dir) / self.cfg.run_name / "state")
-        kept = f"the last good checkpoint ({newest[-1][1]}) is kept" if newest else "no checkpoint was saved yet"
-        message = (f"loss became NaN/inf at step {step} — lower --lr, check the data, or use --mixed-precision "
-                   f"no/bf16; nothing was saved from this step and {kept}")
-        self.logger.error(message)
-        return UserError(message)
-
-    def run(self, start_step: int, stop: StopRequest) -> int:
-        """Train from `start_step` to --steps (or to a stop request); returns the number of completed steps."""
-        cfg, is_main = self.cfg, self.accelerator.is_main_process
-        self.stop = stop
-        images_per_step = cfg.batch_size * cfg.gradient_accumulation_steps
-        window = {"loss": 0.0, "steps": 0, "seconds": 0.0}
-        step = start_step
-        progress = tqdm(total=cfg.steps, initial=start_step, desc="train", unit="step", disable=not is_main,
-                        dynamic_ncols=True)
-        with progress:
-            while step < cfg.steps:
-                started = time.perf_counter()
-                loss, stop_requested, grad_norm = self.train_step(step)
-                step += 1
-                window["loss"] += loss
-                window["steps"] += 1
-                window["seconds"] += time.perf_counter() - started
-                self.last_loss = loss
-                progress.update()
-                if step % self.log_every == 0 or step == cfg.steps:
-                    self.log(step, window, float(grad_norm), images_per_step, progress)
-                    window = {"loss": 0.0, "steps": 0, "seconds": 0.0}
-                if step % cfg.save_interval == 0 or step == cfg.steps or stop_requested:
-                    self.save_checkpoint(step)
-                if stop_requested:
-                    break
-                if step % cfg.sample_interval == 0 or step == cfg.steps:
-                    self.write_samples(step)
-        return step
-
-    def log(self, step: int, window: dict[str, float], grad_norm: float, images_per_step: int, progress) -> None:
-        seconds_per_step = window["seconds"] / window["steps"]
-        metrics = {"step": step, "loss": window["loss"] / window["steps"],
-                   "lr": self.trainer.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
-                   "img_per_s": images_per_step / seconds_per_step, "ema_decay": self.trainer.ema.current_decay()}
-        eta = format_duration((self.cfg.steps - step) * seconds_per_step)
-        self.logger.info("step %d/%d loss %.4f lr %.2e grad-norm %.3f %.1f img/s eta %s", step, self.cfg.steps,
-                         metrics["loss"], metrics["lr"], grad_norm, metrics["img_per_s"], eta)
-        self.metrics.write(**metrics)
-        if self.cfg.report_to != "none":
-            self.accelerator.log(metrics, step=step)
-        progress.set_postfix(loss=f"{metrics['loss']:.4f}")
-
-
-def sample_grid(ema_model: nn.Module, objective, cfg: TrainDiTConfig, class_names: list[str], run_dir: Path,
-                step: int, accelerator) -> Path:
-    """A fixed-seed EMA sample grid, one row per class, at samples/step_NNNNNNN.png."""
-    columns = max(2, min(GRID_COLUMNS, 64 // len(class_names)))
-    labels = class_grid_labels(list(range(len(class_names))), columns, accelerator.device)
-    with accelerator.autocast():
-        images = sample_images(ema_model, objective, labels, steps=cfg.sample_steps, cfg_scale=cfg.cfg_scale,
-                               sampler=None, seed=cfg.seed, image_size=cfg.image_size, in_channels=3)
-    return save_grid(images, run_dir / "samples" / f"step_{step:07d}.png", per_row=columns)
-
-
-def write_final_weights(cfg: TrainDiTConfig, trainer: Trainer, objective, class_names: list[str], step: int,
+def write_final_weights(cfg: TrainDiTConfig, state: TrainingState, objective, class_names: list[str], step: int,
                         summary: dict[str, Any]) -> None:
-    """EMA and raw weights with full metadata in the run dir; the EMA file also at <output-dir>/."""
-    for weights, model, path in (("ema", trainer.ema.model, summary["final"]),
-                                 ("raw", trainer.raw_model, summary["final_raw"])):
+    """EMA and raw weights with full metadata in the run dir; the EMA file also at <output-dir>/ (atomically)."""
+    for weights, model, path in (("ema", state.ema.model, summary["final"]),
+                                 ("raw", state.raw_model, summary["final_raw"])):
         metadata = dit_metadata(config_dict(cfg), model_name=cfg.model, image_size=cfg.image_size, in_channels=3,
                                 class_names=class_names, objective_name=cfg.objective,
                                 objective_options=objective.options(), step=step, weights=weights)
@@ -516,6 +329,150 @@ def write_final_weights(cfg: TrainDiTConfig, trainer: Trainer, objective, class_
     tmp = shared.with_name(shared.name + ".tmp")
     shutil.copyfile(summary["final"], tmp)
     os.replace(tmp, shared)
+
+
+def compile_model(run: Run, cfg: TrainDiTConfig, model: nn.Module, objective, source: ImageSource) -> nn.Module:
+    """torch.compile the prepared model, warmed up on step 0's batch (forward + backward, then the gradients are
+    thrown away, so training is unchanged); the compile time is logged apart from img/s. If compiling fails,
+    training goes on eagerly after one warning."""
+    compiled = torch.compile(model)
+    started = time.perf_counter()
+    try:
+        draw = draw_step(cfg, source.num_images, objective, 0, run.device)
+        part = micro_slice(cfg, 0, run.accelerator.process_index, run.accelerator.num_processes)
+        run.accelerator.backward(objective.training_loss(compiled, *micro_batch(draw, source, part,
+                                                                                  run.cache.num_classes)))
+        synchronize(run.device)
+    except (UserError, torch.cuda.OutOfMemoryError):
+        raise
+    except Exception as error:  # noqa: BLE001 — any compiler failure: eager training still works
+        run.logger.warning("torch.compile failed (%s: %s); training eagerly instead", type(error).__name__,
+                           str(error).splitlines()[0] if str(error) else "")
+        return model
+    finally:
+        run.accelerator.unwrap_model(model).zero_grad(set_to_none=True)
+    run.logger.info("compiled the model in %.1f s (a warm-up forward + backward, not counted in img/s)",
+                    time.perf_counter() - started)
+    return compiled
+
+
+def train_loop(run: Run, cfg: TrainDiTConfig, model: nn.Module, state: TrainingState, objective,
+               source: ImageSource, start_step: int) -> tuple[int, str | None, float]:
+    """Optimizer steps from `start_step` to --steps, with logging, saving and sample grids at their intervals.
+
+    Returns (completed steps, why it stopped early or None, last logged loss). Nothing here waits for the GPU
+    between boundaries: the loss is summed and the guard's verdict kept on the device, read when logging or
+    saving (a bad step raises there, before anything is written).
+    """
+    accelerator = run.accelerator
+    warmup = effective_warmup(cfg)
+    log_every = min(cfg.log_interval, max(1, cfg.steps // 10))  # short runs log too
+    health, window = FirstBadStep(run.device), MetricsWindow(run.device, start_step)
+    budget, agreement = TimeBudget(time_limit_seconds(cfg), start_step), StopAgreement(accelerator)
+    step, stopped, started = start_step, None, time.monotonic()
+    progress = tqdm(total=cfg.steps, initial=start_step, desc="train", unit="step",
+                    disable=not run.is_main, dynamic_ncols=True)
+    with stop_on_signals() as signals, progress:
+        while step < cfg.steps and stopped is None:
+            loss, grad_norm, verdict = optimizer_step(cfg, model, state, objective, source, step, warmup, accelerator)
+            step += 1
+            health.record(step, verdict)
+            window.add(loss, first_of_attempt=step == start_step + 1)
+            progress.update()
+            stopped = agreement.reason(signals.signum, budget.exhausted(step, next_boundary(step, cfg.save_interval,
+                                                                                            cfg.steps)))
+            if step % log_every == 0 or step == cfg.steps or stopped:
+                log_progress(run, cfg, step, window, grad_norm, health, state.ema, progress)
+            if step % cfg.save_interval == 0 or step == cfg.steps or stopped:
+                stop_if_broken(health, step)
+                budget.saved(run.save_state(step, state.state_dict(step, cfg, run.cache.class_names)))
+            if stopped is None and (step % cfg.sample_interval == 0 or step == cfg.steps):
+                write_sample_grid(run, cfg, state.ema.model, objective, step, signals,
+                                  window.seconds_per_step / (cfg.batch_size * cfg.gradient_accumulation_steps),
+                                  time.monotonic() - started)
+    return step, stopped, window.last_loss
+
+
+def optimizer_step(cfg: TrainDiTConfig, model: nn.Module, state: TrainingState, objective, source: ImageSource,
+                   step: int, warmup: int, accelerator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One optimizer step over the effective global batch; returns (loss, grad norm, the guard's verdict), all
+    device tensors (reading them would wait for the GPU)."""
+    for group in state.optimizer.param_groups:  # the LR is a pure function of the step: no scheduler state
+        group["lr"] = learning_rate(step, cfg.lr, warmup)
+    draw = draw_step(cfg, source.num_images, objective, step, accelerator.device)
+    parts = [micro_slice(cfg, micro, accelerator.process_index, accelerator.num_processes)
+             for micro in range(cfg.gradient_accumulation_steps)]
+    loss = torch.zeros((), device=accelerator.device)
+    for index, part in enumerate(parts):
+        batch = micro_batch(draw, source, part, state.raw_model.null_class)
+        # While the device computes this part, gather the next one on the host (a no-op when the images
+        # already live on the device).
+        source.prefetch(draw.indices[parts[index + 1]] if index + 1 < len(parts) else
+                        global_batch_indices(source.num_images, cfg.batch_size * cfg.gradient_accumulation_steps,
+                                             step + 1, cfg.seed)[parts[0]])
+        with accelerator.accumulate(model):  # DDP syncs gradients on the last part only
+            part_loss = objective.training_loss(model, *batch)
+            accelerator.backward(part_loss)
+        loss += part_loss.detach().float() / len(parts)
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+    # A NaN/inf loss or gradient must not reach the weights: the fused optimizer then skips this step.
+    verdict = apply_update_only_if_finite(state.optimizer, loss, grad_norm)
+    state.optimizer.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    state.ema.update(state.raw_model)
+    return loss, grad_norm, verdict_after_update(verdict, state.raw_model.parameters())
+
+
+def stop_if_broken(health: FirstBadStep, step: int) -> None:
+    """Raise the advice when a step since the start went non-finite (nothing of it has been saved)."""
+    bad = health.first()
+    if bad is not None:
+        raise UserError(f"{bad[1]} became NaN/inf at step {bad[0]} — lower --lr, check the data, or use "
+                        "--mixed-precision no/bf16; nothing was saved after it, the last complete checkpoint is kept "
+                        f"(noticed at step {step})")
+
+
+def log_progress(run: Run, cfg: TrainDiTConfig, step: int, window: MetricsWindow, grad_norm: torch.Tensor,
+                 health: FirstBadStep, ema: EMA, progress: tqdm) -> None:
+    """One log line, metrics.jsonl row and status update for the steps since the last one."""
+    stop_if_broken(health, step)
+    figures = window.close(run.accelerator, cfg.batch_size * cfg.gradient_accumulation_steps)
+    eta_s = (cfg.steps - step) * figures["seconds_per_step"]
+    metrics = {**figures, "lr": learning_rate(step - 1, cfg.lr, effective_warmup(cfg)), "grad_norm": float(grad_norm),
+               "ema_decay": ema.current_decay()}
+    run.logger.info("step %d/%d loss %.4f lr %.2e grad-norm %.3f %.1f img/s eta %s", step, cfg.steps,
+                    metrics["loss"], metrics["lr"], metrics["grad_norm"], metrics["img_per_s"], format_duration(eta_s))
+    run.log_metrics(step, eta_s, **metrics)
+    progress.set_postfix(loss=f"{metrics['loss']:.4f}")
+
+
+def write_sample_grid(run: Run, cfg: TrainDiTConfig, ema_model: nn.Module, objective, step: int, signals,
+                      seconds_per_image: float | None, training_seconds: float) -> None:
+    """A fixed-seed EMA grid, one row per class, at samples/step_NNNNNNN.png (main process; the others wait).
+
+    On a CPU the grid is sized to cost a small share of the training time (logged); a signal stops it at the
+    next sampler step, and the run then saves and exits after one more training step.
+    """
+    if run.is_main:
+        num_classes = run.cache.num_classes
+        columns, steps, estimate = grid_plan(num_classes, cfg.sample_steps, cfg.cfg_scale, run.device,
+                                             seconds_per_image, training_seconds)
+        started = time.perf_counter()
+        labels = class_grid_labels(list(range(num_classes)), columns, run.device)
+        try:
+            with run.accelerator.autocast():
+                images = sample_images(ema_model, objective, labels, steps=steps, cfg_scale=cfg.cfg_scale,
+                                       sampler=None, seed=cfg.seed, image_size=cfg.image_size, in_channels=3,
+                                       progress=f"sample grid {step}",
+                                       should_stop=lambda: signals is not None and signals.signum is not None)
+            path = save_grid(images, run.run_dir / "samples" / f"step_{step:07d}.png", per_row=columns)
+            guess = "" if estimate is None else f" (estimated {estimate:.0f} s)"
+            run.logger.info("sample grid %s: %d classes x %d, %d steps, CFG %g, took %.1f s%s", path, num_classes,
+                            columns, steps, cfg.cfg_scale, time.perf_counter() - started, guess)
+            run.status.update(newest_grid=str(path.relative_to(run.run_dir)))
+        except SamplingStopped:
+            run.logger.info("sample grid of step %d stopped by a signal", step)
+    run.accelerator.wait_for_everyone()
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from scripts.lib.cli import parse_config
 recorded: dict[str, Any] = {"local_losses": []}
 
 
-class RecordingTrainer(train_dit.Trainer):
+class RecordingTrainer(train_dit.TrainingState):
     """The DiT trainer's bundle of raw model + EMA, kept for the dump."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -59,7 +59,7 @@ classifier_build_model = train.build_model
 
 def run(trainer: str, argv: list[str]) -> None:
     if trainer == "dit":
-        train_dit.Trainer = RecordingTrainer
+        train_dit.TrainingState = RecordingTrainer
         train_dit.build_objective = recording_objective
         train_dit.main(parse_config(train_dit.TrainDiTConfig, argv, "ddp driver"))
     elif trainer == "classifier":

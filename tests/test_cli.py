@@ -59,7 +59,7 @@ def test_user_error_becomes_one_line_and_exit_2(capsys):
 
 
 def test_config_to_argv_round_trips_every_field():
-    dit = dataclasses.replace(parse_config(train_dit.TrainDiTConfig, ["/data/cats"], ""), compile=True,
+    dit = dataclasses.replace(parse_config(train_dit.TrainDiTConfig, ["/data/cats"], ""), compile="on",
                               lr=3e-4, model="B/2", run_name="dit-x", resume="never", ema_decay=0.999)
     assert parse_config(train_dit.TrainDiTConfig, config_to_argv(dit), "") == dit
     classifier = dataclasses.replace(parse_config(train.TrainConfig, ["/data/cats"], ""), epochs=3)

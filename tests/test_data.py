@@ -506,14 +506,40 @@ def test_two_ranks_see_exactly_the_samples_of_one_process():
     cache = image_files.synthetic_cache(40, 8, num_classes=3)
     pool = np.arange(5, 35)
 
-    whole, whole_labels = batches.training_batch(cache, 8, step=4, seed=9, level="full", device="cpu", pool=pool)
-    parts = [batches.training_batch(cache, 8, step=4, seed=9, level="full", device="cpu", rank=rank,
-                                 world_size=2, pool=pool) for rank in range(2)]
+    source = batches.ImageSource(cache, "cpu")
+    whole, whole_labels = batches.training_batch(source, 8, step=4, seed=9, level="full", pool=pool)
+    parts = [batches.training_batch(source, 8, step=4, seed=9, level="full", rank=rank, world_size=2, pool=pool)
+             for rank in range(2)]
 
     torch.testing.assert_close(torch.cat([p[0] for p in parts]), whole, rtol=0, atol=0)
     torch.testing.assert_close(torch.cat([p[1] for p in parts]), whole_labels, rtol=0, atol=0)
     indices = batches.global_batch_indices(30, 8, 4, 9, pool=pool)
     torch.testing.assert_close(whole_labels, torch.from_numpy(cache.labels[indices]))
+
+
+@pytest.mark.parametrize("level", batches.AUGMENTATION_LEVELS)
+def test_device_resident_images_give_bitwise_the_batches_of_the_host_path(level):
+    cache = image_files.synthetic_cache(50, 8, num_classes=4)
+    on_host = batches.ImageSource(cache, "cpu", placement="host")
+    on_device = batches.ImageSource(cache, "cpu", placement="device")
+    assert isinstance(on_device.images, torch.Tensor) and not isinstance(on_host.images, torch.Tensor)
+    for step in (0, 3, 7):  # 7 crosses into the second epoch
+        host_images, host_labels = batches.training_batch(on_host, 8, step, seed=2, level=level)
+        device_images, device_labels = batches.training_batch(on_device, 8, step, seed=2, level=level)
+        torch.testing.assert_close(device_images, host_images, rtol=0, atol=0)
+        torch.testing.assert_close(device_labels, host_labels, rtol=0, atol=0)
+
+
+def test_a_prefetched_batch_is_used_only_for_the_indices_it_was_gathered_for():
+    cache = image_files.synthetic_cache(50, 8, num_classes=4)
+    source = batches.ImageSource(cache, "cpu", placement="host", background=True)
+    first, second = np.array([4, 4, 0, 49]), np.array([1, 2, 3, 5])
+    source.prefetch(first)
+    torch.testing.assert_close(source.gather(first)[0], torch.from_numpy(cache.images[first]), rtol=0, atol=0)
+    source.prefetch(first)  # the next step wanted other rows after all: the prefetched batch must not be used
+    images, labels = source.gather(second)
+    torch.testing.assert_close(images, torch.from_numpy(cache.images[second]), rtol=0, atol=0)
+    torch.testing.assert_close(labels, torch.from_numpy(cache.labels[second]), rtol=0, atol=0)
 
 
 def test_gather_batch_keeps_the_requested_order():

@@ -3,7 +3,6 @@ bodies run in-process on the CPU with the volumes redirected to a temp dir (no M
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from modal.exception import NotFoundError
 from modal.volume import FileEntryType
 
 import modal_app
-from scripts import train, train_dit
+from scripts import train_dit
 from scripts.lib.checkpoints import list_complete_states
 from scripts.lib.cli import UserError, parse_config
 from scripts.make_toy_cats import generate_toy_cats

@@ -31,6 +31,9 @@ def config(data_dir: Path, out: Path, *extra: str) -> TrainConfig:
             "--no-pretrained",
             "--device",
             "cpu",
+            # fp32 on every CPU (auto picks bf16 where the CPU has it), so predict.py's fp32 figures match.
+            "--mixed-precision",
+            "no",
             "--image-size",
             "32",
             "--lr",

@@ -34,7 +34,7 @@ def test_cli_defaults_are_the_documented_ones():
                     model="S/4", image_size=64, objective="flow", ema_decay=0.9999, cfg_scale=4.0,
                     label_dropout=0.1, max_grad_norm=1.0, weight_decay=0.0, mixed_precision="auto", device="auto",
                     seed=0, run_name="dit", output_dir="checkpoints", resume="auto", keep_checkpoints=5,
-                    compile=False, report_to="none")
+                    compile="auto", time_limit="", report_to="none")
     assert {key: getattr(cfg, key) for key in expected} == expected
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -144,8 +145,9 @@ def draw_augmentation(level: str, batch_size: int, image_size: int,
                       generator: torch.Generator) -> AugmentationParams:
     """Draw every random parameter of one GLOBAL batch on the generator's device.
 
-    none: nothing (no random numbers drawn). basic: horizontal flips. medium: + a random square crop keeping 80-100% of the side, anywhere inside
-    the image. full: + brightness/contrast/saturation factors in [0.85, 1.15].
+    none: nothing (no random numbers drawn). basic: horizontal flips. medium: + a random square crop keeping
+    80-100% of the side, anywhere inside the image. full: + brightness/contrast/saturation factors in
+    [0.85, 1.15].
     """
     if level not in AUGMENTATION_LEVELS:
         choices = ", ".join(AUGMENTATION_LEVELS)
@@ -249,19 +251,84 @@ def gather_batch(images: np.ndarray, indices: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(unsorted)
 
 
-def training_batch(cache: ImageCache, global_batch: int, step: int, seed: int, level: str,
-                   device: torch.device | str, rank: int = 0, world_size: int = 1,
-                   pool: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's (augmented images float32 [0, 1], labels int64) of global batch `step`, on `device`.
+# The image cache moves onto the GPU when it takes at most this share of the free GPU memory: a toy or
+# Oxford-size set is tens of MB, and every step then gathers its batch there, with no host round trip.
+DEVICE_CACHE_MAX_FREE_FRACTION = 0.25
+PLACEMENTS = ("auto", "device", "host")
+
+
+class ImageSource:
+    """The cached images and labels, placed where the training device gathers batches from them cheapest.
+
+    device: the whole uint8 array on the training device (auto: on a GPU, when it fits in a quarter of the free
+    memory); a batch is one index_select there. host: the memory-mapped array; a batch is gathered on the host
+    and, for a GPU, copied from pinned memory without blocking while the next one is gathered in the background.
+    Both placements give bitwise the same batches.
+    """
+
+    def __init__(self, cache: ImageCache, device: torch.device | str, placement: str = "auto",
+                 background: bool | None = None):
+        """`background`: gather host batches ahead in a thread (default: on a GPU, where the host is idle)."""
+        self.device = torch.device(device)
+        self.image_size = cache.image_size
+        self.num_images = len(cache)
+        if placement == "auto":
+            placement = "device" if self.device.type == "cuda" and _fits_on_gpu(cache, self.device) else "host"
+        self.placement = placement
+        self._pin = self.device.type == "cuda"
+        if placement == "device":
+            self.images = torch.from_numpy(np.ascontiguousarray(cache.images)).to(self.device)
+            self.labels = torch.from_numpy(np.asarray(cache.labels, dtype=np.int64)).to(self.device)
+        else:
+            self.images, self.labels = cache.images, np.asarray(cache.labels, dtype=np.int64)
+        if background is None:
+            background = self._pin
+        self._background = ThreadPoolExecutor(max_workers=1) if placement == "host" and background else None
+        self._prefetched: tuple[np.ndarray, Future] | None = None
+
+    def _to_device(self, array: np.ndarray | torch.Tensor) -> torch.Tensor:
+        tensor = torch.from_numpy(array) if isinstance(array, np.ndarray) else array
+        if self._pin:  # a copy from pageable memory would wait for the GPU to finish its queue
+            tensor = tensor.pin_memory()
+        return tensor.to(self.device, non_blocking=True)
+
+    def _gather_on_host(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = gather_batch(self.images, indices), torch.from_numpy(self.labels[indices])
+        return (images.pin_memory(), labels.pin_memory()) if self._pin else (images, labels)
+
+    def prefetch(self, indices: np.ndarray) -> None:
+        """Start gathering the batch `indices` in the background (host placement on a GPU; else a no-op)."""
+        if self._background is not None:
+            self._prefetched = (indices, self._background.submit(self._gather_on_host, indices))
+
+    def gather(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(uint8 images (B, 3, H, W), int64 labels (B,)) of dataset rows `indices`, on the training device."""
+        if self.placement == "device":
+            rows = self._to_device(np.ascontiguousarray(indices, dtype=np.int64))
+            return self.images.index_select(0, rows), self.labels.index_select(0, rows)
+        prefetched, self._prefetched = self._prefetched, None
+        if prefetched is not None and np.array_equal(prefetched[0], indices):
+            images, labels = prefetched[1].result()
+        else:
+            images, labels = self._gather_on_host(indices)
+        return images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+
+
+def _fits_on_gpu(cache: ImageCache, device: torch.device) -> bool:
+    free, _ = torch.cuda.mem_get_info(device)
+    return cache.images.nbytes <= DEVICE_CACHE_MAX_FREE_FRACTION * free
+
+
+def training_batch(source: ImageSource, global_batch: int, step: int, seed: int, level: str, rank: int = 0,
+                   world_size: int = 1, pool: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's (augmented images float32 [0, 1], labels int64) of global batch `step`, on the source's device.
 
     Indices and augmentation are drawn for the whole global batch and then sliced, so 1 and N processes
     train on identical samples, and a resumed run continues exactly.
     """
-    num_items = len(pool) if pool is not None else len(cache)
+    num_items = len(pool) if pool is not None else source.num_images
     indices = global_batch_indices(num_items, global_batch, step, seed, pool=pool)
     start, stop = shard_bounds(global_batch, rank, world_size)
-    local = indices[start:stop]
-    images = gather_batch(cache.images, local).to(device, non_blocking=True)
-    labels = torch.from_numpy(cache.labels[local]).to(device, non_blocking=True)
-    params = draw_augmentation(level, global_batch, cache.image_size, step_generator(seed, step, device))
+    images, labels = source.gather(indices[start:stop])
+    params = draw_augmentation(level, global_batch, source.image_size, step_generator(seed, step, source.device))
     return apply_augmentation(images, params.slice(start, stop)), labels

@@ -1,4 +1,5 @@
-"""Run directories and logging: `checkpoints/<run-name>/` with config.json, training.log, metrics.jsonl.
+"""Run directories and logging: `checkpoints/<run-name>/` with config.json, training.log, metrics.jsonl and
+status.json (where the run stands now, for people and launchers that poll it).
 
 Only the main process writes files; every process may call these functions (they become no-ops or
 console-only elsewhere), which keeps the trainers free of `if is_main` clutter.
@@ -9,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import platform
+import socket
 import subprocess
 import sys
 import time
@@ -46,6 +49,17 @@ def setup_logger(log_file: Path | None, is_main: bool = True) -> logging.Logger:
         file_handler.setFormatter(formatter)
         logger.addHandler(file_handler)
     return logger
+
+
+def append_log_line(log_file: Path, message: str, level: str = "ERROR") -> None:
+    """One line at the end of an EXISTING training.log, in the logger's format (for a start that was refused
+    before the run was opened). Newlines are escaped, so the message stays one line."""
+    if not log_file.is_file():
+        return
+    stamp = datetime.now().strftime(_DATE_FORMAT)
+    flat = message.replace("\r", "\\r").replace("\n", "\\n")
+    with open(log_file, "a", encoding="utf-8") as handle:
+        handle.write(f"{stamp} {level} {flat}\n")
 
 
 def git_commit() -> str:
@@ -101,6 +115,36 @@ class MetricsWriter:
         record = {"time": round(time.time(), 3), **metrics}
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+class StatusFile:
+    """status.json: the run's state ("training", "finished", "stopped", "failed"), step, speed, ETA and newest
+    outputs, rewritten atomically at every log step and save (main process only; elsewhere a no-op)."""
+
+    def __init__(self, path: Path, enabled: bool = True, **fields: Any):
+        self.path = path
+        self.enabled = enabled
+        self.fields: dict[str, Any] = {"state": "starting", "started": round(time.time(), 3),
+                                       "host": socket.gethostname(), "pid": os.getpid(), "message": None, **fields}
+
+    def update(self, **fields: Any) -> None:
+        self.fields.update(fields)
+        if self.enabled:
+            _write_json_atomic(self.path, {**self.fields, "updated": round(time.time(), 3)})
+
+
+def read_status(run_dir: Path) -> dict[str, Any] | None:
+    """A run's status.json, or None when it has none (yet) or it cannot be read."""
+    try:
+        return json.loads((run_dir / "status.json").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def format_duration(seconds: float) -> str:

@@ -79,6 +79,14 @@ def make_accelerator(device: str, mixed_precision: str, gradient_accumulation_st
                        log_with=log_with, project_dir=project_dir)
 
 
+def compile_wanted(choice: str, device: torch.device) -> bool:
+    """--compile auto|on|off: auto compiles on CUDA GPUs only, where it pays (measured on an H200: 1.54x for S/2);
+    on a CPU its warm-up takes minutes for ~1.1x."""
+    if choice == "auto":
+        return device.type == "cuda"
+    return choice == "on"
+
+
 def describe_gpu_failure(error: BaseException) -> str | None:
     """An actionable message for CUDA out-of-memory and other CUDA errors, else None."""
     text = str(error)
