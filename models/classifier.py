@@ -34,9 +34,7 @@ class PretrainedWeightsUnavailable(RuntimeError):
     """ImageNet weights are neither cached nor downloadable (typically: no internet)."""
 
     def __init__(self, backbone: str, weights_file: Path, reason: str):
-        super().__init__(
-            f"pretrained {backbone} weights are not available ({reason}); expected them at {weights_file}"
-        )
+        super().__init__(f"pretrained {backbone} weights are not available ({reason}); expected them at {weights_file}")
         self.backbone = backbone
         self.weights_file = weights_file
         self.reason = reason
@@ -58,9 +56,7 @@ def _imagenet_state_dict(backbone: str) -> dict[str, torch.Tensor]:
     """The ImageNet state dict from the torch.hub cache, downloading it when it is not there yet."""
     weights = _REGISTRY[backbone][1]
     try:
-        return torch.hub.load_state_dict_from_url(
-            weights.url, progress=True, check_hash=True, weights_only=True
-        )
+        return torch.hub.load_state_dict_from_url(weights.url, progress=True, check_hash=True, weights_only=True)
     except (
         urllib.error.URLError,
         OSError,
@@ -105,12 +101,9 @@ def features_and_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor
     `x` is normalised like the training inputs.
     """
     captured: list[torch.Tensor] = []
-    hook = _final_linear(model).register_forward_hook(
-        lambda _module, inputs, _output: captured.append(inputs[0])
-    )
+    hook = _final_linear(model).register_forward_hook(lambda _module, inputs, _output: captured.append(inputs[0]))
     try:
         logits = model(x)
     finally:
         hook.remove()
     return captured[0].flatten(1), logits
-

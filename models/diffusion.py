@@ -36,16 +36,16 @@ def drop_labels(y: torch.Tensor, drop_mask: torch.Tensor, null_class: int) -> to
     return torch.where(drop_mask, torch.full_like(y, null_class), y)
 
 
-def guided_prediction(model: nn.Module, x: torch.Tensor, t_model: torch.Tensor, y: torch.Tensor,
-                      cfg_scale: float, null_class: int) -> torch.Tensor:
+def guided_prediction(
+    model: nn.Module, x: torch.Tensor, t_model: torch.Tensor, y: torch.Tensor, cfg_scale: float, null_class: int
+) -> torch.Tensor:
     """uncond + cfg_scale * (cond - uncond), both halves in one batched forward.
 
     Scale 1 is the conditional prediction (one plain forward), scale 0 the unconditional one.
     """
     if cfg_scale == 1.0:
         return model(x, t_model, y)
-    both = model(torch.cat([x, x]), torch.cat([t_model, t_model]),
-                 torch.cat([y, torch.full_like(y, null_class)]))
+    both = model(torch.cat([x, x]), torch.cat([t_model, t_model]), torch.cat([y, torch.full_like(y, null_class)]))
     cond, uncond = both.chunk(2)
     return uncond + cfg_scale * (cond - uncond)
 
@@ -72,8 +72,9 @@ class Objective:
     samplers: tuple[str, ...]
     default_sampler: str
 
-    def draw_training_noise(self, shape: tuple, generator: torch.Generator,
-                            device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    def draw_training_noise(
+        self, shape: tuple, generator: torch.Generator, device: torch.device | str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample time t (B,) and noise of `shape` for a global batch, moved to `device`.
 
         Drawn on the generator's device so the stream does not depend on where training runs.
@@ -104,20 +105,39 @@ class Objective:
         """The constructor arguments: `build_objective(self.name, **self.options())` rebuilds this objective."""
         raise NotImplementedError
 
-    def _sample(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, cfg_scale: float,
-                sampler: str, generator: torch.Generator | None, on_step: Callable[[], None]) -> torch.Tensor:
+    def _sample(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        steps: int,
+        cfg_scale: float,
+        sampler: str,
+        generator: torch.Generator | None,
+        on_step: Callable[[], None],
+    ) -> torch.Tensor:
         raise NotImplementedError
 
-    def training_loss(self, model: nn.Module, x0: torch.Tensor, y: torch.Tensor, t: torch.Tensor,
-                      noise: torch.Tensor) -> torch.Tensor:
+    def training_loss(
+        self, model: nn.Module, x0: torch.Tensor, y: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
+    ) -> torch.Tensor:
         """Mean-squared error between the network output and the target (computed in fp32)."""
         prediction = model(self.add_noise(x0, t, noise), self.model_time(t), y)
         return F.mse_loss(prediction.float(), self.training_target(x0, noise).float())
 
     @torch.no_grad()
-    def sample(self, model: nn.Module, noise: torch.Tensor, y: torch.Tensor, *, steps: int, cfg_scale: float,
-               sampler: str | None = None, generator: torch.Generator | None = None,
-               on_step: Callable[[], None] | None = None) -> torch.Tensor:
+    def sample(
+        self,
+        model: nn.Module,
+        noise: torch.Tensor,
+        y: torch.Tensor,
+        *,
+        steps: int,
+        cfg_scale: float,
+        sampler: str | None = None,
+        generator: torch.Generator | None = None,
+        on_step: Callable[[], None] | None = None,
+    ) -> torch.Tensor:
         """Generate x0 from `noise` (B, C, H, W) for labels y (B,) with classifier-free guidance.
 
         `generator` feeds the stochastic samplers (ancestral DDPM, DDIM with eta > 0). `on_step()` runs after
@@ -125,8 +145,9 @@ class Objective:
         """
         sampler = sampler or self.default_sampler
         if sampler not in self.samplers:
-            raise ValueError(f"unknown sampler {sampler!r} for objective {self.name!r}; "
-                             f"choose one of {', '.join(self.samplers)}")
+            raise ValueError(
+                f"unknown sampler {sampler!r} for objective {self.name!r}; choose one of {', '.join(self.samplers)}"
+            )
         if steps < 1:
             raise ValueError(f"sampling needs at least 1 step, got {steps}")
         return self._sample(model, noise, y, steps, cfg_scale, sampler, generator, on_step or _nothing)
@@ -143,8 +164,7 @@ class FlowMatching(Objective):
 
     def __init__(self, time_sampling: str = "logit-normal"):
         if time_sampling not in self.time_samplings:
-            raise ValueError(f"unknown time sampling {time_sampling!r}; choose one of "
-                             f"{', '.join(self.time_samplings)}")
+            raise ValueError(f"unknown time sampling {time_sampling!r}; choose one of {', '.join(self.time_samplings)}")
         self.time_sampling = time_sampling
 
     def options(self):
@@ -178,10 +198,17 @@ class FlowMatching(Objective):
         time = t * time_scale), time_grid (numpy.linspace(time_start, time_end, steps + 1)), samplers.
         Euler: x += (t_next - t) * v(x, t). Heun: v1 = v(x, t); x' = x + dt * v1;
         x += dt * (v1 + v(x', t_next)) / 2. Guidance: v = v_null + s * (v_cond - v_null)."""
-        return {"objective": self.name, "prediction": "velocity", "interpolant": "x_t = (1 - t) * x0 + t * noise",
-                "time_scale": self.time_scale, "time_start": 1.0, "time_end": 0.0,
-                "time_grid": "linspace(time_start, time_end, steps + 1)",
-                "samplers": list(self.samplers), "default_sampler": self.default_sampler}
+        return {
+            "objective": self.name,
+            "prediction": "velocity",
+            "interpolant": "x_t = (1 - t) * x0 + t * noise",
+            "time_scale": self.time_scale,
+            "time_start": 1.0,
+            "time_end": 0.0,
+            "time_grid": "linspace(time_start, time_end, steps + 1)",
+            "samplers": list(self.samplers),
+            "default_sampler": self.default_sampler,
+        }
 
     def _velocity(self, model, x, t, y, cfg_scale):
         t_model = torch.full((x.shape[0],), t * self.time_scale, device=x.device, dtype=x.dtype)
@@ -267,10 +294,18 @@ class DDPM(Objective):
         Step t -> previous grid time p (abar_p = 1 after the last): x0 = (x - sqrt(1-abar_t) eps) / sqrt(abar_t);
         sigma = eta * sqrt((1-abar_p)/(1-abar_t)) * sqrt(1 - abar_t/abar_p);
         x = sqrt(abar_p) x0 + sqrt(1 - abar_p - sigma²) eps + sigma z. "ddim" uses `eta`, "ddpm" eta = 1."""
-        return {"objective": self.name, "prediction": "epsilon", "schedule": self.schedule,
-                "num_timesteps": self.num_timesteps, "alphas_cumprod": self.alphas_cumprod.tolist(),
-                "time_scale": 1.0, "time_grid": "round(linspace(num_timesteps - 1, 0, min(steps, num_timesteps)))",
-                "eta": self.eta, "samplers": list(self.samplers), "default_sampler": self.default_sampler}
+        return {
+            "objective": self.name,
+            "prediction": "epsilon",
+            "schedule": self.schedule,
+            "num_timesteps": self.num_timesteps,
+            "alphas_cumprod": self.alphas_cumprod.tolist(),
+            "time_scale": 1.0,
+            "time_grid": "round(linspace(num_timesteps - 1, 0, min(steps, num_timesteps)))",
+            "eta": self.eta,
+            "samplers": list(self.samplers),
+            "default_sampler": self.default_sampler,
+        }
 
     def _sample(self, model, x, y, steps, cfg_scale, sampler, generator, on_step):
         # Ancestral DDPM on a respaced subset is DDIM with eta = 1 (Song et al. 2021, eq. 16).
@@ -291,7 +326,7 @@ class DDPM(Objective):
 
 
 def build_objective(name: str, **options: Any) -> Objective:
-    """"flow" -> FlowMatching(**options), "ddpm" -> DDPM(**options)."""
+    """ "flow" -> FlowMatching(**options), "ddpm" -> DDPM(**options)."""
     if name == "flow":
         return FlowMatching(**options)
     if name == "ddpm":

@@ -38,16 +38,22 @@ class EMA:
         ema_params = list(self.model.parameters())
         params = list(model.parameters())
         if len(ema_params) != len(params):
-            raise ValueError(f"EMA holds {len(ema_params)} parameters but the model has {len(params)}; "
-                             "pass the unwrapped model of the same architecture")
+            raise ValueError(
+                f"EMA holds {len(ema_params)} parameters but the model has {len(params)}; "
+                "pass the unwrapped model of the same architecture"
+            )
         torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1.0 - self.current_decay())
         for ema_buffer, buffer in zip(self.model.buffers(), model.buffers(), strict=True):
             ema_buffer.copy_(buffer)
         self.num_updates += 1
 
     def state_dict(self) -> dict[str, Any]:
-        return {"decay": self.decay, "num_updates": self.num_updates, "warmup": self.warmup,
-                "model": self.model.state_dict()}
+        return {
+            "decay": self.decay,
+            "num_updates": self.num_updates,
+            "warmup": self.warmup,
+            "model": self.model.state_dict(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore; tensors are copied into the existing ones, so CPU state can load into a GPU EMA."""

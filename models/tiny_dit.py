@@ -145,7 +145,8 @@ class DiTBlock(nn.Module):
     def forward(self, x: torch.Tensor, c_act: torch.Tensor) -> torch.Tensor:
         """x (B, N, D); c_act = SiLU(conditioning) (B, D)."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
-            self.adaLN_modulation(c_act).unsqueeze(1).chunk(6, dim=-1))
+            self.adaLN_modulation(c_act).unsqueeze(1).chunk(6, dim=-1)
+        )
         x = torch.addcmul(x, gate_msa, self.attn(modulate(self.norm1(x), shift_msa, scale_msa)))
         return torch.addcmul(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
 
@@ -167,8 +168,17 @@ class FinalLayer(nn.Module):
 class TinyDiT(nn.Module):
     """Class-conditional diffusion transformer; see the module docstring for shapes."""
 
-    def __init__(self, image_size: int, num_classes: int, width: int, depth: int, heads: int, patch: int,
-                 in_channels: int = 3, mlp_ratio: float = 4.0):
+    def __init__(
+        self,
+        image_size: int,
+        num_classes: int,
+        width: int,
+        depth: int,
+        heads: int,
+        patch: int,
+        in_channels: int = 3,
+        mlp_ratio: float = 4.0,
+    ):
         super().__init__()
         if image_size % patch:
             raise ValueError(f"image size {image_size} is not divisible by the patch size {patch}")
@@ -203,8 +213,10 @@ class TinyDiT(nn.Module):
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         # adaLN-Zero: every block starts as the identity (gates are 0).
-        for layer in [block.adaLN_modulation for block in self.blocks] + [self.final_layer.adaLN_modulation,
-                                                                         self.final_layer.linear]:
+        for layer in [block.adaLN_modulation for block in self.blocks] + [
+            self.final_layer.adaLN_modulation,
+            self.final_layer.linear,
+        ]:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
@@ -241,8 +253,10 @@ def build_dit(model_name: str, image_size: int, num_classes: int, in_channels: i
         raise ValueError(f"unknown DiT size {model_name!r}; choose one of {', '.join(DIT_SIZES)}")
     size = DIT_SIZES[model_name]
     if image_size % size.patch:
-        raise ValueError(f"image size {image_size} is not divisible by the patch size {size.patch} of "
-                         f"{model_name}; pick an image size that is a multiple of {size.patch}")
+        raise ValueError(
+            f"image size {image_size} is not divisible by the patch size {size.patch} of "
+            f"{model_name}; pick an image size that is a multiple of {size.patch}"
+        )
     return TinyDiT(image_size, num_classes, size.width, size.depth, size.heads, size.patch, in_channels)
 
 

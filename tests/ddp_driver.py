@@ -31,7 +31,7 @@ class RecordingTrainer(train_dit.TrainingState):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        recorded["model"], recorded["ema"] = self.raw_model, self.ema
+        recorded["model"], recorded["ema"] = self.model, self.ema
 
 
 def recording_objective(name: str, **options: Any):

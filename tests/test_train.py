@@ -17,7 +17,8 @@ from scripts.lib.cli import UserError, parse_config
 from scripts.lib.images import scan_image_folder
 from scripts.make_toy_cats import generate_toy_cats
 from scripts.lib.model_files import load_classifier
-from scripts.train import TrainConfig, format_confusion_matrix, learning_rate, main, validate_config
+from scripts.lib.classifier_validation import format_confusion_matrix
+from scripts.train import TrainConfig, learning_rate, main, validate_config
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 

@@ -25,6 +25,7 @@ from scripts.lib.images import ImageCache
 # Splits and the batch order: pure functions of (seed, step), so resumed and multi-process runs agree
 # ----------------------------------------------------------------------------------------------------------
 
+
 def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(train_idx, val_idx), sorted; each class with >= 2 images lands in both when val_fraction > 0."""
     if not 0.0 <= val_fraction < 1.0:
@@ -40,8 +41,10 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tupl
         val.append(members[:num_val])
         train.append(members[num_val:])
     empty = np.empty(0, dtype=np.int64)
-    return (np.sort(np.concatenate([empty, *train])).astype(np.int64),
-            np.sort(np.concatenate([empty, *val])).astype(np.int64))
+    return (
+        np.sort(np.concatenate([empty, *train])).astype(np.int64),
+        np.sort(np.concatenate([empty, *val])).astype(np.int64),
+    )
 
 
 @functools.lru_cache(maxsize=4)
@@ -51,8 +54,9 @@ def _epoch_permutation(num_items: int, seed: int, epoch: int) -> np.ndarray:
     return order
 
 
-def global_batch_indices(num_items: int, global_batch: int, step: int, seed: int,
-                         pool: np.ndarray | None = None) -> np.ndarray:
+def global_batch_indices(
+    num_items: int, global_batch: int, step: int, seed: int, pool: np.ndarray | None = None
+) -> np.ndarray:
     """Dataset indices of global batch `step`: items [step*B, (step+1)*B) of the endless stream made of one
     permutation per epoch (epoch e from `default_rng([seed, e])`). `pool` maps stream items to dataset
     indices (e.g. the classifier's train_idx; then num_items == len(pool))."""
@@ -69,26 +73,22 @@ def global_batch_indices(num_items: int, global_batch: int, step: int, seed: int
     for epoch in range(start // num_items, (stop - 1) // num_items + 1):
         epoch_start = epoch * num_items
         order = _epoch_permutation(num_items, seed, epoch)
-        parts.append(order[max(start - epoch_start, 0):min(stop - epoch_start, num_items)])
+        parts.append(order[max(start - epoch_start, 0) : min(stop - epoch_start, num_items)])
     positions = np.concatenate(parts)
     return np.asarray(pool)[positions] if pool is not None else positions
-
-
 
 
 def shard_bounds(global_batch: int, rank: int, world_size: int) -> tuple[int, int]:
     """[start, stop) of rank's slice of a global batch; the batch must split evenly across processes."""
     if global_batch % world_size != 0:
-        raise UserError(f"global batch size {global_batch} is not divisible by the {world_size} processes — "
-                        f"choose a batch size that is a multiple of {world_size}")
+        raise UserError(
+            f"global batch size {global_batch} is not divisible by the {world_size} processes — "
+            f"choose a batch size that is a multiple of {world_size}"
+        )
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
     per_rank = global_batch // world_size
     return rank * per_rank, (rank + 1) * per_rank
-
-
-
-
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -118,8 +118,11 @@ class AugmentationParams:
     colour: bool = False
 
     def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> AugmentationParams:
-        tensors = {f.name: fn(getattr(self, f.name)) for f in dataclasses.fields(self)
-                   if isinstance(getattr(self, f.name), torch.Tensor)}
+        tensors = {
+            f.name: fn(getattr(self, f.name))
+            for f in dataclasses.fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
         return dataclasses.replace(self, **tensors)
 
     def __len__(self) -> int:
@@ -136,13 +139,17 @@ class AugmentationParams:
 def identity_augmentation(batch_size: int, device: torch.device | str = "cpu") -> AugmentationParams:
     """Parameters that change nothing (the starting point that each level randomises further)."""
     ones = torch.ones(batch_size, device=device)
-    return AugmentationParams(flip=torch.zeros(batch_size, dtype=torch.bool, device=device),
-                              crop_side=ones, crop_shift=torch.zeros(batch_size, 2, device=device),
-                              brightness=ones, contrast=ones, saturation=ones)
+    return AugmentationParams(
+        flip=torch.zeros(batch_size, dtype=torch.bool, device=device),
+        crop_side=ones,
+        crop_shift=torch.zeros(batch_size, 2, device=device),
+        brightness=ones,
+        contrast=ones,
+        saturation=ones,
+    )
 
 
-def draw_augmentation(level: str, batch_size: int, image_size: int,
-                      generator: torch.Generator) -> AugmentationParams:
+def draw_augmentation(level: str, batch_size: int, image_size: int, generator: torch.Generator) -> AugmentationParams:
     """Draw every random parameter of one GLOBAL batch on the generator's device.
 
     none: nothing (no random numbers drawn). basic: horizontal flips. medium: + a random square crop keeping
@@ -169,7 +176,8 @@ def draw_augmentation(level: str, batch_size: int, image_size: int,
         params.crops = True
     if level == "full":
         params.brightness, params.contrast, params.saturation = (
-            uniform(1 - COLOUR_JITTER, 1 + COLOUR_JITTER, batch_size) for _ in range(3))
+            uniform(1 - COLOUR_JITTER, 1 + COLOUR_JITTER, batch_size) for _ in range(3)
+        )
         params.colour = True
     return params
 
@@ -209,9 +217,10 @@ def _jitter_colour(images: torch.Tensor, params: AugmentationParams) -> torch.Te
     c*b*(s*x + (1-s)*L) + (1-c)*b*m; it differs from torchvision only by skipping the clamps in between.
     """
     # A plain weighted channel sum: a 1x1 conv2d does the same ~20x slower on CPU.
-    luma = sum(weight * images[:, channel:channel + 1] for channel, weight in enumerate(_LUMA))
-    brightness, contrast, saturation = (f.view(-1, 1, 1, 1) for f in (params.brightness, params.contrast,
-                                                                      params.saturation))
+    luma = sum(weight * images[:, channel : channel + 1] for channel, weight in enumerate(_LUMA))
+    brightness, contrast, saturation = (
+        f.view(-1, 1, 1, 1) for f in (params.brightness, params.contrast, params.saturation)
+    )
     shift = (1 - contrast) * brightness * luma.mean((2, 3), keepdim=True)
     return torch.lerp(luma, images, saturation).mul_(contrast * brightness).add_(shift).clamp_(0, 1)
 
@@ -242,6 +251,7 @@ def step_generator(seed: int, step: int, device: torch.device | str = "cpu") -> 
 # The batch stream
 # ----------------------------------------------------------------------------------------------------------
 
+
 def gather_batch(images: np.ndarray, indices: np.ndarray) -> torch.Tensor:
     """Rows `indices` of the (memory-mapped) image array as a uint8 tensor, read in file order."""
     order = np.argsort(indices, kind="stable")
@@ -266,8 +276,9 @@ class ImageSource:
     Both placements give bitwise the same batches.
     """
 
-    def __init__(self, cache: ImageCache, device: torch.device | str, placement: str = "auto",
-                 background: bool | None = None):
+    def __init__(
+        self, cache: ImageCache, device: torch.device | str, placement: str = "auto", background: bool | None = None
+    ):
         """`background`: gather host batches ahead in a thread (default: on a GPU, where the host is idle)."""
         self.device = torch.device(device)
         self.image_size = cache.image_size
@@ -319,8 +330,16 @@ def _fits_on_gpu(cache: ImageCache, device: torch.device) -> bool:
     return cache.images.nbytes <= DEVICE_CACHE_MAX_FREE_FRACTION * free
 
 
-def training_batch(source: ImageSource, global_batch: int, step: int, seed: int, level: str, rank: int = 0,
-                   world_size: int = 1, pool: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def training_batch(
+    source: ImageSource,
+    global_batch: int,
+    step: int,
+    seed: int,
+    level: str,
+    rank: int = 0,
+    world_size: int = 1,
+    pool: np.ndarray | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's (augmented images float32 [0, 1], labels int64) of global batch `step`, on the source's device.
 
     Indices and augmentation are drawn for the whole global batch and then sliced, so 1 and N processes

@@ -40,8 +40,9 @@ def flag_name(field: dataclasses.Field) -> str:
     return field.metadata.get("flag") or "--" + field.name.replace("_", "-")
 
 
-def option(default: Any, help: str, *, choices: Sequence[Any] | None = None, positional: bool = False,
-           flag: str | None = None) -> Any:
+def option(
+    default: Any, help: str, *, choices: Sequence[Any] | None = None, positional: bool = False, flag: str | None = None
+) -> Any:
     """A dataclass field carrying its command-line help (and optional choices / positional-ness).
 
     `flag` overrides the generated flag name, e.g. `--class` for a field that must be called `classes`.
@@ -64,8 +65,7 @@ def _scalar_type(annotation: Any) -> Any:
 
 def build_parser(config_cls: type, description: str) -> argparse.ArgumentParser:
     """An argparse parser with one option per dataclass field, defaults listed in --help."""
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     hints = typing.get_type_hints(config_cls)
     for field in dataclasses.fields(config_cls):
         meta = field.metadata
@@ -125,14 +125,14 @@ def parse_duration(text: str) -> float:
         return float(value)
     match = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?", value)
     if not value or match is None:
-        raise UserError(f"cannot read the duration {text!r} — use seconds (5400) or hours/minutes/seconds "
-                        "like 23h30m, 90m, 45s")
+        raise UserError(
+            f"cannot read the duration {text!r} — use seconds (5400) or hours/minutes/seconds like 23h30m, 90m, 45s"
+        )
     hours, minutes, seconds = (int(part or 0) for part in match.groups())
     return float(hours * 3600 + minutes * 60 + seconds)
 
 
-def run_main(main: Callable[[Any], Any], config_cls: type, description: str,
-             argv: Sequence[str] | None = None) -> None:
+def run_main(main: Callable[[Any], Any], config_cls: type, description: str, argv: Sequence[str] | None = None) -> None:
     """Parse the command line, run main(cfg), and turn a UserError into one line and exit status 2."""
     cfg = parse_config(config_cls, argv, description)
     reuse_freed_memory()  # every script of the kit runs its tensors on a heap that keeps freed pages

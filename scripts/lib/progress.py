@@ -50,8 +50,11 @@ class MetricsWindow:
                 seconds, timed = self.first_step_s, 1
         self.seconds_per_step = seconds / timed
         self.last_loss = loss
-        figures = {"loss": loss, "img_per_s": images_per_step / self.seconds_per_step,
-                   "seconds_per_step": self.seconds_per_step}
+        figures = {
+            "loss": loss,
+            "img_per_s": images_per_step / self.seconds_per_step,
+            "seconds_per_step": self.seconds_per_step,
+        }
         if self.device.type == "cuda":
             figures["memory_peak_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         self.loss_sum = torch.zeros((), device=self.device)

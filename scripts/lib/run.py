@@ -31,21 +31,40 @@ from typing import Any
 import torch
 from accelerate.utils import broadcast_object_list, gather_object
 
-from scripts.lib.checkpoints import (COMPLETE_MARKER, find_resume_state, flatten_state, load_training_state,
-                                     prune_states, remove_unfinished_writes, save_training_state, state_dir_name)
+from scripts.lib.checkpoints import (
+    COMPLETE_MARKER,
+    find_resume_state,
+    flatten_state,
+    load_training_state,
+    prune_states,
+    remove_unfinished_writes,
+    save_training_state,
+    state_dir_name,
+)
 from scripts.lib.cli import UserError
 from scripts.lib.guard import non_finite_names
 from scripts.lib.images import ImageCache, load_or_build_cache, scan_image_folder
 from scripts.lib.run_lock import RunLock
-from scripts.lib.runlog import (MetricsWriter, StatusFile, append_log_line, config_dict, log_run_header, setup_logger,
-                                write_config)
+from scripts.lib.runlog import (
+    MetricsWriter,
+    StatusFile,
+    append_log_line,
+    config_dict,
+    log_run_header,
+    setup_logger,
+    write_config,
+)
 from scripts.lib.runtime import describe_gpu_failure, make_accelerator, precision_warning
 
 STATE_DIR = "state"
 # Writing fails for these reasons without anything being wrong with the run itself: say so in one line.
-WRITE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
-                errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
-                errno.EPERM: "permission denied"}
+WRITE_ERRNOS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+}
 
 
 @dataclass
@@ -56,7 +75,7 @@ class RunSpec:
     validate: Callable[[Any, int], None]  # the trainer's validate_config(cfg, num_processes)
     min_classes: int = 1
     outputs: list[Path] = field(default_factory=list)  # files written outside the run folder
-    gradient_accumulation_steps: int = 1
+    accumulation: int = 1  # --gradient-accumulation-steps
     log_with: str | None = None  # an Accelerate tracker
 
 
@@ -119,9 +138,11 @@ class Run:
             tensors, _ = flatten_state(state)
             broken = non_finite_names(tensors)
             if broken:
-                raise UserError(f"not saving step {step}: {len(broken)} tensors hold NaN/inf (e.g. "
-                                f"{', '.join(broken[:3])}) — lower --lr or use --mixed-precision no; the last "
-                                "complete checkpoint is kept")
+                raise UserError(
+                    f"not saving step {step}: {len(broken)} tensors hold NaN/inf (e.g. "
+                    f"{', '.join(broken[:3])}) — lower --lr or use --mixed-precision no; the last "
+                    "complete checkpoint is kept"
+                )
             folder = save_training_state(self.state_root, step, state)
             prune_states(self.state_root, self.keep_states)
             self.logger.info("saved training state %s", folder)
@@ -136,8 +157,13 @@ class Run:
         size = sum(file.stat().st_size for file in folder.iterdir())
         free = shutil.disk_usage(folder).free
         if free < 2 * size:
-            self.logger.warning("only %.1f GB free next to %s, and a checkpoint takes %.1f GB: free some space "
-                                "before the next save fails", free / 1e9, self.state_root, size / 1e9)
+            self.logger.warning(
+                "only %.1f GB free next to %s, and a checkpoint takes %.1f GB: free some space "
+                "before the next save fails",
+                free / 1e9,
+                self.state_root,
+                size / 1e9,
+            )
 
     def log_metrics(self, step: int, eta_s: float | None, **metrics: Any) -> None:
         """One metrics.jsonl row (and tracker entry), and the status brought up to date."""
@@ -145,32 +171,6 @@ class Run:
         if self.tracking:
             self.accelerator.log(metrics, step=step)
         self.status.update(step=step, img_per_s=metrics.get("img_per_s"), eta_s=eta_s)
-
-
-def load_optimizer_state(optimizer, state: dict[str, Any]) -> None:
-    """Restore an optimizer from a checkpoint, each moment tensor in its parameter's memory layout.
-
-    Checkpoints store tensors contiguous, so a channels-last parameter's Adam moments come back in NCHW order;
-    the fused AdamW kernel walks parameter, gradient and moments as flat memory and then silently pairs wrong
-    elements (measured: a resumed classifier diverged from the uninterrupted run at its first step).
-    """
-    optimizer.load_state_dict(state)
-    inner = getattr(optimizer, "optimizer", optimizer)
-    for group in inner.param_groups:
-        for param in group["params"]:
-            moments = inner.state.get(param, {})
-            for key, value in moments.items():
-                if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
-                    moments[key] = torch.empty_like(param).copy_(value)
-
-
-def check_same_setup(folder: Path, saved: dict[str, Any], wanted: dict[str, Any]) -> None:
-    """Refuse to continue a checkpoint into a model it was not trained as (one line listing the differences)."""
-    differences = [f"{key} {saved.get(key, '(not recorded)')} -> {value}" for key, value in wanted.items()
-                   if saved.get(key) != value]
-    if differences:
-        raise UserError(f"{folder} was trained with a different setup ({'; '.join(differences)}) — use the same "
-                        "flags and data to continue it, or a new --run-name to start another run")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -186,16 +186,26 @@ def common_problems(data_dir: str | None, batch_size: int, num_processes: int, r
     if not data_dir:
         problems.append("DATA_DIR is required (an image folder DATA_DIR/<class>/*.jpg)")
     if batch_size >= 1 and batch_size % num_processes:
-        problems.append(f"--batch-size {batch_size} does not split evenly over {num_processes} processes; "
-                        f"use a multiple of {num_processes}")
+        problems.append(
+            f"--batch-size {batch_size} does not split evenly over {num_processes} processes; "
+            f"use a multiple of {num_processes}"
+        )
     if resume not in ("auto", "never"):
         folder, example = Path(resume), f"<run>/{STATE_DIR}/{state_dir_name(10000)}"
         if not folder.is_dir():
             problems.append(f"--resume {resume}: no such state folder (use auto, never, or a folder like {example})")
         elif not (folder / COMPLETE_MARKER).is_file():
-            problems.append(f"--resume {resume} is not a complete training-state folder (no {COMPLETE_MARKER} marker) "
-                            f"— pass auto, never, or a folder like {example}")
+            problems.append(
+                f"--resume {resume} is not a complete training-state folder (no {COMPLETE_MARKER} marker) "
+                f"— pass auto, never, or a folder like {example}"
+            )
     return problems
+
+
+def positive_problems(cfg: Any, *names: str) -> list[str]:
+    """`--flag must be positive` for each named config field below 1."""
+    values = {name: getattr(cfg, name) for name in names}
+    return [f"--{name.replace('_', '-')} must be positive (got {value})" for name, value in values.items() if value < 1]
 
 
 def unwritable_reason(path: Path) -> str | None:
@@ -221,9 +231,11 @@ def _start_problems(cfg: Any, spec: RunSpec, run_dir: Path, num_processes: int) 
     except UserError as error:
         return str(error)
     if len(listing.class_names) < spec.min_classes:
-        return (f"{cfg.data_dir} has {len(listing.class_names)} class folder(s) ({', '.join(listing.class_names)}); "
-                f"a {spec.kind} needs at least {spec.min_classes} — a one-class classifier predicts that class "
-                "for anything")
+        return (
+            f"{cfg.data_dir} has {len(listing.class_names)} class folder(s) ({', '.join(listing.class_names)}); "
+            f"a {spec.kind} needs at least {spec.min_classes} — a one-class classifier predicts that class "
+            "for anything"
+        )
     for path in [run_dir, *(output.parent for output in spec.outputs)]:
         reason = unwritable_reason(path)
         if reason:
@@ -264,9 +276,13 @@ def _resume_choice(cfg: Any, state_root: Path, accelerator) -> Path | None:
     chosen = _on_main_for_all(accelerator, lambda: find_resume_state(cfg.resume, state_root))
     chosen = None if chosen is None else Path(chosen)
     missing = chosen is not None and not (chosen / COMPLETE_MARKER).is_file()
-    _agree(accelerator, f"process {accelerator.process_index} cannot see {chosen}, the checkpoint the main process "
-                        "resumes from — on several machines --output-dir must be a folder they all share"
-           if missing else None)
+    _agree(
+        accelerator,
+        f"process {accelerator.process_index} cannot see {chosen}, the checkpoint the main process "
+        "resumes from — on several machines --output-dir must be a folder they all share"
+        if missing
+        else None,
+    )
     return chosen
 
 
@@ -279,18 +295,26 @@ def as_user_error(error: BaseException) -> UserError | None:
         return error
     if isinstance(error, OSError) and error.errno in WRITE_ERRNOS:
         where = f" {error.filename}" if error.filename else ""
-        return UserError(f"cannot write{where}: {WRITE_ERRNOS[error.errno]} — free space or fix the permissions, "
-                         "then run the same command again to continue from the last complete checkpoint")
+        return UserError(
+            f"cannot write{where}: {WRITE_ERRNOS[error.errno]} — free space or fix the permissions, "
+            "then run the same command again to continue from the last complete checkpoint"
+        )
     advice = describe_gpu_failure(error)
     return UserError(advice) if advice else None
 
 
 @contextmanager
-def open_run(cfg: Any, spec: RunSpec, on_checkpoint: Callable[[Path], None] | None = None,
-             keep_states: int = 1) -> Iterator[Run]:
+def open_run(
+    cfg: Any, spec: RunSpec, on_checkpoint: Callable[[Path], None] | None = None, keep_states: int = 1
+) -> Iterator[Run]:
     """Open (or continue) the run of `cfg` for a trainer; see the module docstring for the order."""
-    accelerator = make_accelerator(cfg.device, cfg.mixed_precision, spec.gradient_accumulation_steps,
-                                   log_with=spec.log_with, project_dir=str(Path(cfg.output_dir) / cfg.run_name))
+    accelerator = make_accelerator(
+        cfg.device,
+        cfg.mixed_precision,
+        spec.accumulation,
+        log_with=spec.log_with,
+        project_dir=str(Path(cfg.output_dir) / cfg.run_name),
+    )
     run_dir = Path(cfg.output_dir) / cfg.run_name
     try:
         _agree(accelerator, _start_problems(cfg, spec, run_dir, accelerator.num_processes))
@@ -301,8 +325,7 @@ def open_run(cfg: Any, spec: RunSpec, on_checkpoint: Callable[[Path], None] | No
     lock = RunLock(run_dir)
     _on_main_for_all(accelerator, lock.acquire)
     logger = setup_logger(run_dir / "training.log", accelerator.is_main_process)
-    status = StatusFile(run_dir / "status.json", enabled=accelerator.is_main_process, run=cfg.run_name,
-                        kind=spec.kind)
+    status = StatusFile(run_dir / "status.json", enabled=accelerator.is_main_process, run=cfg.run_name, kind=spec.kind)
     try:
         log_run_header(logger, cfg, str(accelerator.device), accelerator.mixed_precision, accelerator.num_processes)
         warning = precision_warning(accelerator.mixed_precision, accelerator.device.type)
@@ -315,16 +338,34 @@ def open_run(cfg: Any, spec: RunSpec, on_checkpoint: Callable[[Path], None] | No
             if removed:
                 logger.info("removed %d unfinished checkpoint write(s) left by a killed run", removed)
         with accelerator.local_main_process_first():  # one process per machine builds the cache
-            cache = load_or_build_cache(cfg.data_dir, cfg.image_size, log=logger,
-                                        show_progress=accelerator.is_main_process)
-        logger.info("data: %d images, %d classes (%s) from %s", len(cache), cache.num_classes,
-                    ", ".join(cache.class_names), cfg.data_dir)
+            cache = load_or_build_cache(
+                cfg.data_dir, cfg.image_size, log=logger, show_progress=accelerator.is_main_process
+            )
+        logger.info(
+            "data: %d images, %d classes (%s) from %s",
+            len(cache),
+            cache.num_classes,
+            ", ".join(cache.class_names),
+            cfg.data_dir,
+        )
         if spec.log_with:
-            accelerator.init_trackers(f"tiny-cats-{spec.kind}",
-                                      config={k: v for k, v in config_dict(cfg).items() if v is not None})
-        yield Run(cfg, accelerator, run_dir, logger, status,
-                  MetricsWriter(run_dir / "metrics.jsonl", enabled=accelerator.is_main_process), cache, resume_from,
-                  lock, keep_states, tracking=spec.log_with is not None, on_checkpoint=on_checkpoint)
+            accelerator.init_trackers(
+                f"tiny-cats-{spec.kind}", config={k: v for k, v in config_dict(cfg).items() if v is not None}
+            )
+        yield Run(
+            cfg,
+            accelerator,
+            run_dir,
+            logger,
+            status,
+            MetricsWriter(run_dir / "metrics.jsonl", enabled=accelerator.is_main_process),
+            cache,
+            resume_from,
+            lock,
+            keep_states,
+            tracking=spec.log_with is not None,
+            on_checkpoint=on_checkpoint,
+        )
         status.update(state="finished", message=None)
     except (SystemExit, KeyboardInterrupt) as stop:  # a signal or --time-limit (after saving), or a second Ctrl-C
         code = stop.code if isinstance(stop, SystemExit) else "interrupted"

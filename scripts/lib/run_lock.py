@@ -58,9 +58,14 @@ class LockHolder:
 def _read_holder(path: Path) -> LockHolder | None:
     try:
         data: dict[str, Any] = json.loads(path.read_text())
-        return LockHolder(owner=str(data["owner"]), host=str(data["host"]), pid=int(data["pid"]),
-                          started=float(data["started"]), heartbeat=float(data["heartbeat"]),
-                          token=str(data["token"]))
+        return LockHolder(
+            owner=str(data["owner"]),
+            host=str(data["host"]),
+            pid=int(data["pid"]),
+            started=float(data["started"]),
+            heartbeat=float(data["heartbeat"]),
+            token=str(data["token"]),
+        )
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -81,8 +86,9 @@ class RunLock:
     def __init__(self, run_dir: str | Path, owner: str | None = None, stale_after_s: float | None = None):
         self.path = Path(run_dir) / LOCK_NAME
         self.owner = owner if owner is not None else os.environ.get(OWNER_ENV, "")
-        self.stale_after_s = float(stale_after_s if stale_after_s is not None
-                                   else os.environ.get(STALE_AFTER_ENV, DEFAULT_STALE_AFTER_S))
+        self.stale_after_s = float(
+            stale_after_s if stale_after_s is not None else os.environ.get(STALE_AFTER_ENV, DEFAULT_STALE_AFTER_S)
+        )
         self.token = uuid.uuid4().hex
         self.lost_to: LockHolder | None = None  # set when another writer took the lock away from us
         self._held = False
@@ -92,8 +98,14 @@ class RunLock:
     # --------------------------------------------------------------------------------------------------
     def _mine(self, started: float | None = None) -> LockHolder:
         now = time.time()
-        return LockHolder(owner=self.owner, host=socket.gethostname(), pid=os.getpid(),
-                          started=started or now, heartbeat=now, token=self.token)
+        return LockHolder(
+            owner=self.owner,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            started=started or now,
+            heartbeat=now,
+            token=self.token,
+        )
 
     def _write_new(self) -> bool:
         """Create the lock file if there is none (atomic: O_EXCL); False when one exists."""
@@ -149,14 +161,18 @@ class RunLock:
             holder = _read_holder(self.path)
             if not self.is_stale(holder):
                 who = holder.describe() if holder else "its lock file is being written right now"
-                raise UserError(f"run folder {self.path.parent} is in use by another trainer ({who}) — "
-                                "wait for it to finish or stop it, or use another --run-name / --output-dir; "
-                                f"a lock whose holder is gone expires after {self.stale_after_s:.0f} s")
+                raise UserError(
+                    f"run folder {self.path.parent} is in use by another trainer ({who}) — "
+                    "wait for it to finish or stop it, or use another --run-name / --output-dir; "
+                    f"a lock whose holder is gone expires after {self.stale_after_s:.0f} s"
+                )
             if self._take_over(holder):
                 break
         else:
-            raise UserError(f"could not take the lock {self.path}: other processes keep taking it — is the same run "
-                            "being started repeatedly?")
+            raise UserError(
+                f"could not take the lock {self.path}: other processes keep taking it — is the same run "
+                "being started repeatedly?"
+            )
         self._held = True
         self._stop.clear()
         self._heartbeat_thread = threading.Thread(target=self._beat, name="run-lock-heartbeat", daemon=True)
@@ -186,8 +202,10 @@ class RunLock:
         """Raise a UserError if another writer took the run over (so this one must not write any more)."""
         if self.lost_to is not None or (self._held and not self.heartbeat()):
             holder = self.lost_to.describe() if self.lost_to else "the lock file was removed"
-            raise UserError(f"lost the lock of {self.path.parent} ({holder}) — another trainer took this run over "
-                            "after this one looked stale; stopping without writing anything more")
+            raise UserError(
+                f"lost the lock of {self.path.parent} ({holder}) — another trainer took this run over "
+                "after this one looked stale; stopping without writing anything more"
+            )
 
     def release(self) -> None:
         if not self._held:

@@ -65,8 +65,14 @@ def append_log_line(log_file: Path, message: str, level: str = "ERROR") -> None:
 def git_commit() -> str:
     """The commit of the code being run, or 'unknown' outside a git checkout (e.g. in the Modal image)."""
     try:
-        result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).resolve().parent, timeout=5, check=False)
+        result = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parent,
+            timeout=5,
+            check=False,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     return result.stdout.strip() or "unknown"
@@ -78,8 +84,14 @@ def environment_summary() -> dict[str, str]:
     import torch
     import torchvision
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "accelerate": accelerate.__version__, "platform": platform.platform(), "git_commit": git_commit()}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "accelerate": accelerate.__version__,
+        "platform": platform.platform(),
+        "git_commit": git_commit(),
+    }
 
 
 def config_dict(cfg: Any) -> dict[str, Any]:
@@ -130,8 +142,14 @@ class StatusFile:
     def __init__(self, path: Path, enabled: bool = True, **fields: Any):
         self.path = path
         self.enabled = enabled
-        self.fields: dict[str, Any] = {"state": "starting", "started": round(time.time(), 3),
-                                       "host": socket.gethostname(), "pid": os.getpid(), "message": None, **fields}
+        self.fields: dict[str, Any] = {
+            "state": "starting",
+            "started": round(time.time(), 3),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "message": None,
+            **fields,
+        }
 
     def update(self, **fields: Any) -> None:
         self.fields.update(fields)

@@ -1,15 +1,16 @@
-"""Device, precision and Accelerator set-up shared by both trainers, and GPU errors turned into advice."""
+"""Device, precision, compilation and the Accelerator both trainers run on, and GPU errors turned into advice."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import logging
+import time
+from collections.abc import Callable
 
 import torch
+from torch import nn
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import broadcast_object_list
 
-from scripts.lib.checkpoints import COMPLETE_MARKER, state_dir_name
 from scripts.lib.cli import UserError
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -57,13 +58,20 @@ def resolve_mixed_precision(requested: str, device_type: str) -> str:
 def precision_warning(precision: str, device_type: str) -> str | None:
     """Why an explicitly chosen precision will run badly on this device (None when it is fine)."""
     if precision == "bf16" and device_type == "cpu" and not cpu_has_native_bf16():
-        return (f"--mixed-precision bf16 on a CPU without AVX512-BF16/AMX ({torch.backends.cpu.get_cpu_capability()}): "
-                "bf16 is emulated there and ran ~30x slower than fp32 — use --mixed-precision no (or auto)")
+        return (
+            f"--mixed-precision bf16 on a CPU without AVX512-BF16/AMX ({torch.backends.cpu.get_cpu_capability()}): "
+            "bf16 is emulated there and ran ~30x slower than fp32 — use --mixed-precision no (or auto)"
+        )
     return None
 
 
-def make_accelerator(device: str, mixed_precision: str, gradient_accumulation_steps: int = 1,
-                     log_with: str | None = None, project_dir: str | None = None) -> Accelerator:
+def make_accelerator(
+    device: str,
+    mixed_precision: str,
+    gradient_accumulation_steps: int = 1,
+    log_with: str | None = None,
+    project_dir: str | None = None,
+) -> Accelerator:
     """One Accelerator for the whole run (DDP, mixed precision, gradient accumulation)."""
     device_type = resolve_device_type(device)
     precision = resolve_mixed_precision(mixed_precision, device_type)
@@ -74,9 +82,13 @@ def make_accelerator(device: str, mixed_precision: str, gradient_accumulation_st
     # process (a notebook, tests, in-process Modal calls) may rightly ask for a different one.
     if AcceleratorState._shared_state and AcceleratorState().mixed_precision != precision:
         AcceleratorState._reset_state()
-    return Accelerator(cpu=device_type == "cpu", mixed_precision=precision,
-                       gradient_accumulation_steps=gradient_accumulation_steps,
-                       log_with=log_with, project_dir=project_dir)
+    return Accelerator(
+        cpu=device_type == "cpu",
+        mixed_precision=precision,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        log_with=log_with,
+        project_dir=project_dir,
+    )
 
 
 def compile_wanted(choice: str, device: torch.device) -> bool:
@@ -87,49 +99,38 @@ def compile_wanted(choice: str, device: torch.device) -> bool:
     return choice == "on"
 
 
+def compile_with_fallback(model: nn.Module, warm_up: Callable[[nn.Module], None], logger: logging.Logger) -> nn.Module:
+    """torch.compile `model` and call `warm_up(compiled)` once (a forward + backward of a real batch), so the
+    compile time is spent and logged now, not inside the first timed step. Gradients the warm-up leaves are
+    dropped, so training is unchanged. Any compiler failure: one warning, and the eager `model` is returned."""
+    compiled = torch.compile(model)
+    started = time.perf_counter()
+    try:
+        warm_up(compiled)
+        synchronize(next(model.parameters()).device)
+    except (UserError, torch.cuda.OutOfMemoryError):
+        raise
+    except Exception as error:  # noqa: BLE001 — whatever the compiler raises, eager training still works
+        first_line = str(error).splitlines()[0] if str(error) else ""
+        logger.warning("torch.compile failed (%s: %s); training eagerly instead", type(error).__name__, first_line)
+        return model
+    finally:
+        model.zero_grad(set_to_none=True)
+    logger.info("compiled the model in %.1f s (a warm-up step, not counted in img/s)", time.perf_counter() - started)
+    return compiled
+
+
 def describe_gpu_failure(error: BaseException) -> str | None:
     """An actionable message for CUDA out-of-memory and other CUDA errors, else None."""
     text = str(error)
     if isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in text.lower():
-        return ("out of GPU memory — lower --batch-size (and raise --gradient-accumulation-steps to keep the "
-                "effective batch), choose a smaller --model or --image-size, or use --mixed-precision bf16/fp16")
+        return (
+            "out of GPU memory — lower --batch-size (and raise --gradient-accumulation-steps to keep the "
+            "effective batch), choose a smaller --model or --image-size, or use --mixed-precision bf16/fp16"
+        )
     if isinstance(error, RuntimeError) and ("CUDA" in text or "cuDNN" in text or "NCCL" in text):
         return f"CUDA error: {text.splitlines()[0]} — check the driver/GPU, or run on the CPU with --device cpu"
     return None
-
-
-def agree_on_resume_state(resume_from: Path | None, accelerator: Accelerator) -> Path | None:
-    """The main process's choice of checkpoint, for every process.
-
-    Each process looks at its own file system; on several machines without a shared --output-dir they
-    would silently disagree (some resume, some start fresh) and diverge or hang.
-    """
-    choice = [None if resume_from is None else str(resume_from)]
-    if accelerator.num_processes > 1:
-        broadcast_object_list(choice, from_process=0)
-    chosen = None if choice[0] is None else Path(choice[0])
-    if chosen is not None and not (chosen / COMPLETE_MARKER).is_file():
-        raise UserError(f"process {accelerator.process_index} cannot see {chosen}, the checkpoint the main process "
-                        "resumes from — on several machines --output-dir must be a folder they all share")
-    return chosen
-
-
-def shared_config_problems(data_dir: str | None, batch_size: int, num_processes: int, resume: str) -> list[str]:
-    """The flag checks both trainers make alike: data folder given, batch split over processes, --resume.
-
-    --batch-size is the global batch of ONE forward pass (gradient accumulation multiplies it), so it only
-    has to split evenly across the processes.
-    """
-    problems = []
-    if not data_dir:
-        problems.append("DATA_DIR is required (an image folder DATA_DIR/<class>/*.jpg)")
-    if batch_size >= 1 and batch_size % num_processes:
-        problems.append(f"--batch-size {batch_size} does not split evenly over {num_processes} processes; "
-                        f"use a multiple of {num_processes}")
-    if resume not in ("auto", "never") and not Path(resume).is_dir():
-        problems.append(f"--resume {resume}: no such state folder (use auto, never, or a folder like "
-                        f"<run>/state/{state_dir_name(10000)})")
-    return problems
 
 
 def synchronize(device: torch.device) -> None:

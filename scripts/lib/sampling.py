@@ -3,6 +3,7 @@ export_dit_onnx.py and the trainer's periodic grids share."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,9 +39,20 @@ class SamplingStopped(Exception):
 
 
 @torch.no_grad()
-def sample_images(model: nn.Module, objective, labels: torch.Tensor, *, steps: int, cfg_scale: float,
-                  sampler: str | None, seed: int, image_size: int, in_channels: int, progress: str | None = None,
-                  should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
+def sample_images(
+    model: nn.Module,
+    objective,
+    labels: torch.Tensor,
+    *,
+    steps: int,
+    cfg_scale: float,
+    sampler: str | None,
+    seed: int,
+    image_size: int,
+    in_channels: int,
+    progress: str | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> torch.Tensor:
     """Unit-range images (N, C, H, W) for class `labels` (N,), from noise fixed by `seed`.
 
     `progress`: the description of a progress bar (with ETA) over all sampler steps; None shows none.
@@ -50,8 +62,9 @@ def sample_images(model: nn.Module, objective, labels: torch.Tensor, *, steps: i
     generator = torch.Generator(device=device).manual_seed(seed)
     noise = torch.randn(len(labels), in_channels, image_size, image_size, generator=generator, device=device)
     starts = range(0, len(labels), SAMPLE_CHUNK)
-    bar = tqdm(total=len(starts) * steps, desc=progress, unit="step", disable=progress is None, leave=False,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=len(starts) * steps, desc=progress, unit="step", disable=progress is None, leave=False, dynamic_ncols=True
+    )
 
     def after_step() -> None:
         bar.update()
@@ -59,9 +72,19 @@ def sample_images(model: nn.Module, objective, labels: torch.Tensor, *, steps: i
             raise SamplingStopped
 
     with bar:
-        chunks = [objective.sample(model, noise[i:i + SAMPLE_CHUNK], labels[i:i + SAMPLE_CHUNK], steps=steps,
-                                   cfg_scale=cfg_scale, sampler=sampler, generator=generator, on_step=after_step)
-                  for i in starts]
+        chunks = [
+            objective.sample(
+                model,
+                noise[i : i + SAMPLE_CHUNK],
+                labels[i : i + SAMPLE_CHUNK],
+                steps=steps,
+                cfg_scale=cfg_scale,
+                sampler=sampler,
+                generator=generator,
+                on_step=after_step,
+            )
+            for i in starts
+        ]
     return dit_to_unit(torch.cat(chunks).float())
 
 
@@ -88,8 +111,10 @@ def resolve_classes(requested: list[str], class_names: list[str]) -> list[int]:
         elif item.isdigit() and int(item) < len(class_names):
             ids.append(int(item))
         else:
-            raise UserError(f"unknown class {item!r} — this checkpoint knows {', '.join(class_names)} "
-                            f"(or ids 0..{len(class_names) - 1})")
+            raise UserError(
+                f"unknown class {item!r} — this checkpoint knows {', '.join(class_names)} "
+                f"(or ids 0..{len(class_names) - 1})"
+            )
     return ids
 
 
@@ -100,8 +125,14 @@ def guidance_scale(requested: float | None, metadata: dict[str, Any]) -> float:
     return (metadata.get("config") or {}).get("cfg_scale", DEFAULT_CFG_SCALE)
 
 
-def grid_plan(num_classes: int, sample_steps: int, cfg_scale: float, device: torch.device,
-              seconds_per_image_trained: float | None, training_seconds: float) -> tuple[int, int, float | None]:
+def grid_plan(
+    num_classes: int,
+    sample_steps: int,
+    cfg_scale: float,
+    device: torch.device,
+    seconds_per_image_trained: float | None,
+    training_seconds: float,
+) -> tuple[int, int, float | None]:
     """(columns, sampler steps, estimated seconds or None) of a training-time sample grid.
 
     On a GPU (or before any training step was timed): up to GRID_COLUMNS columns and all `sample_steps`. Elsewhere
@@ -123,3 +154,55 @@ def grid_plan(num_classes: int, sample_steps: int, cfg_scale: float, device: tor
         while cost(columns, steps) > budget and steps > GRID_MIN_STEPS:
             steps = max(GRID_MIN_STEPS, steps * 3 // 4)
     return columns, steps, cost(columns, steps)
+
+
+def write_training_grid(
+    run,
+    cfg,
+    ema_model: nn.Module,
+    objective,
+    step: int,
+    should_stop: Callable[[], bool],
+    seconds_per_image: float | None,
+    training_seconds: float,
+) -> None:
+    """A fixed-seed EMA grid of a DiT run, one row per class, at samples/step_NNNNNNN.png (main process; the
+    others wait). `cfg` gives sample_steps, cfg_scale, seed and image_size. Off a GPU the grid is sized by
+    `grid_plan` and its cost logged; `should_stop()` (a signal) ends it at the next sampler step, unsaved."""
+    if run.is_main:
+        num_classes = run.cache.num_classes
+        plan = grid_plan(num_classes, cfg.sample_steps, cfg.cfg_scale, run.device, seconds_per_image, training_seconds)
+        columns, steps, estimate = plan
+        labels = class_grid_labels(list(range(num_classes)), columns, run.device)
+        started = time.perf_counter()
+        try:
+            with run.accelerator.autocast():
+                images = sample_images(
+                    ema_model,
+                    objective,
+                    labels,
+                    steps=steps,
+                    cfg_scale=cfg.cfg_scale,
+                    sampler=None,
+                    seed=cfg.seed,
+                    image_size=cfg.image_size,
+                    in_channels=3,
+                    progress=f"sample grid {step}",
+                    should_stop=should_stop,
+                )
+            path = save_grid(images, run.run_dir / "samples" / f"step_{step:07d}.png", per_row=columns)
+            guess = "" if estimate is None else f", estimated {estimate:.0f} s"
+            run.logger.info(
+                "sample grid %s: %d classes x %d, %d steps, CFG %g (took %.1f s%s)",
+                path,
+                num_classes,
+                columns,
+                steps,
+                cfg.cfg_scale,
+                time.perf_counter() - started,
+                guess,
+            )
+            run.status.update(newest_grid=str(path.relative_to(run.run_dir)))
+        except SamplingStopped:
+            run.logger.info("sample grid of step %d stopped by a signal", step)
+    run.accelerator.wait_for_everyone()
