@@ -28,13 +28,13 @@ from torch import nn
 from scripts.lib.checkpoints import load_weights
 from scripts.lib.cli import UserError, option, run_main
 from scripts.lib.model_files import (
-    CLASSIFIER_KIND,
     DIT_KIND,
     build_classifier_from_metadata,
     build_dit_from_metadata,
     build_objective_from_metadata,
     classifier_normalize,
     load_strict,
+    validate_metadata,
 )
 from scripts.lib.runtime import DEVICES, resolve_device_type
 from scripts.lib.sampling import DEFAULT_CFG_SCALE, class_grid_labels, guidance_scale, sample_images, save_grid
@@ -207,16 +207,12 @@ def describe(metadata: dict[str, Any]) -> tuple[str, str]:
     return model, f"epoch {metadata.get('epoch')}" + (f" ({shown})" if shown else "")
 
 
-def rebuild(metadata: dict[str, Any]) -> nn.Module:
-    kind = metadata.get("kind")
-    if kind == DIT_KIND:
+def rebuild(metadata: dict[str, Any], path: Path) -> nn.Module:
+    """The untrained model the metadata describes, after every metadata value has passed validation."""
+    validate_metadata(metadata, source=path)
+    if metadata["kind"] == DIT_KIND:
         return build_dit_from_metadata(metadata)
-    if kind == CLASSIFIER_KIND:
-        try:
-            return build_classifier_from_metadata(metadata)
-        except ValueError as error:
-            raise UserError(f"metadata describes an impossible classifier: {error}") from error
-    raise UserError(f"unknown checkpoint kind {kind!r} (expected '{DIT_KIND}' or '{CLASSIFIER_KIND}')")
+    return build_classifier_from_metadata(metadata)
 
 
 def default_sample_path(checkpoint: Path) -> Path:
@@ -234,13 +230,13 @@ def verify(cfg: VerifyConfig) -> Report:
         return report
     report.file_bytes = path.stat().st_size
     report.add("load", True, f"{path.suffix.lstrip('.')} file, {len(state)} tensors, metadata present")
-    report.kind, report.classes = metadata.get("kind"), list(metadata.get("class_names", []))
-    report.model, report.trained_for = describe(metadata)
     try:
-        model = rebuild(metadata)
+        model = rebuild(metadata, path)
     except UserError as error:
         report.add("metadata", False, str(error))
         return report
+    report.kind, report.classes = metadata["kind"], list(metadata["class_names"])
+    report.model, report.trained_for = describe(metadata)
     report.add("metadata", True, f"kind '{report.kind}', {len(report.classes)} classes; model rebuilt")
 
     fresh = {name: tensor.clone() for name, tensor in model.state_dict().items()}

@@ -19,6 +19,7 @@ import os
 import pickle
 import shutil
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,42 +66,76 @@ def metadata_sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
-def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def load_weights(path: str | Path, check_metadata: Callable[[dict[str, Any]], None] | None = None,
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Load (state_dict, metadata) from a `.safetensors` or `.pt` file, refusing anything unsafe.
 
     Raises UserError with the reason for: missing file, truncated/corrupt file, unknown format, missing
     metadata, and a `.pt` pickle that holds more than tensors (refused by `weights_only=True`, never run).
+    `check_metadata` (it raises UserError) sees the metadata before a single tensor is read, so a file whose
+    header is refused costs no more than reading that header.
     """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path} — train first (make train / make train-dit) or pass "
                         "--checkpoint with the path of an existing file")
-    if path.suffix == ".pt":
-        return _load_pt(path)
-    if path.suffix != ".safetensors":
+    if path.suffix not in (".pt", ".safetensors"):
         raise UserError(f"{path}: unknown checkpoint format '{path.suffix}' — expected .safetensors or .pt")
+    metadata = _read_sidecar(path) if path.suffix == ".pt" else _read_header(path)
+    if check_metadata is not None:
+        check_metadata(metadata)
+    return (_load_pt(path) if path.suffix == ".pt" else _load_safetensors(path)), metadata
+
+
+def _unreadable_safetensors(path: Path, error: Exception) -> UserError:
+    return UserError(f"{path}: not a readable safetensors file ({error}) — the file is truncated or corrupt; use "
+                     "an earlier checkpoint or retrain")
+
+
+def _read_header(path: Path) -> dict[str, Any]:
     try:
-        state_dict = load_file(str(path))
         with safe_open(str(path), framework="pt") as handle:
             header = handle.metadata() or {}
     except (SafetensorError, OSError, ValueError) as error:
-        raise UserError(f"{path}: not a readable safetensors file ({error}) — the file is truncated or "
-                        "corrupt; use an earlier checkpoint or retrain") from error
-    metadata = _decode_header(path, header)
-    return state_dict, metadata
-
-
-def _decode_header(path: Path, header: dict[str, str]) -> dict[str, Any]:
+        raise _unreadable_safetensors(path, error) from error
     if header.get("format") != json.dumps(FORMAT_NAME):
         raise UserError(f"{path}: no tiny-cats metadata in this file — it was not written by this kit, so the "
                         "model cannot be rebuilt from it")
+    return {key: _parse_json(value, path) for key, value in header.items()}
+
+
+def _parse_json(text: str, source: Path) -> Any:
+    # ValueError covers JSONDecodeError and integers of more than 4300 digits; RecursionError, arrays nested
+    # thousands deep. Both are what a hand-made or damaged header can hold.
     try:
-        return {key: json.loads(value) for key, value in header.items()}
-    except json.JSONDecodeError as error:
-        raise UserError(f"{path}: corrupt metadata ({error})") from error
+        return json.loads(text)
+    except (ValueError, RecursionError) as error:
+        raise UserError(f"{source}: corrupt metadata ({str(error)[:200]})") from None
 
 
-def _load_pt(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise _unreadable_safetensors(path, error) from error
+
+
+def _read_sidecar(path: Path) -> dict[str, Any]:
+    sidecar = metadata_sidecar(path)
+    if not sidecar.is_file():
+        raise UserError(f"{path}: metadata file {sidecar.name} is missing — the model cannot be rebuilt "
+                        "without it (it is written next to every .pt this kit saves)")
+    try:
+        text = sidecar.read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"{sidecar}: unreadable metadata ({error})") from error
+    metadata = _parse_json(text, sidecar)
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT_NAME:
+        raise UserError(f"{sidecar}: not tiny-cats metadata")
+    return metadata
+
+
+def _load_pt(path: Path) -> dict[str, torch.Tensor]:
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -110,17 +145,7 @@ def _load_pt(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         raise UserError(f"{path}: not a readable .pt file ({error}) — truncated or corrupt") from error
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise UserError(f"{path}: expected a plain state dict of tensors")
-    sidecar = metadata_sidecar(path)
-    if not sidecar.is_file():
-        raise UserError(f"{path}: metadata file {sidecar.name} is missing — the model cannot be rebuilt "
-                        "without it (it is written next to every .pt this kit saves)")
-    try:
-        metadata = json.loads(sidecar.read_text())
-    except json.JSONDecodeError as error:
-        raise UserError(f"{sidecar}: corrupt metadata ({error})") from error
-    if metadata.get("format") != FORMAT_NAME:
-        raise UserError(f"{sidecar}: not tiny-cats metadata")
-    return state_dict, metadata
+    return state_dict
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
