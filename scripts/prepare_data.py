@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from scripts.lib.cli import UserError, option, run_main
+from scripts.lib.cli import UserError, option, printable, run_main
 from scripts.lib.images import IMAGE_EXTENSIONS, is_hidden_name, refuse_foreign_classes
 
 CAT_BREEDS = (
@@ -72,12 +72,12 @@ def _download_oxford(root: Path) -> None:
     """Let torchvision fetch and unpack Oxford-IIIT Pet into root/oxford-iiit-pet (~800 MB)."""
     from torchvision.datasets import OxfordIIITPet
 
-    print(f"downloading Oxford-IIIT Pet into {root} ...")
+    print(f"downloading Oxford-IIIT Pet into {printable(root)} ...")
     try:
         OxfordIIITPet(str(root), split="trainval", download=True)
     except (OSError, RuntimeError) as error:  # URLError is an OSError; a bad checksum is a RuntimeError
         raise UserError(
-            f"downloading Oxford-IIIT Pet into {root} failed ({error}) — check the internet "
+            f"downloading Oxford-IIIT Pet into {printable(root)} failed ({printable(error)}) — check the internet "
             "connection, or pass --from-folder with images you already have"
         ) from error
 
@@ -88,15 +88,15 @@ def oxford_images(root: Path, download: bool) -> list[Path]:
     if not images_dir.is_dir():
         if not download:
             raise UserError(
-                f"Oxford-IIIT Pet not found at {images_dir} — run with --download on a machine with "
+                f"Oxford-IIIT Pet not found at {printable(images_dir)} — run with --download on a machine with "
                 "internet, or pass --from-folder"
             )
         _download_oxford(root)
     images = sorted(images_dir.glob("*.jpg")) if images_dir.is_dir() else []
     if not images:
         raise UserError(
-            f"no .jpg images in {images_dir} — delete {root / 'oxford-iiit-pet'} and run with --download, "
-            "or pass --from-folder"
+            f"no .jpg images in {printable(images_dir)} — delete {printable(root / 'oxford-iiit-pet')} and run "
+            "with --download, or pass --from-folder"
         )
     return images
 
@@ -146,11 +146,11 @@ def folder_images(source: Path) -> list[tuple[str, Path]]:
 def import_folder(source: Path, out: Path, link: bool) -> dict[str, Counter[str]]:
     """Copy/link a `source/<class>/**/image` tree into out/<class>/ (nested names joined with `__`)."""
     if not source.is_dir():
-        raise UserError(f"--from-folder {source} is not a folder")
+        raise UserError(f"--from-folder {printable(source)} is not a folder")
     pairs = folder_images(source)
     if not pairs:
         raise UserError(
-            f"no images found under {source} — expected {source}/<class>/<image>.jpg "
+            f"no images found under {printable(source)} — expected {printable(source)}/<class>/<image>.jpg "
             "(one subfolder per class, images as .jpg, .png, .webp, ...)"
         )
     refuse_foreign_classes(out, {name for name, _ in pairs})
@@ -183,9 +183,9 @@ def main(cfg: Config) -> dict[str, Counter[str]]:
     else:
         counts = prepare_oxford(Path(cfg.root), out_dir, cfg.download, cfg.link)
     for dataset, per_class in counts.items():
-        summary = ", ".join(f"{name} {count}" for name, count in sorted(per_class.items()))
+        summary = ", ".join(f"{printable(name)} {count}" for name, count in sorted(per_class.items()))
         print(
-            f"{out_dir / dataset}: {sum(per_class.values())} images in {len(per_class)} classes ({summary})"
+            f"{printable(out_dir / dataset)}: {sum(per_class.values())} images in {len(per_class)} classes ({summary})"
         )
     return counts
 

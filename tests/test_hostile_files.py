@@ -1,16 +1,20 @@
-"""Hostile or damaged weights files are refused cheaply, by every command, with one line naming the bad field.
+"""Hostile or damaged files are refused cheaply, with one line that says what is wrong.
 
-Each crafted file carries tiny tensors and metadata that differs from what a trainer writes in one value; the
-commands are run through their real command line (`run_main`), where anything but a UserError would surface as
-a traceback. Nothing may be built first: `nn.Module.__init__` is made to fail while a refused file is loaded.
+Weights files: each crafted file carries tiny tensors and metadata that differs from what a trainer writes in
+one value; the commands are run through their real command line (`run_main`), where anything but a UserError
+would surface as a traceback. Nothing may be built first: `nn.Module.__init__` is made to fail while a refused
+file is loaded. Images: a tiny PNG that unpacks to gigabytes is refused before it is decoded, and file names
+cannot split or forge a log line.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -324,3 +328,141 @@ def test_a_pt_sidecar_that_is_not_an_object_is_refused(tmp_path):
     (tmp_path / "model.pt.json").write_text("[1, 2, 3]")
     with pytest.raises(UserError, match="not tiny-cats metadata"):
         load_weights(path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Images
+# ---------------------------------------------------------------------------------------------------------
+BOMB_SIDE = 13000  # the issue's file: 16-bit grey, 169 MP, under PIL's own bomb limit
+
+
+def grey16_png(path: Path, width: int, height: int) -> Path:
+    """A valid all-black 16-bit greyscale PNG, written row by row: a few hundred KB that decode to 2 bytes/pixel."""
+    compressor = zlib.compressobj(1)
+    row = bytes(1 + 2 * width)  # filter type 0, then the samples
+    pixels = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.fixture(scope="module")
+def bomb(tmp_path_factory) -> Path:
+    return grey16_png(tmp_path_factory.mktemp("bomb") / "bomb.png", BOMB_SIDE, BOMB_SIDE)
+
+
+def peak_growth_kib(code: str, *args: str) -> tuple[int, str]:
+    """Run `code` (which defines `run()`) in a fresh interpreter; (growth of its peak RSS during run(), output)."""
+    wrapper = (code + "\nimport resource\nbefore = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\nrun()\n"
+               "print('peak_growth_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n")
+    result = subprocess.run([sys.executable, "-c", wrapper, *args], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                            timeout=120, env={"PYTHONPATH": str(PROJECT_ROOT), "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    *output, last = result.stdout.strip().splitlines()
+    return int(last.split()[1]), "\n".join(output)
+
+
+PREDICT_ONE_IMAGE = """
+import sys
+from scripts import predict
+from scripts.lib.cli import run_main
+from scripts.lib.model_files import load_classifier
+load_classifier(sys.argv[1])  # the model's own memory is not what is measured
+
+def run():
+    try:
+        run_main(predict.main, predict.PredictConfig, "", [sys.argv[2], "--checkpoint", sys.argv[1], "--device", "cpu"])
+    except SystemExit as exited:
+        print("exit", exited.code)
+"""
+
+
+def test_predict_refuses_a_small_png_that_unpacks_to_gigabytes_before_decoding_it(bomb, tmp_path):
+    from builders import save_classifier
+
+    assert bomb.stat().st_size < 2 * 2**20  # 1.5 MB on disk, 338 MB as pixels, 2.9 GB in predict before
+    checkpoint = save_classifier(tmp_path / "cats.safetensors")
+    growth, output = peak_growth_kib(PREDICT_ONE_IMAGE, str(checkpoint), str(bomb))
+    assert "exit 2" in output
+    assert growth < 64 * 1024, f"peak grew by {growth / 1024:.0f} MiB"
+
+
+def test_the_cache_build_skips_the_bomb_with_the_counted_warning(bomb, tmp_path):
+    from scripts.lib.images import load_or_build_cache
+
+    for name in ("black", "white"):
+        (tmp_path / "cats" / name).mkdir(parents=True)
+        Image.new("RGB", (20, 20), (10, 10, 10)).save(tmp_path / "cats" / name / "ok.png")
+    (tmp_path / "cats" / "white" / "huge.png").symlink_to(bomb)
+    warnings: list[str] = []
+    cache = load_or_build_cache(tmp_path / "cats", 16, log=warnings.append, show_progress=False)
+    assert len(cache) == 2 and len(warnings) == 1
+    assert "skipped 1 unreadable image file(s) of 3" in warnings[0]
+    assert f"white/huge.png: {BOMB_SIDE} x {BOMB_SIDE} pixels is more than the 67 megapixels" in warnings[0]
+
+
+LOAD_ONE_IMAGE = """
+import sys
+from scripts.lib.images import load_rgb
+
+def run():
+    print(load_rgb(sys.argv[1], 64).mean())
+"""
+
+
+def test_a_16_bit_image_costs_at_most_6_bytes_a_pixel_to_decode(tmp_path):
+    """Decoded 2 bytes + one 4-byte copy to resize it; everything else happens on the small result (was 12)."""
+    side = 4000
+    growth, output = peak_growth_kib(LOAD_ONE_IMAGE, str(grey16_png(tmp_path / "deep.png", side, side)))
+    assert float(output) == 0.0
+    assert growth * 1024 / side**2 < 7.0, f"{growth * 1024 / side**2:.1f} bytes per pixel"
+
+
+def test_a_large_jpeg_is_decoded_reduced_where_another_format_is_refused(tmp_path, monkeypatch):
+    from scripts.lib import images
+
+    monkeypatch.setattr(images, "MAX_DECODE_PIXELS", 100 * 100)  # 200 x 200 is "too large" now
+    Image.new("RGB", (200, 200), (200, 30, 30)).save(tmp_path / "big.jpg", quality=95)
+    Image.new("RGB", (200, 200), (200, 30, 30)).save(tmp_path / "big.png")
+    assert images.load_rgb(tmp_path / "big.jpg", 16).shape == (16, 16, 3)  # draft decodes it at 1/8 scale
+    with pytest.raises(images.UnreadableImage, match="200 x 200 pixels is more than"):
+        images.load_rgb(tmp_path / "big.png", 16)
+
+
+def test_file_names_cannot_split_or_forge_a_log_line(tmp_path):
+    import logging
+
+    from scripts.lib.images import load_or_build_cache
+
+    forged = "x\n2026-01-01 00:00:00 INFO training finished \x1b[2J\u202e.png"
+    for name in ("black", "white"):
+        (tmp_path / "cats" / name).mkdir(parents=True)
+        Image.new("RGB", (20, 20), (10, 10, 10)).save(tmp_path / "cats" / name / "ok.png")
+    (tmp_path / "cats" / "black" / forged).write_bytes(b"not an image")
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(handler.format(record))
+    logger = logging.getLogger("test_hostile_files")
+    logger.addHandler(handler)
+    try:
+        load_or_build_cache(tmp_path / "cats", 16, log=logger, show_progress=False)
+    finally:
+        logger.removeHandler(handler)
+    (line,) = records
+    assert "\n" not in line and "\x1b" not in line and "\u202e" not in line
+    assert "black/x\\n2026-01-01 00:00:00 INFO training finished \\x1b[2J\\u202e.png: " in line
+
+
+@pytest.mark.parametrize("folder", ["tabby\nINFO forged", "tabby\x1b[31m", "tab\\by"])
+def test_a_class_folder_name_the_loaders_would_refuse_is_refused_by_the_scan(tmp_path, folder):
+    from scripts.lib.images import scan_image_folder
+
+    (tmp_path / "cats" / folder).mkdir(parents=True)
+    Image.new("RGB", (20, 20)).save(tmp_path / "cats" / folder / "a.png")
+    with pytest.raises(UserError, match="rename the folder") as refused:
+        scan_image_folder(tmp_path / "cats")
+    assert "\n" not in str(refused.value) and "\x1b" not in str(refused.value)

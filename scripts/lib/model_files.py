@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import reprlib
-import unicodedata
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from models.diffusion import DDPM, OBJECTIVES, FlowMatching, build_objective
 from models.tiny_dit import DIT_SIZES, TinyDiT, build_dit
 from scripts.lib.checkpoints import load_weights, save_weights
 from scripts.lib.cli import UserError
+from scripts.lib.images import MAX_CLASSES, class_name_problem
 
 DIT_KIND = "dit"
 CLASSIFIER_KIND = "classifier"
@@ -57,11 +57,6 @@ def classifier_metadata(cfg_dict: dict[str, Any], *, backbone: str, image_size: 
 MAX_IMAGE_SIZE = 512
 # The classifier trainer's minimum (train.py): the backbones' five stride-2 stages need at least this much.
 MIN_CLASSIFIER_IMAGE_SIZE = 16
-# iNaturalist 2021 (10,000 species) is the largest common labelled set; at this bound the biggest class table
-# (a resnet50 head, 2048 x 10,000 floats) is 82 MB. A claim of 1e9 classes would be 8 TB.
-MAX_CLASSES = 10_000
-# A class is a folder name, which common file systems cap at 255 characters.
-MAX_CLASS_NAME_CHARS = 255
 # Grey, RGB or RGBA: the kit itself trains on 3 channels.
 MAX_IN_CHANNELS = 4
 # DDPM uses 1000 steps and iDDPM 4000; the schedule and the ONNX sidecar's table grow with this.
@@ -73,9 +68,6 @@ MIN_NORMALIZATION_STD = 1e-3
 MAX_METRICS = 32
 DIT_WEIGHTS = ("ema", "raw")
 PIXEL_RANGE = [-1.0, 1.0]
-# Characters that would split or forge a line of a log, a report or a file name written from a class name.
-_LINE_BREAKING = frozenset({"Cc", "Zl", "Zp"})
-_PATH_SEPARATORS = ("/", "\\")
 
 
 def _short_repr() -> reprlib.Repr:
@@ -141,15 +133,11 @@ def _check_class_names(value: Any) -> list[str]:
         raise _Invalid("class_names", value, f"must hold 1 to {MAX_CLASSES} names, not {len(value)}")
     seen: set[str] = set()
     for index, name in enumerate(value):
-        field = f"class_names[{index}]"
-        if not isinstance(name, str) or not 1 <= len(name) <= MAX_CLASS_NAME_CHARS:
-            raise _Invalid(field, name, f"is not a name of 1 to {MAX_CLASS_NAME_CHARS} characters")
-        if any(unicodedata.category(char) in _LINE_BREAKING for char in name):
-            raise _Invalid(field, name, "holds a control or line-break character")
-        if any(separator in name for separator in _PATH_SEPARATORS):
-            raise _Invalid(field, name, "holds a path separator (class names become file names)")
+        problem = class_name_problem(name)
+        if problem:
+            raise _Invalid(f"class_names[{index}]", name, problem)
         if name in seen:
-            raise _Invalid(field, name, "appears twice")
+            raise _Invalid(f"class_names[{index}]", name, "appears twice")
         seen.add(name)
     return value
 
@@ -197,8 +185,9 @@ def _check_metrics(value: Any) -> None:
     if len(metrics) > MAX_METRICS:
         raise _Invalid("metrics", metrics, f"holds {len(metrics)} entries, more than {MAX_METRICS}")
     for key, number in metrics.items():
-        if len(key) > MAX_CLASS_NAME_CHARS or any(unicodedata.category(char) in _LINE_BREAKING for char in key):
-            raise _Invalid("metrics", key, "has a name that is too long or holds a control character")
+        problem = class_name_problem(key)  # a metric is named like a class: short, one printable line
+        if problem:
+            raise _Invalid("metrics", key, f"has a name that {problem}")
         if number is not None and not _is_number(number):
             raise _Invalid(f"metrics.{key}", number, "is not a number")
 
