@@ -9,7 +9,8 @@ downloads it there first when it is missing and --download is on.
 --from-folder DIR imports any tree of `DIR/<class>/**/image` into `OUT_DIR/<name>/<class>/`.
 
 Files are hard-linked (no extra disk space) or copied (--no-link). Re-running skips files that are
-already in place, so it never duplicates anything.
+already in place, so it never duplicates anything, and replaces those whose source changed since (even at the
+same size).
 
     python scripts/prepare_data.py --root data/oxford-pets --out-dir data
     python scripts/prepare_data.py --from-folder ~/Pictures/my-cats --name my-cats
@@ -17,6 +18,7 @@ already in place, so it never duplicates anything.
 
 from __future__ import annotations
 
+import filecmp
 import os
 import shutil
 from collections import Counter
@@ -43,10 +45,22 @@ CAT_BREEDS = (
 )
 
 
+def same_content(src: Path, dst: Path) -> bool:
+    """Whether dst holds exactly src's bytes. A hard link is the same file; a copy made by an earlier run has
+    src's size and modification time (copy2 keeps it) until src changes; on any doubt the bytes are compared."""
+    if dst.samefile(src):
+        return True
+    src_stat, dst_stat = src.stat(), dst.stat()
+    if src_stat.st_size != dst_stat.st_size:
+        return False
+    return src_stat.st_mtime_ns == dst_stat.st_mtime_ns or filecmp.cmp(src, dst, shallow=False)
+
+
 def place_file(src: Path, dst: Path, link: bool) -> bool:
-    """Hard-link or copy src to dst; False when dst already holds the same file (re-runs are no-ops)."""
+    """Hard-link or copy src to dst; False when dst already holds the same content (re-runs are no-ops), and a
+    changed source replaces the stale copy."""
     if dst.exists():
-        if dst.samefile(src) or dst.stat().st_size == src.stat().st_size:
+        if same_content(src, dst):
             return False
         dst.unlink()
     if link:
