@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from scripts.lib.cli import UserError, option, printable, run_main
-from scripts.lib.images import IMAGE_EXTENSIONS, is_hidden_name, refuse_foreign_classes
+from scripts.lib.images import IMAGE_EXTENSIONS, class_name_problem, is_hidden_name, refuse_foreign_classes
 
 CAT_BREEDS = (
     "Abyssinian",
@@ -167,6 +167,10 @@ def import_folder(source: Path, out: Path, link: bool) -> dict[str, Counter[str]
             f"no images found under {printable(source)} — expected {printable(source)}/<class>/<image>.jpg "
             "(one subfolder per class, images as .jpg, .png, .webp, ...)"
         )
+    for name in sorted({name for name, _ in pairs}):
+        problem = class_name_problem(name)
+        if problem:  # the trainers would refuse the data set: say so before anything is copied
+            raise UserError(f"class folder {printable(source / name)}: the name {problem} — rename the folder")
     refuse_foreign_classes(out, {name for name, _ in pairs})
     # Flatten nested folders into the file name so two `img1.jpg` in different subfolders stay distinct.
     files = [(path, out / name / "__".join(path.relative_to(source / name).parts)) for name, path in pairs]

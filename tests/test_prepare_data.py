@@ -220,9 +220,17 @@ def test_command_line_turns_the_error_into_one_line(
 
 
 def test_folder_names_are_escaped_in_what_it_prints(tmp_path: Path, capsys) -> None:
-    source = tmp_path / "pets"
-    _tiny_jpeg(source / "tab\nby\x1b[2J" / "a.jpg")
+    source = tmp_path / "pets\n\x1b[2J"
+    _tiny_jpeg(source / "tabby" / "a.jpg")
     main(Config(from_folder=str(source), out_dir=str(tmp_path / "data")))
     out = capsys.readouterr().out
-    assert "\x1b" not in out and "tab\\nby\\x1b[2J 1" in out
+    assert "\x1b" not in out and "pets\\n\\x1b[2J: 1 images in 1 classes (tabby 1)" in out
     assert len(out.splitlines()) == 2  # "N new files" and the summary: the name split no line
+
+
+def test_a_class_name_the_trainers_would_refuse_is_refused_before_copying(tmp_path: Path) -> None:
+    source = tmp_path / "pets"
+    _tiny_jpeg(source / "tab\nby" / "a.jpg")
+    with pytest.raises(UserError, match="tab\\\\nby: the name holds a control") as refused:
+        main(Config(from_folder=str(source), out_dir=str(tmp_path / "data")))
+    assert "\n" not in str(refused.value) and not (tmp_path / "data").exists()
