@@ -12,7 +12,7 @@ import torch
 from safetensors import SafetensorError
 
 from scripts.lib import checkpoints
-from scripts.lib.checkpoints import (COMPLETE_MARKER, flatten_state, list_complete_states,
+from scripts.lib.checkpoints import (COMPLETE_MARKER, find_resume_state, flatten_state, list_complete_states,
                                  load_training_state, load_weights, metadata_sidecar, prune_states,
                                  save_training_state, save_weights, unflatten_state)
 from scripts.lib.cli import UserError
@@ -364,3 +364,11 @@ def test_a_read_only_folder_says_to_make_it_writable(read_only_folder):
     with pytest.raises(UserError, match=f"make {read_only_folder / 'state'} writable|make {read_only_folder} writ"):
         save_training_state(read_only_folder / "state", 1, {"w": torch.ones(1)})
     assert "\n" not in str(refused.value) and list(read_only_folder.iterdir()) in ([], [read_only_folder / "state"])
+
+
+def test_resume_from_a_folder_that_is_not_a_state_says_so_in_one_line(tmp_path):
+    run = tmp_path / "run"
+    save_training_state(run / "state", 4, {"step": 4})
+    assert find_resume_state(str(run / "state" / "step_0000004"), run / "state") == run / "state" / "step_0000004"
+    with pytest.raises(UserError, match=r"run is not a complete training-state checkpoint: no COMPLETE marker"):
+        find_resume_state(str(run), run / "state")  # the run folder, not one of its states

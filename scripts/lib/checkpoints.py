@@ -312,7 +312,8 @@ def find_resume_state(resume: str, state_root: str | Path) -> Path | None:
     """The state folder a run continues from, or None for a fresh start.
 
     `resume` is the trainers' --resume: "auto" (the newest complete state, if any), "never" (refused when
-    the run already has states, so two runs never mix in one folder) or the path of a state folder.
+    the run already has states, so two runs never mix in one folder) or the path of a state folder, refused
+    with one line unless it is a complete one (load_training_state checks its contents).
     """
     states = list_complete_states(state_root)
     if resume == "never":
@@ -323,6 +324,7 @@ def find_resume_state(resume: str, state_root: str | Path) -> Path | None:
         return None
     if resume == "auto":
         return states[-1][1] if states else None
+    _refuse_unusable(Path(resume), _marked_step)  # e.g. the run folder itself, or a state whose write never ended
     return Path(resume)
 
 
@@ -389,15 +391,20 @@ def load_training_state(folder: str | Path) -> tuple[int, dict[str, Any]]:
     hand-made) COMPLETE marker, missing or unreadable files, a structure it cannot have written, or a step that
     disagrees with the folder's name or its marker.
     """
-    folder = Path(folder)
+    return _refuse_unusable(Path(folder), _read_state)
+
+
+def _refuse_unusable(folder: Path, read: Callable[[Path], Any]) -> Any:
+    """`read(folder)`, with its _NotAState turned into the one line the user sees."""
     try:
-        return _read_state(folder)
+        return read(folder)
     except _NotAState as reason:
         raise UserError(f"{printable(folder)} is not a complete training-state checkpoint: {printable(reason)} — "
                         f"pass a folder like <run>/state/{state_dir_name(10000)} or use --resume auto") from None
 
 
-def _read_state(folder: Path) -> tuple[int, dict[str, Any]]:
+def _marked_step(folder: Path) -> int:
+    """The step a state folder's marker names; _NotAState when there is no folder or no such marker."""
     if not folder.is_dir():
         raise _NotAState("a file, not a folder" if folder.exists() else "no such folder")
     if not (folder / COMPLETE_MARKER).is_file():
@@ -405,6 +412,11 @@ def _read_state(folder: Path) -> tuple[int, dict[str, Any]]:
     marked = _marker_step(folder)
     if marked is None:
         raise _NotAState(f"its {COMPLETE_MARKER} marker names no step (this kit writes the step number in it)")
+    return marked
+
+
+def _read_state(folder: Path) -> tuple[int, dict[str, Any]]:
+    marked = _marked_step(folder)
     try:
         saved = json.loads((folder / _STRUCTURE_FILE).read_text())
     except (OSError, UnicodeDecodeError) as error:
