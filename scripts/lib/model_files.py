@@ -27,6 +27,7 @@ DIT_KIND = "dit"
 CLASSIFIER_KIND = "classifier"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+PIXEL_RANGE = [-1.0, 1.0]  # what a DiT's pixels span: x = 2 * unit - 1
 
 
 def dit_metadata(cfg_dict: dict[str, Any], *, model_name: str, image_size: int, in_channels: int,
@@ -36,7 +37,7 @@ def dit_metadata(cfg_dict: dict[str, Any], *, model_name: str, image_size: int, 
     return {"kind": DIT_KIND, "model": model_name, "image_size": image_size, "in_channels": in_channels,
             "num_classes": len(class_names), "class_names": list(class_names), "objective": objective_name,
             "objective_options": dict(objective_options), "step": step, "weights": weights,
-            "pixel_range": [-1.0, 1.0], "config": cfg_dict}
+            "pixel_range": list(PIXEL_RANGE), "config": cfg_dict}
 
 
 def classifier_metadata(cfg_dict: dict[str, Any], *, backbone: str, image_size: int, class_names: list[str],
@@ -67,7 +68,6 @@ MIN_NORMALIZATION_STD = 1e-3
 # A classifier writes 8 metrics per epoch; verify prints them all, so a file may not bring thousands.
 MAX_METRICS = 32
 DIT_WEIGHTS = ("ema", "raw")
-PIXEL_RANGE = [-1.0, 1.0]
 
 
 def _short_repr() -> reprlib.Repr:
