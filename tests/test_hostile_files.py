@@ -466,3 +466,13 @@ def test_a_class_folder_name_the_loaders_would_refuse_is_refused_by_the_scan(tmp
     with pytest.raises(UserError, match="rename the folder") as refused:
         scan_image_folder(tmp_path / "cats")
     assert "\n" not in str(refused.value) and "\x1b" not in str(refused.value)
+
+
+def test_a_pt_file_with_a_bad_sidecar_is_refused_before_its_pickle_is_opened(tmp_path, capsys, monkeypatch,
+                                                                           nothing_is_built):
+    path = craft(tmp_path / "cats.pt", classifier_base(normalization={"mean": [0.5] * 3, "std": [0.0] * 3}))
+    monkeypatch.setattr(checkpoints.torch, "load", _refuse_reading)
+    commands = classifier_commands(path, tmp_path)
+    for name in ("predict", "export_onnx"):
+        main, config_cls, argv = commands[name]
+        assert expected_words("normalization.std[0]") in run_command(main, config_cls, argv, capsys)
