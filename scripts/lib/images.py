@@ -1,8 +1,9 @@
 """Image folders in, a uint8 cache out: listing, decoding and the memory-mapped cache both trainers read.
 
-image folder (DIR/<class>/*.jpg) -> `scan_image_folder` (validate the layout)
--> `load_rgb` (decode with PIL, fix EXIF rotation and colour mode, resize + centre-crop once)
--> `load_or_build_cache` (uint8 N x 3 x H x W `.npy`, memory-mapped, keyed by listing + size).
+image folder (DIR/<class>/*.jpg) -> `scan_image_folder` (validate the layout and the class names)
+-> `load_rgb` (decode with PIL within a memory bound, fix EXIF rotation and colour mode, resize + centre-crop once)
+-> `load_or_build_cache` (uint8 N x 3 x H x W `.npy`, memory-mapped, keyed by listing + size; decoder threads
+bounded by cores and available memory). File names reach log lines and errors escaped (`cli.printable`).
 What happens to the cached images per step lives in scripts/lib/batches.py. This module needs no torch, so
 the data-preparation commands stay light.
 """
