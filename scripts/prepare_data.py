@@ -9,7 +9,8 @@ downloads it there first when it is missing and --download is on.
 --from-folder DIR imports any tree of `DIR/<class>/**/image` into `OUT_DIR/<name>/<class>/`.
 
 Files are hard-linked (no extra disk space) or copied (--no-link). Re-running skips files that are
-already in place, so it never duplicates anything.
+already in place, so it never duplicates anything, and replaces those whose source changed since (even at the
+same size).
 
     python scripts/prepare_data.py --root data/oxford-pets --out-dir data
     python scripts/prepare_data.py --from-folder ~/Pictures/my-cats --name my-cats
@@ -17,6 +18,7 @@ already in place, so it never duplicates anything.
 
 from __future__ import annotations
 
+import filecmp
 import os
 import shutil
 from collections import Counter
@@ -24,8 +26,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from scripts.lib.cli import UserError, option, run_main
-from scripts.lib.images import IMAGE_EXTENSIONS, is_hidden_name, refuse_foreign_classes
+from scripts.lib.cli import UserError, option, printable, run_main
+from scripts.lib.images import IMAGE_EXTENSIONS, class_name_problem, is_hidden_name, refuse_foreign_classes
 
 CAT_BREEDS = (
     "Abyssinian",
@@ -43,10 +45,22 @@ CAT_BREEDS = (
 )
 
 
+def same_content(src: Path, dst: Path) -> bool:
+    """Whether dst holds exactly src's bytes. A hard link is the same file; a copy made by an earlier run has
+    src's size and modification time (copy2 keeps it) until src changes; on any doubt the bytes are compared."""
+    if dst.samefile(src):
+        return True
+    src_stat, dst_stat = src.stat(), dst.stat()
+    if src_stat.st_size != dst_stat.st_size:
+        return False
+    return src_stat.st_mtime_ns == dst_stat.st_mtime_ns or filecmp.cmp(src, dst, shallow=False)
+
+
 def place_file(src: Path, dst: Path, link: bool) -> bool:
-    """Hard-link or copy src to dst; False when dst already holds the same file (re-runs are no-ops)."""
+    """Hard-link or copy src to dst; False when dst already holds the same content (re-runs are no-ops), and a
+    changed source replaces the stale copy."""
     if dst.exists():
-        if dst.samefile(src) or dst.stat().st_size == src.stat().st_size:
+        if same_content(src, dst):
             return False
         dst.unlink()
     if link:
@@ -72,12 +86,12 @@ def _download_oxford(root: Path) -> None:
     """Let torchvision fetch and unpack Oxford-IIIT Pet into root/oxford-iiit-pet (~800 MB)."""
     from torchvision.datasets import OxfordIIITPet
 
-    print(f"downloading Oxford-IIIT Pet into {root} ...")
+    print(f"downloading Oxford-IIIT Pet into {printable(root)} ...")
     try:
         OxfordIIITPet(str(root), split="trainval", download=True)
     except (OSError, RuntimeError) as error:  # URLError is an OSError; a bad checksum is a RuntimeError
         raise UserError(
-            f"downloading Oxford-IIIT Pet into {root} failed ({error}) — check the internet "
+            f"downloading Oxford-IIIT Pet into {printable(root)} failed ({printable(error)}) — check the internet "
             "connection, or pass --from-folder with images you already have"
         ) from error
 
@@ -88,15 +102,15 @@ def oxford_images(root: Path, download: bool) -> list[Path]:
     if not images_dir.is_dir():
         if not download:
             raise UserError(
-                f"Oxford-IIIT Pet not found at {images_dir} — run with --download on a machine with "
+                f"Oxford-IIIT Pet not found at {printable(images_dir)} — run with --download on a machine with "
                 "internet, or pass --from-folder"
             )
         _download_oxford(root)
     images = sorted(images_dir.glob("*.jpg")) if images_dir.is_dir() else []
     if not images:
         raise UserError(
-            f"no .jpg images in {images_dir} — delete {root / 'oxford-iiit-pet'} and run with --download, "
-            "or pass --from-folder"
+            f"no .jpg images in {printable(images_dir)} — delete {printable(root / 'oxford-iiit-pet')} and run "
+            "with --download, or pass --from-folder"
         )
     return images
 
@@ -146,13 +160,17 @@ def folder_images(source: Path) -> list[tuple[str, Path]]:
 def import_folder(source: Path, out: Path, link: bool) -> dict[str, Counter[str]]:
     """Copy/link a `source/<class>/**/image` tree into out/<class>/ (nested names joined with `__`)."""
     if not source.is_dir():
-        raise UserError(f"--from-folder {source} is not a folder")
+        raise UserError(f"--from-folder {printable(source)} is not a folder")
     pairs = folder_images(source)
     if not pairs:
         raise UserError(
-            f"no images found under {source} — expected {source}/<class>/<image>.jpg "
+            f"no images found under {printable(source)} — expected {printable(source)}/<class>/<image>.jpg "
             "(one subfolder per class, images as .jpg, .png, .webp, ...)"
         )
+    for name in sorted({name for name, _ in pairs}):
+        problem = class_name_problem(name)
+        if problem:  # the trainers would refuse the data set: say so before anything is copied
+            raise UserError(f"class folder {printable(source / name)}: the name {problem} — rename the folder")
     refuse_foreign_classes(out, {name for name, _ in pairs})
     # Flatten nested folders into the file name so two `img1.jpg` in different subfolders stay distinct.
     files = [(path, out / name / "__".join(path.relative_to(source / name).parts)) for name, path in pairs]
@@ -183,9 +201,9 @@ def main(cfg: Config) -> dict[str, Counter[str]]:
     else:
         counts = prepare_oxford(Path(cfg.root), out_dir, cfg.download, cfg.link)
     for dataset, per_class in counts.items():
-        summary = ", ".join(f"{name} {count}" for name, count in sorted(per_class.items()))
+        summary = ", ".join(f"{printable(name)} {count}" for name, count in sorted(per_class.items()))
         print(
-            f"{out_dir / dataset}: {sum(per_class.values())} images in {len(per_class)} classes ({summary})"
+            f"{printable(out_dir / dataset)}: {sum(per_class.values())} images in {len(per_class)} classes ({summary})"
         )
     return counts
 

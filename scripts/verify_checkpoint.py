@@ -28,18 +28,28 @@ from torch import nn
 from scripts.lib.checkpoints import load_weights
 from scripts.lib.cli import UserError, option, run_main
 from scripts.lib.model_files import (
-    CLASSIFIER_KIND,
     DIT_KIND,
     build_classifier_from_metadata,
     build_dit_from_metadata,
     build_objective_from_metadata,
     classifier_normalize,
     load_strict,
+    validate_metadata,
 )
 from scripts.lib.runtime import DEVICES, resolve_device_type
 from scripts.lib.sampling import DEFAULT_CFG_SCALE, class_grid_labels, guidance_scale, sample_images, save_grid
 
 SAMPLES_PER_CLASS = 4
+# The forward and sampling checks run these many classes at most (spread over all of them): a DiT with thousands
+# of classes would otherwise need a batch of thousands of images just to be checked.
+MAX_CHECKED_CLASSES = 16
+
+
+def checked_classes(num_classes: int) -> list[int]:
+    """Every class id, or MAX_CHECKED_CLASSES of them spread evenly from the first to the last."""
+    if num_classes <= MAX_CHECKED_CLASSES:
+        return list(range(num_classes))
+    return torch.linspace(0, num_classes - 1, MAX_CHECKED_CLASSES).round().long().tolist()
 
 
 @dataclass
@@ -150,8 +160,8 @@ def check_trained(state: dict[str, torch.Tensor], fresh: dict[str, torch.Tensor]
 # ---------------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def check_dit_forward(model: nn.Module, generator: torch.Generator, device: torch.device) -> Check:
-    """One evaluation per class (and the null class) at spread-out timesteps: right shape, finite, not zero."""
-    labels = torch.arange(model.num_classes + 1)
+    """One evaluation per checked class and the null class, at spread-out timesteps: right shape, finite, not zero."""
+    labels = torch.tensor([*checked_classes(model.num_classes), model.null_class])
     size = (len(labels), model.in_channels, model.image_size, model.image_size)
     x = torch.randn(size, generator=generator)
     t = torch.linspace(0, 999, len(labels))
@@ -180,10 +190,10 @@ def check_classifier_forward(model: nn.Module, metadata: dict[str, Any], generat
 
 def sample_check(model: nn.Module, metadata: dict[str, Any], cfg: VerifyConfig, out: Path,
                  device: torch.device) -> Check:
-    """A short guided sampling run, SAMPLES_PER_CLASS per class, saved as a grid with one row per class."""
+    """A short guided sampling run, SAMPLES_PER_CLASS per checked class, saved as a grid with one row per class."""
     objective = build_objective_from_metadata(metadata)
     cfg_scale = guidance_scale(cfg.cfg_scale, metadata)
-    labels = class_grid_labels(list(range(model.num_classes)), SAMPLES_PER_CLASS, device)
+    labels = class_grid_labels(checked_classes(model.num_classes), SAMPLES_PER_CLASS, device)
     images = sample_images(model, objective, labels, steps=cfg.sample_steps, cfg_scale=cfg_scale, sampler=None,
                            seed=cfg.seed, image_size=model.image_size, in_channels=model.in_channels)
     if not torch.isfinite(images).all():
@@ -207,16 +217,12 @@ def describe(metadata: dict[str, Any]) -> tuple[str, str]:
     return model, f"epoch {metadata.get('epoch')}" + (f" ({shown})" if shown else "")
 
 
-def rebuild(metadata: dict[str, Any]) -> nn.Module:
-    kind = metadata.get("kind")
-    if kind == DIT_KIND:
+def rebuild(metadata: dict[str, Any], path: Path) -> nn.Module:
+    """The untrained model the metadata describes, after every metadata value has passed validation."""
+    validate_metadata(metadata, source=path)
+    if metadata["kind"] == DIT_KIND:
         return build_dit_from_metadata(metadata)
-    if kind == CLASSIFIER_KIND:
-        try:
-            return build_classifier_from_metadata(metadata)
-        except ValueError as error:
-            raise UserError(f"metadata describes an impossible classifier: {error}") from error
-    raise UserError(f"unknown checkpoint kind {kind!r} (expected '{DIT_KIND}' or '{CLASSIFIER_KIND}')")
+    return build_classifier_from_metadata(metadata)
 
 
 def default_sample_path(checkpoint: Path) -> Path:
@@ -234,13 +240,13 @@ def verify(cfg: VerifyConfig) -> Report:
         return report
     report.file_bytes = path.stat().st_size
     report.add("load", True, f"{path.suffix.lstrip('.')} file, {len(state)} tensors, metadata present")
-    report.kind, report.classes = metadata.get("kind"), list(metadata.get("class_names", []))
-    report.model, report.trained_for = describe(metadata)
     try:
-        model = rebuild(metadata)
+        model = rebuild(metadata, path)
     except UserError as error:
         report.add("metadata", False, str(error))
         return report
+    report.kind, report.classes = metadata["kind"], list(metadata["class_names"])
+    report.model, report.trained_for = describe(metadata)
     report.add("metadata", True, f"kind '{report.kind}', {len(report.classes)} classes; model rebuilt")
 
     fresh = {name: tensor.clone() for name, tensor in model.state_dict().items()}
@@ -279,7 +285,7 @@ def format_report(report: Report) -> str:
     header = [("kind", report.kind), ("model", report.model),
               ("parameters", f"{report.parameters:,}" if report.parameters is not None else None),
               ("trained", report.trained_for),
-              ("classes", f"{len(report.classes)}: {', '.join(report.classes)}" if report.classes else None),
+              ("classes", f"{len(report.classes)}: {_examples(report.classes, 20)}" if report.classes else None),
               ("sample", report.sample)]
     lines += [f"{name:<11} {value}" for name, value in header if value is not None]
     lines.append("checks")

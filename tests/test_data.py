@@ -308,6 +308,19 @@ def test_cache_falls_back_to_user_cache_when_data_folder_cannot_hold_it(tmp_path
     assert image_files.load_or_build_cache(root, 6, show_progress=False).path == cache.path
 
 
+@pytest.mark.parametrize("files, cores, available, expected", [
+    (10, 16, 10**12, 1),  # a small build decodes in the calling thread
+    (1000, 16, 10**12, image_files.MAX_DECODE_WORKERS),
+    (1000, 2, 10**12, 2),  # no more threads than cores
+    (1000, 16, 6 * image_files.WORST_DECODE_BYTES, 3),  # half the available memory at the worst case per decode
+    (1000, 16, image_files.WORST_DECODE_BYTES, 1),  # always at least one
+    (1000, 16, None, 2),  # memory unknown
+])
+def test_decoder_threads_are_bounded_by_cores_and_memory(monkeypatch, files, cores, available, expected):
+    monkeypatch.setattr(image_files.os, "cpu_count", lambda: cores)
+    assert image_files.decode_workers(files, available) == expected
+
+
 def test_parallel_build_matches_single_image_decoding(tmp_path):
     root = make_image_folder(tmp_path / "cats", {"black": 40, "tabby": 40}, size=(9, 7))
 

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from builders import CLASS_NAMES, DIT_NAME, save_classifier, save_dit, trained_dit
+from builders import CLASS_NAMES, DIT_NAME, dit_test_metadata, save_classifier, save_dit, trained_dit
 
 from models.tiny_dit import DIT_SIZES
 
@@ -111,7 +111,7 @@ def test_ddpm_export_with_ddim_sampling_and_int8_copy(tmp_path):
     summary = export_dit(ExportDiTConfig(checkpoint=str(checkpoint), output=str(tmp_path / "ddpm.onnx"), test=True,
                                          quantize=True, steps=STEPS, test_per_class=1))
     sidecar = read_sidecar(summary["onnx"])
-    objective = build_objective_from_metadata({"kind": "dit", "objective": "ddpm"})
+    objective = build_objective_from_metadata(dit_test_metadata(objective="ddpm"))
     assert sidecar["objective"]["alphas_cumprod"] == objective.alphas_cumprod.tolist()
     assert summary["sampling_max_abs_diff"] <= 1e-3
     assert Path(summary["int8"]).is_file() and summary["int8_bytes"] < summary["fp32_bytes"] / 2

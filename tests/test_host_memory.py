@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from scripts.lib.host_memory import MMAP_THRESHOLD_BYTES, reuse_freed_memory
+from scripts.lib.host_memory import MMAP_THRESHOLD_BYTES, available_memory_bytes, reuse_freed_memory
 
 HEAP_STATISTICS_AROUND_ONE_TENSOR = """
 import ctypes, json, sys, torch
@@ -63,3 +63,22 @@ def test_tuned_heap_serves_a_large_tensor_and_keeps_it_after_free():
 @glibc_only
 def test_tuning_reports_that_it_took_effect():
     assert reuse_freed_memory() is True
+
+
+def test_available_memory_reads_meminfo_and_respects_a_cgroup_limit(tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemFree:          500000 kB\nMemAvailable:   19000000 kB\n")
+    cgroup = tmp_path / "cgroup"
+    cgroup.mkdir()
+    assert available_memory_bytes(meminfo, cgroup) == 19_000_000 * 1024  # no cgroup files: the machine's figure
+    (cgroup / "memory.max").write_text("max\n")
+    (cgroup / "memory.current").write_text("123\n")
+    assert available_memory_bytes(meminfo, cgroup) == 19_000_000 * 1024  # a cgroup without a limit
+    (cgroup / "memory.max").write_text(f"{8 * 2**30}\n")
+    (cgroup / "memory.current").write_text(f"{3 * 2**30}\n")
+    assert available_memory_bytes(meminfo, cgroup) == 5 * 2**30  # a container's limit is lower than the host's
+
+
+def test_available_memory_without_meminfo_falls_back_to_sysconf(tmp_path):
+    found = available_memory_bytes(tmp_path / "no-meminfo", tmp_path / "no-cgroup")
+    assert found is None or found > 0

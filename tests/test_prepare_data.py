@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import urllib.error
 from pathlib import Path
 
@@ -91,6 +92,46 @@ def test_link_shares_the_file_and_no_link_copies(tmp_path: Path) -> None:
     assert not copied.samefile(source) and copied.read_bytes() == source.read_bytes()
 
 
+def _rewrite_same_size(path: Path, replace_file: bool) -> bytes:
+    """New bytes of the same length in `path`: edited in place (same inode) or written anew and renamed over it."""
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF  # inside the JPEG's last bytes: same size, different content
+    if replace_file:
+        fresh = path.with_name(path.name + ".new")
+        fresh.write_bytes(bytes(data))
+        fresh.replace(path)
+    else:
+        path.write_bytes(bytes(data))
+    return bytes(data)
+
+
+@pytest.mark.parametrize("link, replace_file", [(False, False), (False, True), (True, True)],
+                         ids=["copy-edited", "copy-replaced", "link-replaced"])
+def test_reimport_replaces_a_source_that_changed_at_the_same_size(tmp_path: Path, capsys, link: bool,
+                                                                   replace_file: bool) -> None:
+    source = tmp_path / "pets"
+    for name in ("a", "b"):
+        _tiny_jpeg(source / "tabby" / f"{name}.jpg")
+    cfg = Config(from_folder=str(source), out_dir=str(tmp_path / "data"), link=link)
+    main(cfg)
+    changed = _rewrite_same_size(source / "tabby" / "a.jpg", replace_file)
+    capsys.readouterr()
+    main(cfg)
+    assert (tmp_path / "data/pets/tabby/a.jpg").read_bytes() == changed
+    assert "1 new files (1 already in place)" in capsys.readouterr().out
+
+
+def test_a_touched_but_unchanged_source_is_not_copied_again(tmp_path: Path, capsys) -> None:
+    source = tmp_path / "pets"
+    _tiny_jpeg(source / "tabby" / "a.jpg")
+    cfg = Config(from_folder=str(source), out_dir=str(tmp_path / "data"), link=False)
+    main(cfg)
+    os.utime(source / "tabby" / "a.jpg", ns=(1, 1))  # only the time changed: the bytes are compared
+    capsys.readouterr()
+    main(cfg)
+    assert "0 new files (1 already in place)" in capsys.readouterr().out
+
+
 def test_missing_oxford_without_download_says_what_to_do(tmp_path: Path) -> None:
     with pytest.raises(
         UserError, match="run with --download on a machine with internet, or pass --from-folder"
@@ -176,3 +217,20 @@ def test_command_line_turns_the_error_into_one_line(
         )
     assert exit_info.value.code == EXIT_USER_ERROR
     assert capsys.readouterr().err.startswith("error: Oxford-IIIT Pet not found")
+
+
+def test_folder_names_are_escaped_in_what_it_prints(tmp_path: Path, capsys) -> None:
+    source = tmp_path / "pets\n\x1b[2J"
+    _tiny_jpeg(source / "tabby" / "a.jpg")
+    main(Config(from_folder=str(source), out_dir=str(tmp_path / "data")))
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "pets\\n\\x1b[2J: 1 images in 1 classes (tabby 1)" in out
+    assert len(out.splitlines()) == 2  # "N new files" and the summary: the name split no line
+
+
+def test_a_class_name_the_trainers_would_refuse_is_refused_before_copying(tmp_path: Path) -> None:
+    source = tmp_path / "pets"
+    _tiny_jpeg(source / "tab\nby" / "a.jpg")
+    with pytest.raises(UserError, match="tab\\\\nby: the name holds a control") as refused:
+        main(Config(from_folder=str(source), out_dir=str(tmp_path / "data")))
+    assert "\n" not in str(refused.value) and not (tmp_path / "data").exists()

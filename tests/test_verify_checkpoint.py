@@ -13,15 +13,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
 from models.classifier import build_classifier
 from models.tiny_dit import build_dit
 from scripts.lib.checkpoints import save_weights
 from scripts.lib.cli import UserError
-from scripts.verify_checkpoint import VerifyConfig, main, verify
-from builders import (CLASSIFIER_BACKBONE, CLASS_NAMES, DIT_NAME, DIT_SIZE, dit_test_metadata, save_classifier,
-                      save_dit, trained_classifier, trained_dit)
+from scripts.verify_checkpoint import VerifyConfig, checked_classes, format_report, main, verify
+from builders import (CLASSIFIER_BACKBONE, CLASS_NAMES, DIT_NAME, DIT_SIZE, dit_test_metadata, look_trained,
+                      save_classifier, save_dit, trained_classifier, trained_dit)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 def failed_checks(path: Path) -> dict[str, str]:
@@ -173,3 +174,14 @@ def test_command_line_exits_2_and_still_prints_a_json_report(tmp_path):
     assert report["passed"] is False
     assert [c["name"] for c in report["checks"] if not c["passed"]] == ["finite"]
     assert "failed verification" in result.stderr and "final_layer.linear.bias" in result.stderr
+
+
+def test_a_dit_with_many_classes_is_checked_on_a_spread_of_them(tmp_path):
+    names = [f"breed_{i:02d}" for i in range(40)]
+    model = look_trained(build_dit(DIT_NAME, DIT_SIZE, len(names)))
+    path = save_dit(tmp_path / "many.safetensors", model, class_names=names)
+    report = main(VerifyConfig(checkpoint=str(path), device="cpu", sample_steps=1))
+    assert report.passed and checked_classes(40) == [round(i * 39 / 15) for i in range(16)]
+    width, height = Image.open(report.sample).size
+    assert height > width * 3  # 16 rows of 4 samples, not 40
+    assert "breed_19 (+20 more)" in format_report(report)

@@ -14,11 +14,16 @@ Two kinds of files live here:
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import pickle
+import re
+import reprlib
 import shutil
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +31,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from scripts.lib.cli import UserError
+from scripts.lib.cli import UserError, printable
 
 FORMAT_NAME = "tiny-cats"
 FORMAT_VERSION = 1
@@ -34,6 +39,11 @@ STATE_DIR_PREFIX = "step_"
 COMPLETE_MARKER = "COMPLETE"
 _TENSORS_FILE = "state.safetensors"
 _STRUCTURE_FILE = "state.json"
+# The tags of state.json: a tensor (by its name in state.safetensors), a tuple, a dict (as [key, value] pairs).
+_TENSOR, _TUPLE, _DICT = "__tensor__", "__tuple__", "__dict__"
+# A trainer's state is at most 6 levels deep (optimizer -> state -> parameter -> moment); a structure nested far
+# deeper was not written by save_training_state and would otherwise end in a RecursionError.
+MAX_STATE_DEPTH = 32
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -45,19 +55,60 @@ def _contiguous_cpu(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 
 
 def save_weights(path: str | Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:
-    """Write weights + JSON-able metadata atomically (temp file, then rename). Returns the path."""
+    """Write weights + JSON-able metadata atomically (temp file, then rename). Returns the path.
+
+    A write that fails (disk full, no permission) removes its temp file, leaves an earlier file at `path` as it
+    was and raises one UserError line that says what failed and what to do.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     full_metadata = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **metadata}
+    tensors = _contiguous_cpu(state_dict)
     tmp = path.with_name(path.name + ".tmp")
-    if path.suffix == ".pt":
-        torch.save(_contiguous_cpu(state_dict), tmp)
-        _write_json_atomic(metadata_sidecar(path), full_metadata)
-    else:
-        header = {key: json.dumps(value) for key, value in full_metadata.items()}
-        save_file(_contiguous_cpu(state_dict), str(tmp), metadata=header)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix == ".pt":
+            _torch_save(tensors, tmp)
+            _write_text_atomic(metadata_sidecar(path), json.dumps(full_metadata, indent=2, sort_keys=True))
+        else:
+            header = {key: json.dumps(value) for key, value in full_metadata.items()}
+            save_file(tensors, str(tmp), metadata=header)
+        os.replace(tmp, path)
+    except (OSError, SafetensorError) as error:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise _write_failed("the weights", path, error) from error
     return path
+
+
+def _torch_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    try:
+        torch.save(tensors, path)
+    except RuntimeError as error:  # torch's zip writer reports a failed write (a full disk) only as this
+        raise OSError(f"the write failed ({str(error)[:200]})") from error
+
+
+def _write_failed(what: str, path: Path, error: Exception) -> UserError:
+    """One line for a write that failed: what, where, the system's reason, and what to do about it."""
+    reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+    code = getattr(error, "errno", None)
+    if code is None:  # safetensors reports the OS error inside its message: "... (os error 28)"
+        found = re.search(r"os error (\d+)", reason)
+        code = int(found.group(1)) if found else None
+    writable = f"make {printable(path.parent)} writable"
+    free = f"free disk space there ({_free_space(path)} free now)"
+    advice = {errno.EACCES: writable, errno.EPERM: writable, errno.EROFS: writable, errno.ENOSPC: free,
+              errno.EDQUOT: free}.get(code, f"{free} or {writable}")
+    return UserError(f"could not write {what} to {printable(path)} ({printable(reason[:300])}) — {advice}, or "
+                     "write to another folder; nothing saved before was changed")
+
+
+def _free_space(path: Path) -> str:
+    existing = next((folder for folder in (path, *path.parents) if folder.exists()), None)
+    try:
+        free = shutil.disk_usage(existing).free if existing is not None else None
+    except OSError:
+        free = None
+    return "unknown" if free is None else f"{free / 2**20:,.0f} MiB"
 
 
 def metadata_sidecar(path: Path) -> Path:
@@ -65,42 +116,76 @@ def metadata_sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
-def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def load_weights(path: str | Path, check_metadata: Callable[[dict[str, Any]], None] | None = None,
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Load (state_dict, metadata) from a `.safetensors` or `.pt` file, refusing anything unsafe.
 
     Raises UserError with the reason for: missing file, truncated/corrupt file, unknown format, missing
     metadata, and a `.pt` pickle that holds more than tensors (refused by `weights_only=True`, never run).
+    `check_metadata` (it raises UserError) sees the metadata before a single tensor is read, so a file whose
+    header is refused costs no more than reading that header.
     """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path} — train first (make train / make train-dit) or pass "
                         "--checkpoint with the path of an existing file")
-    if path.suffix == ".pt":
-        return _load_pt(path)
-    if path.suffix != ".safetensors":
+    if path.suffix not in (".pt", ".safetensors"):
         raise UserError(f"{path}: unknown checkpoint format '{path.suffix}' — expected .safetensors or .pt")
+    metadata = _read_sidecar(path) if path.suffix == ".pt" else _read_header(path)
+    if check_metadata is not None:
+        check_metadata(metadata)
+    return (_load_pt(path) if path.suffix == ".pt" else _load_safetensors(path)), metadata
+
+
+def _unreadable_safetensors(path: Path, error: Exception) -> UserError:
+    return UserError(f"{path}: not a readable safetensors file ({error}) — the file is truncated or corrupt; use "
+                     "an earlier checkpoint or retrain")
+
+
+def _read_header(path: Path) -> dict[str, Any]:
     try:
-        state_dict = load_file(str(path))
         with safe_open(str(path), framework="pt") as handle:
             header = handle.metadata() or {}
     except (SafetensorError, OSError, ValueError) as error:
-        raise UserError(f"{path}: not a readable safetensors file ({error}) — the file is truncated or "
-                        "corrupt; use an earlier checkpoint or retrain") from error
-    metadata = _decode_header(path, header)
-    return state_dict, metadata
-
-
-def _decode_header(path: Path, header: dict[str, str]) -> dict[str, Any]:
+        raise _unreadable_safetensors(path, error) from error
     if header.get("format") != json.dumps(FORMAT_NAME):
         raise UserError(f"{path}: no tiny-cats metadata in this file — it was not written by this kit, so the "
                         "model cannot be rebuilt from it")
+    return {key: _parse_json(value, path) for key, value in header.items()}
+
+
+def _parse_json(text: str, source: Path) -> Any:
+    # ValueError covers JSONDecodeError and integers of more than 4300 digits; RecursionError, arrays nested
+    # thousands deep. Both are what a hand-made or damaged header can hold.
     try:
-        return {key: json.loads(value) for key, value in header.items()}
-    except json.JSONDecodeError as error:
-        raise UserError(f"{path}: corrupt metadata ({error})") from error
+        return json.loads(text)
+    except (ValueError, RecursionError) as error:
+        raise UserError(f"{source}: corrupt metadata ({str(error)[:200]})") from None
 
 
-def _load_pt(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise _unreadable_safetensors(path, error) from error
+
+
+def _read_sidecar(path: Path) -> dict[str, Any]:
+    sidecar = metadata_sidecar(path)
+    if not sidecar.is_file():
+        raise UserError(f"{path}: metadata file {sidecar.name} is missing — the model cannot be rebuilt "
+                        "without it (it is written next to every .pt this kit saves)")
+    try:
+        text = sidecar.read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"{sidecar}: unreadable metadata ({error})") from error
+    metadata = _parse_json(text, sidecar)
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT_NAME:
+        raise UserError(f"{sidecar}: not tiny-cats metadata")
+    return metadata
+
+
+def _load_pt(path: Path) -> dict[str, torch.Tensor]:
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -110,23 +195,19 @@ def _load_pt(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         raise UserError(f"{path}: not a readable .pt file ({error}) — truncated or corrupt") from error
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise UserError(f"{path}: expected a plain state dict of tensors")
-    sidecar = metadata_sidecar(path)
-    if not sidecar.is_file():
-        raise UserError(f"{path}: metadata file {sidecar.name} is missing — the model cannot be rebuilt "
-                        "without it (it is written next to every .pt this kit saves)")
-    try:
-        metadata = json.loads(sidecar.read_text())
-    except json.JSONDecodeError as error:
-        raise UserError(f"{sidecar}: corrupt metadata ({error})") from error
-    if metadata.get("format") != FORMAT_NAME:
-        raise UserError(f"{sidecar}: not tiny-cats metadata")
-    return state_dict, metadata
+    return state_dict
 
 
-def _write_json_atomic(path: Path, data: Any) -> None:
+def _write_text_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` whole, or leave it as it was (a failed write removes its temp file)."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -142,11 +223,14 @@ def flatten_state(state: Any) -> tuple[dict[str, torch.Tensor], Any]:
     def encode(value: Any, path: str) -> Any:
         if isinstance(value, torch.Tensor):
             tensors[path] = value.detach().to("cpu").contiguous().clone()
-            return {"__tensor__": path}
+            return {_TENSOR: path}
         if isinstance(value, dict):
-            return {"__dict__": [[key, encode(item, f"{path}.{key}")] for key, item in value.items()]}
+            bad_keys = [key for key in value if not _is_state_key(key)]
+            if bad_keys:
+                raise TypeError(f"cannot store the {type(bad_keys[0]).__name__} key {bad_keys[0]!r} at {path}")
+            return {_DICT: [[key, encode(item, f"{path}.{key}")] for key, item in value.items()]}
         if isinstance(value, tuple):
-            return {"__tuple__": [encode(item, f"{path}.{i}") for i, item in enumerate(value)]}
+            return {_TUPLE: [encode(item, f"{path}.{i}") for i, item in enumerate(value)]}
         if isinstance(value, list):
             return [encode(item, f"{path}.{i}") for i, item in enumerate(value)]
         if value is None or isinstance(value, bool | int | float | str):
@@ -156,17 +240,35 @@ def flatten_state(state: Any) -> tuple[dict[str, torch.Tensor], Any]:
     return tensors, encode(state, "state")
 
 
-def unflatten_state(tensors: dict[str, torch.Tensor], structure: Any) -> Any:
-    """Inverse of `flatten_state`."""
+def _is_state_key(key: Any) -> bool:
+    return isinstance(key, str) or type(key) is int
+
+
+def unflatten_state(tensors: dict[str, torch.Tensor], structure: Any, depth: int = 0) -> Any:
+    """Inverse of `flatten_state`. ValueError, with the reason, for anything it cannot have written: unknown
+    tags, references to absent tensors, malformed dict entries, nesting deeper than MAX_STATE_DEPTH."""
+    if depth > MAX_STATE_DEPTH:
+        raise ValueError(f"the structure is nested deeper than {MAX_STATE_DEPTH} levels")
     if isinstance(structure, list):
-        return [unflatten_state(tensors, item) for item in structure]
-    if isinstance(structure, dict):
-        if "__tensor__" in structure:
-            return tensors[structure["__tensor__"]]
-        if "__tuple__" in structure:
-            return tuple(unflatten_state(tensors, item) for item in structure["__tuple__"])
-        return {key: unflatten_state(tensors, item) for key, item in structure["__dict__"]}
-    return structure
+        return [unflatten_state(tensors, item, depth + 1) for item in structure]
+    if not isinstance(structure, dict):
+        return structure  # a JSON scalar
+    if len(structure) != 1:
+        raise ValueError(f"unknown entry {reprlib.repr(structure)}")
+    ((tag, body),) = structure.items()
+    if tag == _TENSOR:
+        if not isinstance(body, str) or body not in tensors:
+            raise ValueError(f"it refers to a tensor {reprlib.repr(body)} that {_TENSORS_FILE} does not hold")
+        return tensors[body]
+    if tag == _TUPLE and isinstance(body, list):
+        return tuple(unflatten_state(tensors, item, depth + 1) for item in body)
+    if tag == _DICT and isinstance(body, list):
+        malformed = [pair for pair in body if not (isinstance(pair, list) and len(pair) == 2
+                                                   and _is_state_key(pair[0]))]
+        if malformed:
+            raise ValueError(f"malformed dict entry {reprlib.repr(malformed[0])}")
+        return {key: unflatten_state(tensors, item, depth + 1) for key, item in body}
+    raise ValueError(f"unknown entry {reprlib.repr(structure)}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -178,29 +280,40 @@ def state_dir_name(step: int) -> str:
 
 def _step_of(folder: Path) -> int | None:
     suffix = folder.name[len(STATE_DIR_PREFIX):]
-    if not folder.name.startswith(STATE_DIR_PREFIX) or not suffix.isdigit():
+    if not folder.name.startswith(STATE_DIR_PREFIX) or not (suffix.isascii() and suffix.isdigit()):
         return None
     return int(suffix)
 
 
-def list_complete_states(state_root: str | Path) -> list[tuple[int, Path]]:
-    """(step, folder) of every complete checkpoint, oldest first. Foreign or partial folders are ignored."""
-    root = Path(state_root)
+def _marker_step(folder: Path) -> int | None:
+    """The step the folder's COMPLETE marker names, or None: no marker, or one this kit did not write."""
+    try:
+        text = (folder / COMPLETE_MARKER).read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _step_folders(root: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every folder named like a training state, oldest first; nothing else is ever touched."""
     if not root.is_dir():
         return []
-    found = []
-    for folder in root.iterdir():
-        step = _step_of(folder)
-        if step is not None and folder.is_dir() and (folder / COMPLETE_MARKER).is_file():
-            found.append((step, folder))
-    return sorted(found)
+    return sorted((step, folder) for folder in root.iterdir()
+                  if (step := _step_of(folder)) is not None and folder.is_dir())
+
+
+def list_complete_states(state_root: str | Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every complete checkpoint (its marker names its step), oldest first. Foreign, partial
+    or hand-marked folders are ignored."""
+    return [(step, folder) for step, folder in _step_folders(Path(state_root)) if _marker_step(folder) == step]
 
 
 def find_resume_state(resume: str, state_root: str | Path) -> Path | None:
     """The state folder a run continues from, or None for a fresh start.
 
     `resume` is the trainers' --resume: "auto" (the newest complete state, if any), "never" (refused when
-    the run already has states, so two runs never mix in one folder) or the path of a state folder.
+    the run already has states, so two runs never mix in one folder) or the path of a state folder, refused
+    with one line unless it is a complete one (load_training_state checks its contents).
     """
     states = list_complete_states(state_root)
     if resume == "never":
@@ -211,6 +324,7 @@ def find_resume_state(resume: str, state_root: str | Path) -> Path | None:
         return None
     if resume == "auto":
         return states[-1][1] if states else None
+    _refuse_unusable(Path(resume), _marked_step)  # e.g. the run folder itself, or a state whose write never ended
     return Path(resume)
 
 
@@ -224,22 +338,33 @@ def remove_unfinished_writes(state_root: str | Path) -> int:
 
 
 def save_training_state(state_root: str | Path, step: int, state: dict[str, Any]) -> Path:
-    """Write `state` (nested, see flatten_state) to `state_root/step_N/` atomically and mark it complete."""
+    """Write `state` (nested, see flatten_state) to `state_root/step_N/` atomically and mark it complete.
+
+    A write that fails (disk full, no permission) removes what it wrote, leaves every earlier checkpoint as it
+    was and raises one UserError line that says what failed and what to do.
+    """
     root = Path(state_root)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / state_dir_name(step)
     tmp = root / f".tmp-{state_dir_name(step)}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     tensors, structure = flatten_state(state)
-    save_file(tensors, str(tmp / _TENSORS_FILE))
-    (tmp / _STRUCTURE_FILE).write_text(json.dumps({"step": step, "state": structure}))
-    _fsync_tree(tmp)
-    if final.exists():  # an incomplete leftover of a killed run at the same step
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    (final / COMPLETE_MARKER).write_text(f"{step}\n")
-    _fsync_tree(final)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_file(tensors, str(tmp / _TENSORS_FILE))
+        (tmp / _STRUCTURE_FILE).write_text(json.dumps({"step": step, "state": structure}))
+        _fsync_tree(tmp)
+        if final.exists():  # an incomplete leftover of a killed run at the same step
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        # The marker is written whole or not at all: a disk that fills up here cannot leave an empty "COMPLETE".
+        _write_text_atomic(final / COMPLETE_MARKER, f"{step}\n")
+        _fsync_tree(final)
+    except (OSError, SafetensorError) as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if _marker_step(final) != step:  # renamed but never marked: remove it, nothing else
+            shutil.rmtree(final, ignore_errors=True)
+        raise _write_failed(f"the training state of step {step}", final, error) from error
     return final
 
 
@@ -255,24 +380,82 @@ def _fsync_tree(folder: Path) -> None:
         os.close(dir_fd)
 
 
+class _NotAState(Exception):
+    """Why a folder is not a training state that save_training_state wrote."""
+
+
 def load_training_state(folder: str | Path) -> tuple[int, dict[str, Any]]:
-    """Read a complete state folder: (step, state). UserError if it is not a complete checkpoint."""
-    folder = Path(folder)
+    """Read a complete state folder: (step, state).
+
+    Anything but a state written by save_training_state is refused with one UserError line: no folder, no (or a
+    hand-made) COMPLETE marker, missing or unreadable files, a structure it cannot have written, or a step that
+    disagrees with the folder's name or its marker.
+    """
+    return _refuse_unusable(Path(folder), _read_state)
+
+
+def _refuse_unusable(folder: Path, read: Callable[[Path], Any]) -> Any:
+    """`read(folder)`, with its _NotAState turned into the one line the user sees."""
+    try:
+        return read(folder)
+    except _NotAState as reason:
+        raise UserError(f"{printable(folder)} is not a complete training-state checkpoint: {printable(reason)} — "
+                        f"pass a folder like <run>/state/{state_dir_name(10000)} or use --resume auto") from None
+
+
+def _marked_step(folder: Path) -> int:
+    """The step a state folder's marker names; _NotAState when there is no folder or no such marker."""
+    if not folder.is_dir():
+        raise _NotAState("a file, not a folder" if folder.exists() else "no such folder")
     if not (folder / COMPLETE_MARKER).is_file():
-        raise UserError(f"{folder} is not a complete training-state checkpoint (no {COMPLETE_MARKER} marker) — "
-                        "pass a folder like <run>/state/step_0010000 or use --resume auto")
+        raise _NotAState(f"no {COMPLETE_MARKER} marker (a write that never finished, or not a state folder)")
+    marked = _marker_step(folder)
+    if marked is None:
+        raise _NotAState(f"its {COMPLETE_MARKER} marker names no step (this kit writes the step number in it)")
+    return marked
+
+
+def _read_state(folder: Path) -> tuple[int, dict[str, Any]]:
+    marked = _marked_step(folder)
+    try:
+        saved = json.loads((folder / _STRUCTURE_FILE).read_text())
+    except (OSError, UnicodeDecodeError) as error:
+        raise _NotAState(f"{_STRUCTURE_FILE} is missing or unreadable ({error})") from None
+    except (ValueError, RecursionError) as error:
+        raise _NotAState(f"{_STRUCTURE_FILE} is not valid JSON ({str(error)[:200]})") from None
+    if not isinstance(saved, dict) or set(saved) != {"step", "state"} or type(saved["step"]) is not int:
+        raise _NotAState(f"{_STRUCTURE_FILE} does not hold a step number and a state")
+    step = saved["step"]
+    named = _step_of(folder)
+    if step != marked or (named is not None and step != named):
+        raise _NotAState(f"{_STRUCTURE_FILE} says step {step}, its marker step {marked}"
+                         + (f" and its name step {named}" if named is not None else ""))
     try:
         tensors = load_file(str(folder / _TENSORS_FILE))
-        saved = json.loads((folder / _STRUCTURE_FILE).read_text())
     except (SafetensorError, OSError, ValueError) as error:
-        raise UserError(f"{folder}: unreadable training state ({error})") from error
-    return saved["step"], unflatten_state(tensors, saved["state"])
+        raise _NotAState(f"{_TENSORS_FILE} is missing or unreadable ({error})") from None
+    try:
+        state = unflatten_state(tensors, saved["state"])
+    except ValueError as error:
+        raise _NotAState(f"{_STRUCTURE_FILE} is malformed: {error}") from None
+    if not isinstance(state, dict):
+        raise _NotAState(f"{_STRUCTURE_FILE} holds a {type(state).__name__}, not a state dict")
+    return step, state
 
 
 def prune_states(state_root: str | Path, keep: int) -> None:
-    """Delete all but the newest `keep` complete checkpoints (the newest is never deleted)."""
-    states = list_complete_states(state_root)
+    """Delete all but the newest `keep` complete checkpoints (the newest is never deleted), and every unmarked
+    step folder older than the newest complete one: what a kill in the middle of a delete (marker already gone)
+    or of a save left behind. A save being written now is newer than every complete checkpoint, so it is never
+    touched, and neither is anything not named like a state folder."""
+    root = Path(state_root)
+    states = list_complete_states(root)
     for _, folder in states[: max(0, len(states) - max(keep, 1))]:
         # Remove the marker first: a kill mid-delete then leaves an ignored folder, not a broken "complete" one.
         (folder / COMPLETE_MARKER).unlink(missing_ok=True)
         shutil.rmtree(folder)
+    if states:
+        complete = {folder for _, folder in states}
+        for step, folder in _step_folders(root):
+            if step < states[-1][0] and folder not in complete:
+                shutil.rmtree(folder)

@@ -19,6 +19,7 @@ import re
 import signal
 import sys
 import typing
+import unicodedata
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -33,6 +34,25 @@ EXIT_SIGNAL_BASE = 128
 
 class UserError(Exception):
     """A problem the user can fix (bad path, bad flag, corrupt data, OOM...). The message says how."""
+
+
+# Characters a file or folder name may hold that must not reach a log line or a terminal as they are: controls
+# (a newline would split or forge a line, ESC drives the terminal), line/paragraph separators, lone surrogates
+# (the undecodable bytes of a name, which a UTF-8 stream refuses to print), and the bidirectional overrides and
+# isolates (U+202E shows the rest of a line reversed). Other format characters, like the joiners inside emoji,
+# are harmless.
+_ESCAPED_CATEGORIES = frozenset({"Cc", "Zl", "Zp", "Cs"})
+_ESCAPED_BIDI_CLASSES = frozenset({"LRE", "RLE", "LRO", "RLO", "PDF", "LRI", "RLI", "FSI", "PDI"})
+
+
+def _needs_escape(char: str) -> bool:
+    return unicodedata.category(char) in _ESCAPED_CATEGORIES or unicodedata.bidirectional(char) in _ESCAPED_BIDI_CLASSES
+
+
+def printable(text: object) -> str:
+    """`str(text)` with the characters above written as escapes (\\n, \\x1b, \\u202e): one line, shown as stored."""
+    return "".join(char.encode("unicode_escape").decode("ascii") if _needs_escape(char) else char
+                   for char in str(text))
 
 
 def flag_name(field: dataclasses.Field) -> str:

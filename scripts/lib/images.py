@@ -1,8 +1,9 @@
 """Image folders in, a uint8 cache out: listing, decoding and the memory-mapped cache both trainers read.
 
-image folder (DIR/<class>/*.jpg) -> `scan_image_folder` (validate the layout)
--> `load_rgb` (decode with PIL, fix EXIF rotation and colour mode, resize + centre-crop once)
--> `load_or_build_cache` (uint8 N x 3 x H x W `.npy`, memory-mapped, keyed by listing + size).
+image folder (DIR/<class>/*.jpg) -> `scan_image_folder` (validate the layout and the class names)
+-> `load_rgb` (decode with PIL within a memory bound, fix EXIF rotation and colour mode, resize + centre-crop once)
+-> `load_or_build_cache` (uint8 N x 3 x H x W `.npy`, memory-mapped, keyed by listing + size; decoder threads
+bounded by cores and available memory). File names reach log lines and errors escaped (`cli.printable`).
 What happens to the cached images per step lives in scripts/lib/batches.py. This module needs no torch, so
 the data-preparation commands stay light.
 """
@@ -17,16 +18,18 @@ import logging
 import os
 import struct
 import uuid
+import warnings
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 from tqdm import tqdm
 
-from scripts.lib.cli import UserError
+from scripts.lib.cli import UserError, printable
+from scripts.lib.host_memory import available_memory_bytes
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 CACHE_DIR_NAME = ".tiny-cats-cache"
@@ -41,6 +44,12 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, zlib.error, struct
                   Image.DecompressionBombError)
 
 LogFn = Callable[[str], object]
+
+# iNaturalist 2021 (10,000 species) is the largest common labelled set; at this bound the biggest class table a
+# checkpoint can ask for (a resnet50 head, 2048 x 10,000 floats) is 82 MB, where a claim of 1e9 would be 8 TB.
+MAX_CLASSES = 10_000
+# A class is a folder name, which common file systems cap at 255 characters.
+MAX_CLASS_NAME_CHARS = 255
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -61,23 +70,42 @@ def is_hidden_name(name: str) -> bool:
     return name.startswith((".", "__"))
 
 
+def class_name_problem(name: object) -> str | None:
+    """Why `name` cannot name a class, or None. Class names are folder names that end up in checkpoint metadata,
+    in log lines and in the file names sample.py writes, so the trainers and the loaders apply the same rule."""
+    if not isinstance(name, str) or not 1 <= len(name) <= MAX_CLASS_NAME_CHARS:
+        return f"is not a name of 1 to {MAX_CLASS_NAME_CHARS} characters"
+    if printable(name) != name:
+        return "holds a control, line-break or text-direction character"
+    if "/" in name or "\\" in name:
+        return "holds a path separator"
+    return None
+
+
 def scan_image_folder(root: str | Path) -> ImageFolderListing:
     """List DIR/<class>/<image>; raise a UserError that says what to fix when the layout is wrong."""
     root = Path(root).expanduser()
     if not root.exists():
-        raise UserError(f"data folder {root} does not exist — {LAYOUT_HINT}")
+        raise UserError(f"data folder {printable(root)} does not exist — {LAYOUT_HINT}")
     if not root.is_dir():
-        raise UserError(f"data path {root} is a file, not a folder — {LAYOUT_HINT}")
+        raise UserError(f"data path {printable(root)} is a file, not a folder — {LAYOUT_HINT}")
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not is_hidden_name(p.name))
     if not class_dirs:
-        raise UserError(f"data folder {root} has no class subfolders — {LAYOUT_HINT}")
+        raise UserError(f"data folder {printable(root)} has no class subfolders — {LAYOUT_HINT}")
+    if len(class_dirs) > MAX_CLASSES:
+        raise UserError(f"data folder {printable(root)} has {len(class_dirs)} class subfolders, more than the "
+                        f"{MAX_CLASSES} a model of this kit can have — {LAYOUT_HINT}")
+    for class_dir in class_dirs:
+        problem = class_name_problem(class_dir.name)
+        if problem:
+            raise UserError(f"class folder {printable(class_dir)}: the name {problem} — rename the folder")
     files: list[tuple[Path, int]] = []
     for label, class_dir in enumerate(class_dirs):
         images = sorted(p for p in class_dir.iterdir()
                         if p.is_file() and not is_hidden_name(p.name) and p.suffix.lower() in IMAGE_EXTENSIONS)
         if not images:
             extensions = ", ".join(sorted(IMAGE_EXTENSIONS))
-            raise UserError(f"class folder {class_dir} has no image files ({extensions}) — "
+            raise UserError(f"class folder {printable(class_dir)} has no image files ({extensions}) — "
                             f"add images or remove the folder")
         files.extend((path, label) for path in images)
     return ImageFolderListing(root=root, class_names=[d.name for d in class_dirs], files=files)
@@ -94,8 +122,8 @@ def refuse_foreign_classes(out: Path, allowed: Iterable[str]) -> None:
     )
     if foreign:
         raise UserError(
-            f"{out} already holds other classes ({', '.join(foreign[:6])}) that would mix into this data "
-            "set — remove them or choose another output folder"
+            f"{printable(out)} already holds other classes ({printable(', '.join(foreign[:6]))}) that would mix "
+            "into this data set — remove them or choose another output folder"
         )
 
 
@@ -107,9 +135,58 @@ class UnreadableImage(UserError):
     """An image file that cannot be decoded (empty, truncated, not an image, too large, odd colour mode)."""
 
     def __init__(self, path: str | Path, reason: str):
-        super().__init__(f"cannot read image {path}: {reason} — replace or delete the file")
+        super().__init__(f"cannot read image {printable(path)}: {printable(reason)} — replace or delete the file")
         self.path = Path(path)
         self.reason = reason
+
+
+# Images are decoded whole, so their size is checked first (Image.open reads only the header). 8192 x 8192: every
+# camera up to 61 MP fits, and a larger JPEG is decoded at 1/2..1/8 scale (draft) before this check. PIL's own
+# bomb limit (179 MP) lets a 329 KB 16-bit PNG of 13000 x 13000 through, which took predict to 2.9 GB.
+MAX_DECODE_PIXELS = 8192 * 8192
+# Worst host memory per decoded pixel: a palette image with transparency is decoded at 1 byte, expanded once to
+# RGBA (4) and premultiplied for the resize (4); RGBA costs 4 + 4, 16-bit 2 + 4, RGB 4 (PIL stores 3 bands in 4
+# bytes), grey 1. Measured as peak-RSS growth over 16 MP images: 9.1, 8.1, 6.1, 4.1, 1.1 (18, 24, 12, 8, 6 when
+# every conversion ran at full size before the resize).
+DECODE_BYTES_PER_PIXEL = 9
+# So one decode needs at most this much (~0.6 GB); the cache build runs no more decodes at once than fit.
+WORST_DECODE_BYTES = MAX_DECODE_PIXELS * DECODE_BYTES_PER_PIXEL
+# Decoder threads of a cache build: PIL releases the GIL, so up to one per core, but never more than this.
+MAX_DECODE_WORKERS = 8
+# Stored orientation -> the transpose that shows the image upright (the EXIF Orientation tag, 0x0112).
+_EXIF_ORIENTATION = 0x0112
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}
+
+
+# Files between PIL's warning limit (89 MP) and its error limit are refused by MAX_DECODE_PIXELS with a reason in
+# the skip list; PIL's warning would only say the same thing again, outside the log.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+def _refuse_oversized(path: Path, image: Image.Image) -> None:
+    width, height = image.size
+    if width * height > MAX_DECODE_PIXELS:
+        raise UnreadableImage(path, f"{width} x {height} pixels is more than the {MAX_DECODE_PIXELS / 1e6:.0f} "
+                                    "megapixels decoded here (save a smaller copy)")
+
+
+# Modes whose bicubic resize means what it should (alpha is premultiplied by resize itself); 16-bit images cannot
+# be resized, palette and 1-bit ones only nearest-neighbour, and in CMYK, LAB or HSV the mixing is not linear.
+_RESAMPLED_AS_IS = frozenset({"L", "LA", "RGB", "RGBA", "I", "F"})
+
+
+def _resizable(image: Image.Image) -> Image.Image:
+    """The decoded image in a mode that resizes well, converted (one full-size copy) only where it must be."""
+    if image.mode in _RESAMPLED_AS_IS:
+        return image
+    if image.mode.startswith("I;16"):
+        return image.convert("I")
+    if image.mode == "1":
+        return image.convert("L")
+    has_alpha = image.mode in ("PA", "La", "RGBa") or (image.mode == "P" and "transparency" in image.info)
+    return image.convert("RGBA" if has_alpha else "RGB")
 
 
 def _composite_on_white(image: Image.Image) -> Image.Image:
@@ -119,23 +196,24 @@ def _composite_on_white(image: Image.Image) -> Image.Image:
     return Image.alpha_composite(background, rgba).convert("RGB")
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any PIL mode to 8-bit RGB without clipping high-bit-depth images to white."""
+def _to_rgb(image: Image.Image, sixteen_bit: bool) -> Image.Image:
+    """The resized image as 8-bit RGB, without clipping high-bit-depth images to white."""
     if image.mode == "RGB":
         return image
-    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La")
-    if has_alpha or (image.mode == "P" and "transparency" in image.info):
+    if image.mode in ("RGBA", "LA"):
         return _composite_on_white(image)
-    if image.mode.startswith("I;16"):
-        eight_bit = (np.asarray(image, dtype=np.uint32) >> 8).astype(np.uint8)
-        return Image.fromarray(eight_bit).convert("RGB")
     if image.mode == "I":
-        # 32-bit integer images from PIL are almost always 16-bit sources; values above 255 say so.
         values = np.asarray(image, dtype=np.int64)
-        if values.max(initial=0) > 255:
+        if sixteen_bit:
             values = values >> 8
         return Image.fromarray(np.clip(values, 0, 255).astype(np.uint8)).convert("RGB")
     return image.convert("RGB")
+
+
+def _is_sixteen_bit(image: Image.Image) -> bool:
+    # 32-bit integer images from PIL are almost always 16-bit sources; values above 255 say so. getextrema reads
+    # the decoded pixels in place, without a copy.
+    return image.mode.startswith("I;16") or (image.mode == "I" and image.getextrema()[1] > 255)
 
 
 def _resize_center_crop(image: Image.Image, size: int) -> Image.Image:
@@ -148,7 +226,11 @@ def _resize_center_crop(image: Image.Image, size: int) -> Image.Image:
 
 
 def load_rgb(path: str | Path, size: int) -> np.ndarray:
-    """Decode `path` to a (size, size, 3) uint8 array: upright, RGB, shorter side resized, centre-cropped."""
+    """Decode `path` to a (size, size, 3) uint8 array: upright, RGB, shorter side resized, centre-cropped.
+
+    At most MAX_DECODE_PIXELS are decoded (larger JPEGs at a reduced scale, others are refused), and every
+    conversion but one happens after the resize, so one decode needs at most WORST_DECODE_BYTES.
+    """
     path = Path(path)
     try:
         if path.stat().st_size == 0:
@@ -156,10 +238,15 @@ def load_rgb(path: str | Path, size: int) -> np.ndarray:
         with Image.open(path) as image:
             # JPEG can decode at 1/2..1/8 scale directly; keeps both sides >= size, so quality is kept.
             image.draft(image.mode, (size, size))
+            _refuse_oversized(path, image)
             image.load()
-            upright = ImageOps.exif_transpose(image)
-            rgb = _to_rgb(upright)
-            return np.asarray(_resize_center_crop(rgb, size), dtype=np.uint8)
+            sixteen_bit = _is_sixteen_bit(image)
+            orientation = image.getexif().get(_EXIF_ORIENTATION)
+            # The centre square of the stored image is the centre square of the upright one, so the (small)
+            # crop is turned upright instead of the whole decoded image.
+            small = _to_rgb(_resize_center_crop(_resizable(image), size), sixteen_bit)
+            upright = small.transpose(_UPRIGHT[orientation]) if orientation in _UPRIGHT else small
+            return np.asarray(upright, dtype=np.uint8)
     except Image.UnidentifiedImageError:
         raise UnreadableImage(path, "not an image format Pillow can read") from None
     except _DECODE_ERRORS as error:
@@ -251,7 +338,7 @@ def _writable_dir(candidates: Sequence[Path]) -> Path:
             continue
         if os.access(directory, os.W_OK):
             return directory
-    raise UserError(f"cannot create an image cache in any of {', '.join(map(str, candidates))} — "
+    raise UserError(f"cannot create an image cache in any of {', '.join(map(printable, candidates))} — "
                     f"pass a writable --cache-dir")
 
 
@@ -261,6 +348,17 @@ def _decode_or_reason(path: Path, size: int) -> np.ndarray | str:
         return load_rgb(path, size).transpose(2, 0, 1)
     except UnreadableImage as error:
         return error.reason
+
+
+def decode_workers(num_files: int, available_bytes: int | None) -> int:
+    """Decoder threads for a cache build: one per core (at most MAX_DECODE_WORKERS), but only as many as half the
+    available memory holds at WORST_DECODE_BYTES each; one for a small build."""
+    if num_files < 64:
+        return 1
+    # Unknown memory (no /proc, no sysconf figure): two decodes at the worst case, ~1.2 GB, fit any machine that
+    # trains; the rest of the memory is the trainer's and other programs'.
+    by_memory = 2 if available_bytes is None else available_bytes // 2 // WORST_DECODE_BYTES
+    return max(1, min(MAX_DECODE_WORKERS, os.cpu_count() or 1, by_memory))
 
 
 def _decoded_in_order(paths: Sequence[Path], size: int, workers: int) -> Iterator[np.ndarray | str]:
@@ -298,7 +396,7 @@ def _build_cache(listing: ImageFolderListing, image_size: int, directory: Path, 
                                         shape=(len(paths), 3, image_size, image_size))
     labels: list[int] = []
     skipped: list[str] = []
-    workers = min(8, os.cpu_count() or 1) if len(paths) >= 64 else 1
+    workers = decode_workers(len(paths), available_memory_bytes())
     try:
         progress = tqdm(total=len(paths), desc=f"caching {image_size}px images", unit="img",
                         disable=not show_progress)
@@ -306,16 +404,16 @@ def _build_cache(listing: ImageFolderListing, image_size: int, directory: Path, 
             for (path, label), result in zip(listing.files, _decoded_in_order(paths, image_size, workers),
                                                      strict=True):
                 if isinstance(result, str):
-                    skipped.append(f"{path.relative_to(listing.root).as_posix()}: {result}")
+                    skipped.append(f"{printable(path.relative_to(listing.root).as_posix())}: {printable(result)}")
                 else:
                     scratch[len(labels)] = result
                     labels.append(label)
                 progress.update()
         if skipped:
-            warn(f"skipped {len(skipped)} unreadable image file(s) of {len(paths)} in {listing.root}: "
+            warn(f"skipped {len(skipped)} unreadable image file(s) of {len(paths)} in {printable(listing.root)}: "
                  + "; ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
         if not labels:
-            raise UserError(f"none of the {len(paths)} image files in {listing.root} could be read — "
+            raise UserError(f"none of the {len(paths)} image files in {printable(listing.root)} could be read — "
                             f"check the files ({LAYOUT_HINT})")
         # Atomic: the .npy appears complete or not at all, and the .json (written last) marks it valid.
         if skipped:
