@@ -33,7 +33,7 @@ from scripts.lib.classifier_validation import share_batchnorm_statistics
 from scripts.lib.cli import UserError, option, run_main
 from scripts.lib.guard import FirstBadStep, apply_update_only_if_finite, verdict_after_update
 from scripts.lib.images import ImageCache
-from scripts.lib.model_files import classifier_metadata, save_model
+from scripts.lib.model_files import MAX_IMAGE_SIZE, MIN_CLASSIFIER_IMAGE_SIZE, classifier_metadata, save_model
 from scripts.lib.run import Run, RunSpec, common_problems, open_run, positive_problems
 from scripts.lib.runlog import config_dict, format_duration
 from scripts.lib.runtime import DEVICES, PRECISIONS
@@ -42,7 +42,6 @@ from scripts.lib.training_state import TrainingState, check_same_setup
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt")
 BEST_STEM = "cats_model_best"
-MIN_IMAGE_SIZE = 16
 # Complete training states kept per run: resume needs only the newest, and each holds weights + Adam moments.
 KEEP_STATES = 1
 LEVELS = batches.AUGMENTATION_LEVELS
@@ -73,8 +72,8 @@ class TrainConfig:
 def validate_config(cfg: TrainConfig, num_processes: int = 1) -> None:
     """Raise one UserError listing every bad flag or combination, before any work is done."""
     problems = positive_problems(cfg, "epochs", "batch_size")
-    if cfg.image_size < MIN_IMAGE_SIZE:
-        problems.append(f"--image-size must be at least {MIN_IMAGE_SIZE} (got {cfg.image_size})")
+    if not MIN_CLASSIFIER_IMAGE_SIZE <= cfg.image_size <= MAX_IMAGE_SIZE:
+        problems.append(f"--image-size must be at least {MIN_CLASSIFIER_IMAGE_SIZE} and at most {MAX_IMAGE_SIZE}")
     if not cfg.lr > 0:
         problems.append(f"--lr must be positive (got {cfg.lr})")
     if cfg.weight_decay < 0:
@@ -183,9 +182,14 @@ def train(run: Run, cfg: TrainConfig) -> dict[str, Any]:
     state, progress = TrainingState(raw_model, optimizer), Progress()
     loaded = run.load_resume_state()
     if loaded is not None:
-        check_same_setup(run.resume_from, loaded[1]["architecture"], architecture(cfg, cache.class_names))
-        state.load(loaded[1])
-        progress = Progress(**loaded[1]["progress"])
+        check_same_setup(run.resume_from, loaded[1].get("architecture"), architecture(cfg, cache.class_names))
+        state.load(loaded[1], run.resume_from)
+        try:
+            progress = Progress(**loaded[1]["progress"])
+        except (KeyError, TypeError) as error:
+            raise UserError(
+                f"{run.resume_from} records no readable epoch progress ({error}) — not this kit's state"
+            ) from error
     run.begin(progress.epoch * schedule.steps_per_epoch, schedule.total_steps, f"after epoch {progress.epoch}")
     origin = "from scratch" if cfg.no_pretrained else "ImageNet weights"
     size = sum(p.numel() for p in raw_model.parameters()) / 1e6

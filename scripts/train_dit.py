@@ -31,7 +31,7 @@ from models.tiny_dit import DIT_SIZES, build_dit, count_parameters
 from scripts.lib import batches
 from scripts.lib.cli import UserError, option, parse_duration, run_main
 from scripts.lib.guard import FirstBadStep, apply_update_only_if_finite, verdict_after_update
-from scripts.lib.model_files import dit_metadata, save_model, unit_to_dit
+from scripts.lib.model_files import MAX_IMAGE_SIZE, dit_metadata, save_model, unit_to_dit
 from scripts.lib.progress import MetricsWindow, next_boundary
 from scripts.lib.run import Run, RunSpec, common_problems, open_run, positive_problems
 from scripts.lib.runlog import config_dict, format_duration
@@ -95,7 +95,9 @@ def validate_config(cfg: TrainDiTConfig, num_processes: int = 1) -> None:
     if cfg.cfg_scale < 0 or cfg.weight_decay < 0 or not cfg.max_grad_norm > 0:
         problems.append("--cfg-scale and --weight-decay must be >= 0 and --max-grad-norm > 0")
     patch = DIT_SIZES[cfg.model].patch if cfg.model in DIT_SIZES else 1
-    if cfg.image_size >= 1 and cfg.image_size % patch:
+    if cfg.image_size > MAX_IMAGE_SIZE:  # the loaders refuse larger ones: the weights would be unusable
+        problems.append(f"--image-size {cfg.image_size} is above the supported {MAX_IMAGE_SIZE}")
+    elif cfg.image_size >= 1 and cfg.image_size % patch:
         problems.append(f"--image-size {cfg.image_size} is not divisible by the patch size {patch} of {cfg.model}")
     try:
         time_limit_seconds(cfg)
@@ -203,13 +205,14 @@ def resume(run: Run, state: TrainingState, cfg: TrainDiTConfig) -> int:
     if loaded is None:
         return 0
     step, saved = loaded
-    check_same_setup(run.resume_from, saved["architecture"], architecture(cfg, run.cache.class_names))
+    check_same_setup(run.resume_from, saved.get("architecture"), architecture(cfg, run.cache.class_names))
     if step > cfg.steps:
         raise UserError(f"{run.resume_from} is already at step {step}, beyond --steps {cfg.steps} — raise it")
-    changed = [key for key, value in training_schedule(cfg).items() if saved["training_schedule"].get(key) != value]
+    recorded = saved.get("training_schedule") or {}
+    changed = [key for key, value in training_schedule(cfg).items() if recorded.get(key) != value]
     if changed:
         run.logger.info("note: %s changed since the checkpoint; no longer an exact continuation", ", ".join(changed))
-    state.load(saved)
+    state.load(saved, run.resume_from)
     return step
 
 

@@ -108,7 +108,7 @@ def resolve_classes(requested: list[str], class_names: list[str]) -> list[int]:
     for item in requested:
         if item in class_names:
             ids.append(class_names.index(item))
-        elif item.isdigit() and int(item) < len(class_names):
+        elif item.isascii() and item.isdigit() and int(item) < len(class_names):
             ids.append(int(item))
         else:
             raise UserError(

@@ -31,13 +31,21 @@ class TrainingState:
             state["scaler"] = self.scaler.state_dict()
         return state
 
-    def load(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        load_optimizer_state(self.optimizer, state["optimizer"])
-        if self.ema is not None:
-            self.ema.load_state_dict(state["ema"])
-        if self.scaler is not None and "scaler" in state:
-            self.scaler.load_state_dict(state["scaler"])
+    def load(self, state: dict[str, Any], folder: Path) -> None:
+        """Restore from a checkpoint's state; one UserError if it does not fit (missing parts, wrong shapes)."""
+        try:
+            self.model.load_state_dict(state["model"])
+            load_optimizer_state(self.optimizer, state["optimizer"])
+            if self.ema is not None:
+                self.ema.load_state_dict(state["ema"])
+            if self.scaler is not None and "scaler" in state:
+                self.scaler.load_state_dict(state["scaler"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as error:
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise UserError(
+                f"{folder} does not hold a training state this run can load ({reason}) — use the "
+                "same flags and data as the run that saved it, or a new --run-name"
+            ) from error
 
 
 def load_optimizer_state(optimizer, state: dict[str, Any]) -> None:
