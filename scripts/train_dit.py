@@ -300,7 +300,8 @@ def train_loop(
             health.record(step, verdict)
             window.add(loss, first_of_attempt=step == start_step + 1)
             progress.update()
-            over_time = budget.exhausted(step, next_boundary(step, cfg.save_interval, cfg.steps))
+            # At the last step the run is done anyway: finishing beats stopping there.
+            over_time = step < cfg.steps and budget.exhausted(step, next_boundary(step, cfg.save_interval, cfg.steps))
             stopped = agreement.reason(signals.signum, over_time)
             if step % log_every == 0 or step == cfg.steps or stopped:
                 log_progress(run, cfg, step, window, grad_norm, health, state.ema, progress)

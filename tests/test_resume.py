@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -24,18 +25,47 @@ KEEP = 3
 
 
 def trainer_command(data: Path, output_dir: Path, steps: int = STEPS, save_interval: int = SAVE_INTERVAL) -> list[str]:
-    return [sys.executable, str(PROJECT_ROOT / "scripts" / "train_dit.py"), str(data), "--output-dir",
-            str(output_dir), "--model", "T/4", "--image-size", "16", "--steps", str(steps), "--batch-size", "4",
-            "--lr", "1e-3", "--warmup-steps", "5", "--save-interval", str(save_interval), "--sample-interval",
-            "100000", "--sample-steps", "2", "--log-interval", "1", "--keep-checkpoints", str(KEEP),
-            "--device", "cpu", "--mixed-precision", "no"]
+    return [
+        sys.executable,
+        str(PROJECT_ROOT / "scripts" / "train_dit.py"),
+        str(data),
+        "--output-dir",
+        str(output_dir),
+        "--model",
+        "T/4",
+        "--image-size",
+        "16",
+        "--steps",
+        str(steps),
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-3",
+        "--warmup-steps",
+        "5",
+        "--save-interval",
+        str(save_interval),
+        "--sample-interval",
+        "100000",
+        "--sample-steps",
+        "2",
+        "--log-interval",
+        "1",
+        "--keep-checkpoints",
+        str(KEEP),
+        "--device",
+        "cpu",
+        "--mixed-precision",
+        "no",
+    ]
 
 
 def start(command: list[str]) -> subprocess.Popen:
     # One thread: bitwise reproducibility needs the same reduction order in every run, and it is faster here.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(command, env=env, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    return subprocess.Popen(
+        command, env=env, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def finish(process: subprocess.Popen, timeout: float = 240) -> str:
@@ -88,8 +118,11 @@ def test_sigkill_then_rerun_gives_bitwise_the_uninterrupted_weights(toy_data, tm
     for name in ("tinydit_final.safetensors", "tinydit_final_raw.safetensors"):
         assert_same_files(tmp_path / "straight" / "dit" / name, killed_dir / "dit" / name)
     assert not list(state.glob(".tmp-*"))
-    assert [step for step, _ in list_complete_states(state)] == [STEPS - 2 * SAVE_INTERVAL,
-                                                                 STEPS - SAVE_INTERVAL, STEPS]
+    assert [step for step, _ in list_complete_states(state)] == [
+        STEPS - 2 * SAVE_INTERVAL,
+        STEPS - SAVE_INTERVAL,
+        STEPS,
+    ]
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_143(toy_data, tmp_path):
@@ -104,3 +137,45 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(toy_data, tmp_path):
     assert len(states) == 1 and states[0][0] >= 2
     assert f"stopped by SIGTERM at step {states[0][0]}" in output
     assert not (tmp_path / "dit" / "tinydit_final.safetensors").exists()
+
+
+def test_sigterm_during_a_sample_grid_stops_it_at_the_next_sampler_step(toy_data, tmp_path):
+    # A grid after step 1 with far more sampler steps than it needs: on a CPU the trainer sizes it to ~20 s.
+    command = trainer_command(toy_data, tmp_path, steps=3, save_interval=100000)
+    command[command.index("--sample-interval") + 1] = "1"
+    command[command.index("--sample-steps") + 1] = "100000"
+    process = start(command)
+    metrics = tmp_path / "dit" / "metrics.jsonl"
+    wait_for(lambda: metrics.is_file() and metrics.read_text().strip(), process)  # step 1 logged: the grid is next
+    time.sleep(2)
+    signalled = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+
+    assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
+    assert time.monotonic() - signalled < 15  # not the minutes a whole grid at 100000 steps would take
+    assert "sample grid of step 1 stopped by a signal" in output
+    assert "stopped by SIGTERM at step 2" in output  # one more training step, then the save
+    assert [step for step, _ in list_complete_states(tmp_path / "dit" / "state")] == [2]
+
+
+def test_a_second_trainer_on_the_same_run_exits_2_naming_the_first(toy_data, tmp_path):
+    first = start(trainer_command(toy_data, tmp_path, steps=100000, save_interval=100000))
+    metrics = tmp_path / "dit" / "metrics.jsonl"
+    wait_for(lambda: metrics.is_file() and metrics.read_text().strip(), first)
+    second = subprocess.run(
+        trainer_command(toy_data, tmp_path, steps=5),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=PROJECT_ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    first.send_signal(signal.SIGTERM)
+    first.communicate(timeout=120)
+
+    assert second.returncode == 2, second.stderr[-2000:]
+    assert f"in use by another trainer (pid {first.pid} on " in second.stderr
+    assert "Traceback" not in second.stderr
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [row["step"] for row in rows] == sorted({row["step"] for row in rows})  # one writer: no step twice

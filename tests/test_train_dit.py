@@ -17,7 +17,6 @@ from scripts.train_dit import TrainDiTConfig, learning_rate, validate_config
 from builders import TOY_CLASSES, make_toy_data, tiny_config
 
 
-
 @pytest.fixture(scope="module")
 def toy_data(tmp_path_factory) -> Path:
     return make_toy_data(tmp_path_factory.mktemp("toy") / "cats")
@@ -29,18 +28,42 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 
 def test_cli_defaults_are_the_documented_ones():
     cfg = parse_config(TrainDiTConfig, ["data/cats"], "")
-    expected = dict(data_dir="data/cats", steps=200000, batch_size=256, lr=1e-4, gradient_accumulation_steps=1,
-                    augmentation_level="full", warmup_steps=10000, save_interval=10000, sample_interval=5000,
-                    model="S/4", image_size=64, objective="flow", ema_decay=0.9999, cfg_scale=4.0,
-                    label_dropout=0.1, max_grad_norm=1.0, weight_decay=0.0, mixed_precision="auto", device="auto",
-                    seed=0, run_name="dit", output_dir="checkpoints", resume="auto", keep_checkpoints=5,
-                    compile="auto", time_limit="", report_to="none")
+    expected = dict(
+        data_dir="data/cats",
+        steps=200000,
+        batch_size=256,
+        lr=1e-4,
+        gradient_accumulation_steps=1,
+        augmentation_level="full",
+        warmup_steps=10000,
+        save_interval=10000,
+        sample_interval=5000,
+        model="S/4",
+        image_size=64,
+        objective="flow",
+        ema_decay=0.9999,
+        cfg_scale=4.0,
+        label_dropout=0.1,
+        max_grad_norm=1.0,
+        weight_decay=0.0,
+        mixed_precision="auto",
+        device="auto",
+        seed=0,
+        run_name="dit",
+        output_dir="checkpoints",
+        resume="auto",
+        keep_checkpoints=5,
+        compile="auto",
+        time_limit="",
+        report_to="none",
+    )
     assert {key: getattr(cfg, key) for key in expected} == expected
 
 
 def test_bad_flags_fail_together_in_one_message():
-    cfg = dataclasses.replace(parse_config(TrainDiTConfig, ["data"], ""), model="T/4", image_size=30, steps=0,
-                              batch_size=6)
+    cfg = dataclasses.replace(
+        parse_config(TrainDiTConfig, ["data"], ""), model="T/4", image_size=30, steps=0, batch_size=6
+    )
     with pytest.raises(UserError) as error:
         validate_config(cfg, num_processes=4)
     message = str(error.value)
@@ -50,8 +73,7 @@ def test_bad_flags_fail_together_in_one_message():
 
 
 def test_batch_only_has_to_split_over_processes_not_accumulation():
-    cfg = dataclasses.replace(parse_config(TrainDiTConfig, ["data"], ""), batch_size=6,
-                              gradient_accumulation_steps=4)
+    cfg = dataclasses.replace(parse_config(TrainDiTConfig, ["data"], ""), batch_size=6, gradient_accumulation_steps=4)
     validate_config(cfg, num_processes=2)
 
 
@@ -101,8 +123,9 @@ def test_short_run_writes_every_artefact_and_caps_the_warmup(toy_data, tmp_path)
 
 def test_gradient_accumulation_matches_one_big_batch(toy_data, tmp_path):
     common = dict(steps=2, warmup_steps=0, save_interval=100, augmentation_level="full")
-    accumulated = train_dit.main(tiny_config(toy_data, tmp_path / "a", batch_size=4, gradient_accumulation_steps=2,
-                                             **common))
+    accumulated = train_dit.main(
+        tiny_config(toy_data, tmp_path / "a", batch_size=4, gradient_accumulation_steps=2, **common)
+    )
     big = train_dit.main(tiny_config(toy_data, tmp_path / "b", batch_size=8, **common))
     small = train_dit.main(tiny_config(toy_data, tmp_path / "c", batch_size=4, **common))
     first, second, third = (weights(run["final_raw"]) for run in (accumulated, big, small))
@@ -196,3 +219,30 @@ def test_ddpm_run_records_its_noise_schedule_and_resume_refuses_another(toy_data
     assert metadata["objective_options"]["schedule"] == "cosine" and objective.schedule == "cosine"
     with pytest.raises(UserError, match="different"):
         train_dit.main(tiny_config(toy_data, tmp_path, objective="ddpm", noise_schedule="linear", steps=4))
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager_training(toy_data, tmp_path):
+    """--compile on (what auto picks on a GPU) trains the same weights as eager, up to kernel rounding."""
+    common = dict(steps=3, warmup_steps=0, save_interval=100, sample_interval=10**6)
+    eager = train_dit.main(tiny_config(toy_data, tmp_path / "eager", compile="off", **common))
+    compiled = train_dit.main(tiny_config(toy_data, tmp_path / "compiled", compile="on", **common))
+    assert "compiled the model in" in (tmp_path / "compiled" / "dit" / "training.log").read_text()
+    a, b = weights(eager["final_raw"]), weights(compiled["final_raw"])
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert compiled["loss"] == pytest.approx(eager["loss"], rel=1e-4)
+
+
+def test_a_compile_failure_falls_back_to_eager_with_one_warning(toy_data, tmp_path, monkeypatch):
+    def broken_compile(model, **kwargs):
+        def fails(*args, **kwargs):
+            raise RuntimeError("inductor: no C++ compiler found\nlong details")
+
+        return fails
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    summary = train_dit.main(tiny_config(toy_data, tmp_path, steps=2, compile="on"))
+    log = (tmp_path / "dit" / "training.log").read_text()
+    assert summary["step"] == 2
+    assert log.count("torch.compile failed (RuntimeError: inductor: no C++ compiler found); training eagerly") == 1
