@@ -40,6 +40,7 @@ import os
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
@@ -140,10 +141,14 @@ class ModalBackend:
     """What this app asks of Modal: volumes, function calls, the CLI's mode. Tests replace this one object with an
     in-process stand-in that records commits and spawns and runs the spawned attempts itself."""
 
+    def __init__(self) -> None:
+        self._commit_lock = threading.Lock()  # the periodic commit and the checkpoint hook run in two threads
+
     def commit_outputs(self) -> None:
         """Make /outputs durable now (a preempted container loses what is not committed). A failed commit is logged,
         not raised: the next one carries the same files, and resume only trusts complete checkpoints anyway."""
-        _commit_quietly(outputs_volume)
+        with self._commit_lock:
+            _commit_quietly(outputs_volume)
 
     def reload_outputs(self) -> None:
         outputs_volume.reload()
