@@ -27,7 +27,7 @@ from scripts import train_dit
 from scripts.lib import attempts
 from scripts.lib.attempts import Chain
 from scripts.lib.checkpoints import list_complete_states, load_weights
-from scripts.lib.cli import EXIT_TIME_LIMIT, UserError, parse_config
+from scripts.lib.cli import UserError, parse_config
 from scripts.lib.run_lock import RunLock, read_lock_holder
 from scripts.lib.runlog import read_status
 from scripts.make_toy_cats import generate_toy_cats
@@ -490,17 +490,6 @@ def test_a_stale_lease_or_one_of_the_same_run_is_taken_over(modal, holder):
 # ---------------------------------------------------------------------------------------------------------
 # Several GPUs
 # ---------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("statuses, signalled, expected", [
-    ({0: 0, 1: 0}, None, 0), ({0: 75, 1: 75}, None, EXIT_TIME_LIMIT), ({0: 2, 1: 2}, None, 2),
-    ({0: 143, 1: 2}, None, 2),  # rank 1's user error; rank 0 was stopped by the launcher
-    ({0: 143, 1: 1}, None, 1),  # the launcher stopped rank 0 after rank 1 crashed: not a preemption
-    ({0: 143, 1: 143}, signal.SIGINT, 130), ({1: 143}, signal.SIGTERM, 143), ({}, None, 1),
-    ({0: 0, 1: 143}, signal.SIGINT, 0),  # finished just as the signal came
-])
-def test_one_exit_status_from_every_ranks_own(statuses, signalled, expected):
-    assert attempts.launched_exit_status(statuses, signalled) == expected
-
-
 def test_the_launch_command_hands_every_option_to_accelerate(modal, tmp_path):
     cfg = tiny_dit_config(steps=4)
     script = Path(train_dit.__file__).resolve()
@@ -530,17 +519,6 @@ def test_a_sigint_reaches_every_rank_of_a_multi_gpu_attempt_which_saves_once_and
 # ---------------------------------------------------------------------------------------------------------
 # Results on this machine
 # ---------------------------------------------------------------------------------------------------------
-def test_periodic_runs_its_action_until_stopped():
-    calls: list[float] = []
-    with attempts.Periodic(lambda: calls.append(time.monotonic()), interval_s=0.01):
-        deadline = time.monotonic() + 10
-        while len(calls) < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
-    stopped_at = len(calls)
-    time.sleep(0.05)
-    assert stopped_at >= 2 and len(calls) == stopped_at
-
-
 def test_a_failing_commit_does_not_kill_the_run(monkeypatch, caplog):
     def refuse():
         raise RuntimeError("there are open files preventing the operation")
