@@ -1,8 +1,6 @@
 """Train tiny-cats on Modal GPUs: the same trainers as local runs, carried as a chain of attempts past preemption
 and Modal's 24 h limit per attempt.
 
-    modal run modal_app.py::prepare_data                       # Oxford-IIIT Pet -> volume tiny-cats-data
-    modal run modal_app.py::upload_data --local-dir data/cats  # or your own ImageFolder
     modal run --detach modal_app.py::dit --steps 300000        # prints the run name and how to follow it
     modal run modal_app.py::status --run dit-20261128-213012   # attempt, step, img/s, ETA, newest outputs
     modal run modal_app.py::download --run dit-20261128-213012 # weights, grids, logs; then verify + ONNX export
@@ -71,9 +69,10 @@ OXFORD_DIR = "oxford-pets"
 
 CLASSIFIER_GPU = "T4"  # a ResNet-18 at 64-224 px is input-bound: a bigger GPU mostly waits for data
 DIT_GPU = "A10G"  # 24 GB with bf16 fits the S and B DiTs at batch 256; A100/H100 for larger or faster runs
-GPU_MAX_COUNT = {"T4": 8, "L4": 8, "A10": 4, "A10G": 4, "L40S": 8, "A100": 8, "A100-40GB": 8, "A100-80GB": 8,
-                 "H100": 8, "H100!": 8, "H200": 8, "B200": 8, "B200+": 8}
+GPUS_UP_TO_8 = ("T4", "L4", "L40S", "A100", "A100-40GB", "A100-80GB", "H100", "H100!", "H200", "B200", "B200+")
+GPU_MAX_COUNT = {"A10": 4, "A10G": 4} | dict.fromkeys(GPUS_UP_TO_8, 8)  # per container (see the docstring)
 TIMEOUT_S = 24 * 60 * 60  # Modal's per-attempt maximum (docs/guide/timeouts)
+STARTUP_TIMEOUT_S = 20 * 60  # unset, it would be TIMEOUT_S: a container stuck starting would hold on for 24 h
 # The DiT stops (after saving) when its next save would pass this; the rest of the 24 h covers the container start,
 # the image cache, torch.compile and the final commit.
 ATTEMPT_TIME_LIMIT_S = TIMEOUT_S - 30 * 60
@@ -106,8 +105,8 @@ def requested_tracker(argv: list[str]) -> str:
 
 
 def build_image(tracker: str) -> modal.Image:
-    image = (modal.Image.debian_slim(python_version="3.11")
-             .pip_install_from_requirements(str(PROJECT_DIR / "requirements.txt")))
+    requirements = str(PROJECT_DIR / "requirements.txt")
+    image = modal.Image.debian_slim(python_version="3.11").pip_install_from_requirements(requirements)
     if tracker in TRACKER_PACKAGES:
         image = image.pip_install(TRACKER_PACKAGES[tracker])
     # The local packages must be the last image steps: they are added at container start, not baked in a layer.
@@ -180,10 +179,10 @@ class ModalBackend:
     def call_id(self) -> str:
         return modal.current_function_call_id() or "local"
 
-    def spawn(self, function_name: str, chain: Chain, *args: Any) -> str:
-        function = globals()[function_name]
+    def spawn(self, trainer: Trainer, chain: Chain, *args: Any) -> str:
+        function = globals()[trainer.function_name]
         options: dict[str, Any] = {}
-        if chain.gpu != function_default_gpu(function_name):
+        if chain.gpu != trainer.default_gpu:
             options["gpu"] = chain.gpu
         if chain.secrets:
             options["secrets"] = [modal.Secret.from_name(name) for name in chain.secrets]
@@ -215,10 +214,6 @@ def _commit_quietly(volume: modal.Volume) -> None:
 
 
 backend = ModalBackend()
-
-
-def function_default_gpu(function_name: str) -> str:
-    return next(trainer.default_gpu for trainer in TRAINERS.values() if trainer.function_name == function_name)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -335,8 +330,11 @@ def train_attempt(trainer: Trainer, cfg: Any, chain: Chain) -> dict[str, Any]:
         backend.commit_data()
         return ended
 
+    def continue_run(next_chain: Chain) -> str:
+        return backend.spawn(trainer, next_chain, cfg)
+
     return attempts.run_attempt(cfg, chain, train, call_id=backend.call_id(), commit=backend.commit_outputs,
-                                continue_run=lambda next_chain: backend.spawn(trainer.function_name, next_chain, cfg))
+                                continue_run=continue_run)
 
 
 def launcher_env(script: Path, owner: str) -> dict[str, str]:
@@ -345,8 +343,8 @@ def launcher_env(script: Path, owner: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": python_path, OWNER_ENV: owner}
 
 
-TRAINING_OPTIONS: dict[str, Any] = {"volumes": VOLUMES, "timeout": TIMEOUT_S, "startup_timeout": 20 * 60,
-                                    "retries": RETRIES, "single_use_containers": True, "max_containers": 1}
+TRAINING_OPTIONS = dict(volumes=VOLUMES, timeout=TIMEOUT_S, startup_timeout=STARTUP_TIMEOUT_S, retries=RETRIES,
+                        single_use_containers=True, max_containers=1)
 
 
 @app.function(gpu=DIT_GPU, **TRAINING_OPTIONS)
@@ -375,7 +373,7 @@ def prepare_data_remote() -> dict[str, dict[str, int]]:
 # ---------------------------------------------------------------------------------------------------------
 def launch(trainer: Trainer, cfg: Any, gpu: str, secrets: tuple[str, ...] = ()) -> None:
     """Spawn the run's first attempt and say how to follow it; attached, follow it to the end and fetch it."""
-    call_id = backend.spawn(trainer.function_name, Chain.start(cfg.run_name, gpu, secrets), cfg)
+    call_id = backend.spawn(trainer, Chain.start(cfg.run_name, gpu, secrets), cfg)
     run = cfg.run_name
     print(f"run {run} on {gpu}: first attempt {call_id}, outputs in volume {outputs_volume.name} under "
           f"{CHECKPOINTS_DIR}/{run}/\n"
@@ -410,8 +408,7 @@ def fetch_run(run: str, local_dir: Path, include_state: bool, check: bool) -> No
     """Copy checkpoints/<run>/ from the volume (without state/ unless asked), then verify and export its weights."""
     files = backend.list_outputs(f"{CHECKPOINTS_DIR}/{run}")
     if not files:
-        raise UserError(f"no run {run!r} in volume {outputs_volume.name} — list the runs with "
-                        f"`modal volume ls {outputs_volume.name} {CHECKPOINTS_DIR}`")
+        raise no_such_run(run)
     for remote_path in files:
         if include_state or "/state/" not in remote_path:
             local_path = local_dir / PurePosixPath(remote_path).relative_to(CHECKPOINTS_DIR)
@@ -443,10 +440,15 @@ def check_weights(weights: Path) -> None:
     for command in (["scripts/verify_checkpoint.py", "--checkpoint", str(weights)],
                     [*export, "--checkpoint", str(weights), "--verify"]):
         print(f"$ {shlex.join(['python', *command])}", flush=True)
-        result = subprocess.run([sys.executable, *command], cwd=PROJECT_DIR, check=False,
-                                env={**os.environ, "PYTHONPATH": str(PROJECT_DIR)})
+        env = {**os.environ, "PYTHONPATH": str(PROJECT_DIR)}
+        result = subprocess.run([sys.executable, *command], cwd=PROJECT_DIR, env=env, check=False)
         if result.returncode != 0:
             _fail(f"{command[0]} failed on {weights} (exit status {result.returncode})", result.returncode)
+
+
+def no_such_run(run: str) -> UserError:
+    return UserError(f"no run {run!r} in volume {outputs_volume.name} — list the runs with "
+                     f"`modal volume ls {outputs_volume.name} {CHECKPOINTS_DIR}`")
 
 
 def read_output_text(path: str) -> str | None:
@@ -478,12 +480,10 @@ def dit(steps: int = _default(_DIT, "steps"), batch_size: int = _default(_DIT, "
         report_to: Literal[train_dit.REPORT_TO] = _default(_DIT, "report_to"), gpu: str = DIT_GPU,
         data: str = "cats", run_name: str = "", extra_args: str = "") -> None:
     """TinyDiT on Modal GPUs; flags as scripts/train_dit.py, others in --extra-args "--ema-decay 0.999"."""
+    options = locals()  # every parameter: gpu, data, run_name, extra_args, and the trainer flags of the same names
     with exit_on_user_error():
-        cfg = prepare_run(TRAINERS["dit"], gpu=gpu, data=data, run_name=run_name, extra_args=extra_args, steps=steps,
-                          batch_size=batch_size, lr=lr, model=model, image_size=image_size, report_to=report_to,
-                          gradient_accumulation_steps=gradient_accumulation_steps,
-                          augmentation_level=augmentation_level)
-        launch(TRAINERS["dit"], cfg, gpu, (WANDB_SECRET,) if report_to == "wandb" else ())
+        launch(TRAINERS["dit"], prepare_run(TRAINERS["dit"], **options), gpu,
+               (WANDB_SECRET,) if report_to == "wandb" else ())
 
 
 @app.local_entrypoint()
@@ -493,11 +493,9 @@ def classifier(epochs: int = _default(_CLS, "epochs"), batch_size: int = _defaul
                augmentation_level: Literal[AUGMENTATION_LEVELS] = _default(_CLS, "augmentation_level"),
                gpu: str = CLASSIFIER_GPU, data: str = "cats", run_name: str = "", extra_args: str = "") -> None:
     """The classifier on Modal GPUs; flags as scripts/train.py, others in --extra-args."""
+    options = locals()  # every parameter: gpu, data, run_name, extra_args, and the trainer flags of the same names
     with exit_on_user_error():
-        cfg = prepare_run(TRAINERS["classifier"], gpu=gpu, data=data, run_name=run_name, extra_args=extra_args,
-                          epochs=epochs, batch_size=batch_size, lr=lr, backbone=backbone, image_size=image_size,
-                          augmentation_level=augmentation_level)
-        launch(TRAINERS["classifier"], cfg, gpu)
+        launch(TRAINERS["classifier"], prepare_run(TRAINERS["classifier"], **options), gpu)
 
 
 @app.local_entrypoint()
@@ -508,8 +506,7 @@ def status(run: str) -> None:
         status_text = read_output_text(f"{CHECKPOINTS_DIR}/{run}/status.json")
         journal_text = read_output_text(f"{CHECKPOINTS_DIR}/{run}/{attempts.JOURNAL_NAME}")
         if status_text is None and journal_text is None:
-            raise UserError(f"no run {run!r} in volume {outputs_volume.name} — list the runs with "
-                            f"`modal volume ls {outputs_volume.name} {CHECKPOINTS_DIR}`")
+            raise no_such_run(run)
         journal = attempts.read_journal(journal_text or "")
         for line in attempts.status_lines(run, status_text and json.loads(status_text), journal, time.time()):
             print(line)

@@ -90,8 +90,8 @@ class StandIn:
     def call_id(self) -> str:
         return self.current
 
-    def spawn(self, function_name: str, chain: Chain, *args: Any) -> str:
-        self.spawns.append(Spawn(f"fc-{len(self.spawns) + 1}", function_name, chain, args))
+    def spawn(self, trainer: modal_app.Trainer, chain: Chain, *args: Any) -> str:
+        self.spawns.append(Spawn(f"fc-{len(self.spawns) + 1}", trainer.function_name, chain, args))
         return self.spawns[-1].call_id
 
     def result(self, call_id: str) -> Any:
