@@ -127,10 +127,12 @@ class Trainer:
     final_name: str  # the final weights in the run folder
 
 
-TRAINERS = {"dit": Trainer(train_dit, train_dit.TrainDiTConfig, "dit", "train_dit_remote", DIT_GPU,
-                           train_dit.FINAL_NAME),
-            "classifier": Trainer(train, train.TrainConfig, "classifier", "train_classifier_remote", CLASSIFIER_GPU,
-                                  "cats_model.safetensors")}
+TRAINERS = {
+    "dit": Trainer(train_dit, train_dit.TrainDiTConfig, "dit", "train_dit_remote", DIT_GPU, train_dit.FINAL_NAME),
+    "classifier": Trainer(
+        train, train.TrainConfig, "classifier", "train_classifier_remote", CLASSIFIER_GPU, "cats_model.safetensors"
+    ),
+}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -222,8 +224,10 @@ backend = ModalBackend()
 def auth_message() -> str:
     profile = os.environ.get("MODAL_PROFILE")
     which = f" for profile {profile!r} (`modal token new --profile {profile}`)" if profile else ""
-    return (f"not authenticated{which} — run `modal token new` (Modal 1.0+; `modal token set` is the old command), "
-            "check with `modal token info`")
+    return (
+        f"not authenticated{which} — run `modal token new` (Modal 1.0+; `modal token set` is the old command), "
+        "check with `modal token info`"
+    )
 
 
 def require_modal_auth() -> None:
@@ -251,8 +255,10 @@ def gpu_count(gpu: str) -> int:
     name, _, count = gpu.partition(":")
     limit = GPU_MAX_COUNT.get(name.upper())
     if limit is None:
-        raise UserError(f"--gpu {gpu!r}: {name!r} is not a Modal GPU type — use one of {', '.join(GPU_MAX_COUNT)}, "
-                        "or NAME:N for N GPUs in one container")
+        raise UserError(
+            f"--gpu {gpu!r}: {name!r} is not a Modal GPU type — use one of {', '.join(GPU_MAX_COUNT)}, "
+            "or NAME:N for N GPUs in one container"
+        )
     if count and not (count.isdigit() and 1 <= int(count) <= limit):
         raise UserError(f"--gpu {gpu!r}: Modal puts 1 to {limit} {name.upper()} GPUs in one container")
     return int(count) if count else 1
@@ -264,7 +270,8 @@ def require_data_on_volume(name: str) -> None:
             f"no data set {name!r} on the Modal volume {data_volume.name} — upload a local ImageFolder with "
             f"`modal run modal_app.py::upload_data --local-dir data/{name} --name {name}`, or download "
             "Oxford-IIIT Pet on Modal with `modal run modal_app.py::prepare_data` (makes `cats` and "
-            "`cat-vs-other`)")
+            "`cat-vs-other`)"
+        )
 
 
 def build_config(config_cls: type, data_dir: str, extra_args: str, options: dict[str, Any]) -> Any:
@@ -276,8 +283,10 @@ def build_config(config_cls: type, data_dir: str, extra_args: str, options: dict
     owned = {flag_name(field) for field in dataclasses.fields(config_cls) if field.name in options}
     given_twice = sorted({token.split("=")[0] for token in extra} & owned)
     if given_twice:
-        raise UserError(f"{', '.join(given_twice)} in --extra-args is set by modal_app.py or by one of its "
-                        "own options — pass it as that option (see --help)")
+        raise UserError(
+            f"{', '.join(given_twice)} in --extra-args is set by modal_app.py or by one of its "
+            "own options — pass it as that option (see --help)"
+        )
     cfg = parse_config(config_cls, [data_dir, *extra], f"{config_cls.__name__} (--extra-args)")
     return dataclasses.replace(cfg, **options)
 
@@ -325,16 +334,18 @@ def train_attempt(trainer: Trainer, cfg: Any, chain: Chain) -> dict[str, Any]:
             ended = attempts.run_in_process(trainer.module.main, cfg, chain.owner, backend.commit_outputs)
         else:
             script = Path(trainer.module.__file__).resolve()
-            ended = attempts.run_launched(script, config_to_argv(cfg), num_gpus, launcher_env(script, chain.owner),
-                                          backend.commit_outputs)
+            ended = attempts.run_launched(
+                script, config_to_argv(cfg), num_gpus, launcher_env(script, chain.owner), backend.commit_outputs
+            )
         backend.commit_data()
         return ended
 
     def continue_run(next_chain: Chain) -> str:
         return backend.spawn(trainer, next_chain, cfg)
 
-    return attempts.run_attempt(cfg, chain, train, call_id=backend.call_id(), commit=backend.commit_outputs,
-                                continue_run=continue_run)
+    return attempts.run_attempt(
+        cfg, chain, train, call_id=backend.call_id(), commit=backend.commit_outputs, continue_run=continue_run
+    )
 
 
 def launcher_env(script: Path, owner: str) -> dict[str, str]:
@@ -343,8 +354,14 @@ def launcher_env(script: Path, owner: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": python_path, OWNER_ENV: owner}
 
 
-TRAINING_OPTIONS = dict(volumes=VOLUMES, timeout=TIMEOUT_S, startup_timeout=STARTUP_TIMEOUT_S, retries=RETRIES,
-                        single_use_containers=True, max_containers=1)
+TRAINING_OPTIONS = dict(
+    volumes=VOLUMES,
+    timeout=TIMEOUT_S,
+    startup_timeout=STARTUP_TIMEOUT_S,
+    retries=RETRIES,
+    single_use_containers=True,
+    max_containers=1,
+)
 
 
 @app.function(gpu=DIT_GPU, **TRAINING_OPTIONS)
@@ -375,12 +392,14 @@ def launch(trainer: Trainer, cfg: Any, gpu: str, secrets: tuple[str, ...] = ()) 
     """Spawn the run's first attempt and say how to follow it; attached, follow it to the end and fetch it."""
     call_id = backend.spawn(trainer, Chain.start(cfg.run_name, gpu, secrets), cfg)
     run = cfg.run_name
-    print(f"run {run} on {gpu}: first attempt {call_id}, outputs in volume {outputs_volume.name} under "
-          f"{CHECKPOINTS_DIR}/{run}/\n"
-          f"  status:   make modal-status RUN={run}   (modal run modal_app.py::status --run {run})\n"
-          f"  logs:     modal app logs {backend.app_id()}\n"
-          f"  results:  make modal-download RUN={run}   (weights, grids, logs; then verify and ONNX export)\n"
-          f"  continue: the same command with --run-name {run} (e.g. more --steps)")
+    print(
+        f"run {run} on {gpu}: first attempt {call_id}\n"
+        f"  outputs:  volume {outputs_volume.name}, folder {CHECKPOINTS_DIR}/{run}/\n"
+        f"  status:   make modal-status RUN={run}   (modal run modal_app.py::status --run {run})\n"
+        f"  logs:     modal app logs {backend.app_id()}\n"
+        f"  results:  make modal-download RUN={run}   (weights, grids, logs; then verify and ONNX export)\n"
+        f"  continue: the same command with --run-name {run} (e.g. more --steps)"
+    )
     if backend.detached():
         return
     follow(call_id)
@@ -437,8 +456,10 @@ def check_weights(weights: Path) -> None:
         export = ["scripts/export_dit_onnx.py", "--output", str(weights.with_name("tinydit.onnx")), "--test"]
     else:
         export = ["scripts/export_onnx.py", "--output", str(weights.with_name("cats_model.onnx"))]
-    for command in (["scripts/verify_checkpoint.py", "--checkpoint", str(weights)],
-                    [*export, "--checkpoint", str(weights), "--verify"]):
+    for command in (
+        ["scripts/verify_checkpoint.py", "--checkpoint", str(weights)],
+        [*export, "--checkpoint", str(weights), "--verify"],
+    ):
         print(f"$ {shlex.join(['python', *command])}", flush=True)
         env = {**os.environ, "PYTHONPATH": str(PROJECT_DIR)}
         result = subprocess.run([sys.executable, *command], cwd=PROJECT_DIR, env=env, check=False)
@@ -447,8 +468,10 @@ def check_weights(weights: Path) -> None:
 
 
 def no_such_run(run: str) -> UserError:
-    return UserError(f"no run {run!r} in volume {outputs_volume.name} — list the runs with "
-                     f"`modal volume ls {outputs_volume.name} {CHECKPOINTS_DIR}`")
+    return UserError(
+        f"no run {run!r} in volume {outputs_volume.name} — list the runs with "
+        f"`modal volume ls {outputs_volume.name} {CHECKPOINTS_DIR}`"
+    )
 
 
 def read_output_text(path: str) -> str | None:
@@ -472,26 +495,44 @@ DIT_MODELS = tuple(DIT_SIZES)
 
 
 @app.local_entrypoint()
-def dit(steps: int = _default(_DIT, "steps"), batch_size: int = _default(_DIT, "batch_size"),
-        gradient_accumulation_steps: int = _default(_DIT, "gradient_accumulation_steps"),
-        augmentation_level: Literal[AUGMENTATION_LEVELS] = _default(_DIT, "augmentation_level"),
-        lr: float = _default(_DIT, "lr"), model: Literal[DIT_MODELS] = _default(_DIT, "model"),
-        image_size: int = _default(_DIT, "image_size"),
-        report_to: Literal[train_dit.REPORT_TO] = _default(_DIT, "report_to"), gpu: str = DIT_GPU,
-        data: str = "cats", run_name: str = "", extra_args: str = "") -> None:
+def dit(
+    steps: int = _default(_DIT, "steps"),
+    batch_size: int = _default(_DIT, "batch_size"),
+    gradient_accumulation_steps: int = _default(_DIT, "gradient_accumulation_steps"),
+    augmentation_level: Literal[AUGMENTATION_LEVELS] = _default(_DIT, "augmentation_level"),
+    lr: float = _default(_DIT, "lr"),
+    model: Literal[DIT_MODELS] = _default(_DIT, "model"),
+    image_size: int = _default(_DIT, "image_size"),
+    report_to: Literal[train_dit.REPORT_TO] = _default(_DIT, "report_to"),
+    gpu: str = DIT_GPU,
+    data: str = "cats",
+    run_name: str = "",
+    extra_args: str = "",
+) -> None:
     """TinyDiT on Modal GPUs; flags as scripts/train_dit.py, others in --extra-args "--ema-decay 0.999"."""
     options = locals()  # every parameter: gpu, data, run_name, extra_args, and the trainer flags of the same names
     with exit_on_user_error():
-        launch(TRAINERS["dit"], prepare_run(TRAINERS["dit"], **options), gpu,
-               (WANDB_SECRET,) if report_to == "wandb" else ())
+        launch(
+            TRAINERS["dit"],
+            prepare_run(TRAINERS["dit"], **options),
+            gpu,
+            (WANDB_SECRET,) if report_to == "wandb" else (),
+        )
 
 
 @app.local_entrypoint()
-def classifier(epochs: int = _default(_CLS, "epochs"), batch_size: int = _default(_CLS, "batch_size"),
-               lr: float = _default(_CLS, "lr"), backbone: Literal[BACKBONES] = _default(_CLS, "backbone"),
-               image_size: int = _default(_CLS, "image_size"),
-               augmentation_level: Literal[AUGMENTATION_LEVELS] = _default(_CLS, "augmentation_level"),
-               gpu: str = CLASSIFIER_GPU, data: str = "cats", run_name: str = "", extra_args: str = "") -> None:
+def classifier(
+    epochs: int = _default(_CLS, "epochs"),
+    batch_size: int = _default(_CLS, "batch_size"),
+    lr: float = _default(_CLS, "lr"),
+    backbone: Literal[BACKBONES] = _default(_CLS, "backbone"),
+    image_size: int = _default(_CLS, "image_size"),
+    augmentation_level: Literal[AUGMENTATION_LEVELS] = _default(_CLS, "augmentation_level"),
+    gpu: str = CLASSIFIER_GPU,
+    data: str = "cats",
+    run_name: str = "",
+    extra_args: str = "",
+) -> None:
     """The classifier on Modal GPUs; flags as scripts/train.py, others in --extra-args."""
     options = locals()  # every parameter: gpu, data, run_name, extra_args, and the trainer flags of the same names
     with exit_on_user_error():
@@ -528,8 +569,10 @@ def upload_data(local_dir: str = "data/cats", name: str = "") -> None:
         require_modal_auth()
         source = Path(local_dir)
         if not source.is_dir() or not any(p.is_dir() for p in source.iterdir()):
-            raise UserError(f"{source} is not a folder of class subfolders — make one with `make data` or "
-                            "`python scripts/prepare_data.py`")
+            raise UserError(
+                f"{source} is not a folder of class subfolders — make one with `make data` or "
+                "`python scripts/prepare_data.py`"
+            )
         target = name or source.resolve().name
         backend.upload_data(source, target)
         print(f"uploaded {source} to volume {data_volume.name} as /{target}: train with --data {target}")

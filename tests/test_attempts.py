@@ -16,28 +16,45 @@ from scripts.lib import attempts
 from scripts.lib.cli import UserError
 
 
-@pytest.mark.parametrize("status, outcome", [(0, attempts.FINISHED), (2, attempts.FAILED), (75, attempts.CONTINUED),
-                                             (130, attempts.INTERRUPTED), (143, attempts.INTERRUPTED),
-                                             (1, attempts.CRASHED), (-9, attempts.CRASHED)])
+@pytest.mark.parametrize(
+    "status, outcome",
+    [
+        (0, attempts.FINISHED),
+        (2, attempts.FAILED),
+        (75, attempts.CONTINUED),
+        (130, attempts.INTERRUPTED),
+        (143, attempts.INTERRUPTED),
+        (1, attempts.CRASHED),
+        (-9, attempts.CRASHED),
+    ],
+)
 def test_every_exit_status_has_its_outcome(status, outcome):
     assert attempts.outcome_of(status) == outcome
 
 
-@pytest.mark.parametrize("statuses, signalled, expected", [
-    ({0: 0, 1: 0}, None, 0), ({0: 75, 1: 75}, None, 75), ({0: 2, 1: 2}, None, 2),
-    ({0: 143, 1: 2}, None, 2),  # rank 1's user error; rank 0 was stopped by the launcher
-    ({0: 143, 1: 1}, None, 1),  # the launcher stopped rank 0 after rank 1 crashed: not a preemption
-    ({0: 143, 1: 143}, signal.SIGINT, 130), ({1: 143}, signal.SIGTERM, 143), ({}, None, 1),
-    ({0: 0, 1: 143}, signal.SIGINT, 0),  # finished just as the signal came
-])
+@pytest.mark.parametrize(
+    "statuses, signalled, expected",
+    [
+        ({0: 0, 1: 0}, None, 0),
+        ({0: 75, 1: 75}, None, 75),
+        ({0: 2, 1: 2}, None, 2),
+        ({0: 143, 1: 2}, None, 2),  # rank 1's user error; rank 0 was stopped by the launcher
+        ({0: 143, 1: 1}, None, 1),  # the launcher stopped rank 0 after rank 1 crashed: not a preemption
+        ({0: 143, 1: 143}, signal.SIGINT, 130),
+        ({1: 143}, signal.SIGTERM, 143),
+        ({}, None, 1),
+        ({0: 0, 1: 143}, signal.SIGINT, 0),  # finished just as the signal came
+    ],
+)
 def test_one_exit_status_from_every_ranks_own(statuses, signalled, expected):
     assert attempts.launched_exit_status(statuses, signalled) == expected
 
 
 def write_lock(run_dir: Path, owner: str, heartbeat_age_s: float, host: str, pid: int) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / ".lock").write_text(json.dumps({"owner": owner, "host": host, "pid": pid, "started": time.time() - 99,
-                                               "heartbeat": time.time() - heartbeat_age_s, "token": "t"}))
+    now = time.time()
+    lock = dict(owner=owner, host=host, pid=pid, started=now - 99, heartbeat=now - heartbeat_age_s, token="t")
+    (run_dir / ".lock").write_text(json.dumps(lock))
 
 
 def test_a_lease_with_a_recent_heartbeat_is_refused_even_if_its_pid_is_gone_on_a_host_of_the_same_name(tmp_path):
@@ -87,16 +104,29 @@ def test_periodic_runs_its_action_until_stopped():
 
 def test_status_lines_of_a_run_in_its_second_attempt():
     now = 1_000_000.0
-    journal = [{"event": "start", "attempt": 1, "call_id": "fc-1", "gpu": "A10G", "step": 0},
-               {"event": "end", "attempt": 1, "call_id": "fc-1", "gpu": "A10G", "steps": [0, 80000],
-                "outcome": "continued"},
-               {"event": "start", "attempt": 2, "call_id": "fc-2", "gpu": "A10G", "step": 80000}]
-    status = {"state": "training", "step": 80500, "steps": 300000, "img_per_s": 431.7, "eta_s": 3 * 3600 + 60,
-              "updated": now - 42, "host": "modal-1", "message": None, "newest_checkpoint": None, "newest_grid": None}
+    journal = [
+        {"event": "start", "attempt": 1, "call_id": "fc-1", "gpu": "A10G", "step": 0},
+        {"event": "end", "attempt": 1, "call_id": "fc-1", "gpu": "A10G", "steps": [0, 80000], "outcome": "continued"},
+        {"event": "start", "attempt": 2, "call_id": "fc-2", "gpu": "A10G", "step": 80000},
+    ]
+    status = {
+        "state": "training",
+        "step": 80500,
+        "steps": 300000,
+        "img_per_s": 431.7,
+        "eta_s": 3 * 3600 + 60,
+        "updated": now - 42,
+        "host": "modal-1",
+        "message": None,
+        "newest_checkpoint": None,
+        "newest_grid": None,
+    }
     assert attempts.status_lines("dit-1", status, journal, now) == [
         "run dit-1: attempt 2 (fc-2 on A10G) running",
         "trainer: training at step 80500/300000, 432 img/s, ETA 3h01m, updated 42s ago on modal-1",
         "newest checkpoint: state/step_0080000; newest sample grid: -",  # from the journal: not saved since
-        "  attempt 1 fc-1: steps 0-80000, continued"]
+        "  attempt 1 fc-1: steps 0-80000, continued",
+    ]
     assert attempts.status_lines("dit-1", None, [], now) == [
-        "run dit-1: no status yet (not started, or its first attempt is still starting)"]
+        "run dit-1: no status yet (not started, or its first attempt is still starting)"
+    ]

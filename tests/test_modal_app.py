@@ -34,8 +34,10 @@ from scripts.make_toy_cats import generate_toy_cats
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 MODAL_CLI = Path(sys.executable).with_name("modal")
-TINY_DIT_ARGS = ("--device cpu --mixed-precision no --warmup-steps 1 --save-interval 2 --sample-interval 1000 "
-                 "--log-interval 1 --sample-steps 2")
+TINY_DIT_ARGS = (
+    "--device cpu --mixed-precision no --warmup-steps 1 --save-interval 2 --sample-interval 1000 "
+    "--log-interval 1 --sample-steps 2"
+)
 RUN = "dit-test"
 
 
@@ -79,8 +81,9 @@ class StandIn:
         self.uploads.append((local_dir, name))
 
     def list_outputs(self, folder: str) -> list[str]:
-        return sorted(p.relative_to(self.output_root).as_posix() for p in (self.output_root / folder).rglob("*")
-                      if p.is_file())
+        return sorted(
+            p.relative_to(self.output_root).as_posix() for p in (self.output_root / folder).rglob("*") if p.is_file()
+        )
 
     def read_output(self, path: str):
         data = (self.output_root / path).read_bytes()  # FileNotFoundError, as the real backend raises
@@ -151,17 +154,26 @@ def modal(monkeypatch, tmp_path, fake_token) -> StandIn:
 
 
 def modal_run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([str(MODAL_CLI), "run", *args], cwd=PROJECT_ROOT, env=env, capture_output=True,
-                          text=True, timeout=120, check=False)
+    return subprocess.run(
+        [str(MODAL_CLI), "run", *args],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 def tiny_dit_config(steps: int, run_name: str = RUN, extra: str = TINY_DIT_ARGS, gpu: str = "A10G", **options):
     """The config the `::dit` entrypoint would send for a few steps of T/4 at 16 px on the CPU."""
-    settings = dict(steps=steps, batch_size=4, lr=1e-3, model="T/4", image_size=16, augmentation_level="basic",
-                    report_to="none")
+    settings = dict(
+        steps=steps, batch_size=4, lr=1e-3, model="T/4", image_size=16, augmentation_level="basic", report_to="none"
+    )
     settings.update(options)
-    return modal_app.prepare_run(modal_app.TRAINERS["dit"], gpu=gpu, data="cats", run_name=run_name,
-                                 extra_args=extra, **settings)
+    return modal_app.prepare_run(
+        modal_app.TRAINERS["dit"], gpu=gpu, data="cats", run_name=run_name, extra_args=extra, **settings
+    )
 
 
 def run_dir(modal: StandIn, run: str = RUN) -> Path:
@@ -192,17 +204,23 @@ def signal_when_training(run: Path, step: int, signum: int = signal.SIGINT) -> t
 # The CLI without an account
 # ---------------------------------------------------------------------------------------------------------
 @pytest.mark.slow
-@pytest.mark.parametrize("entrypoint, flags", [
-    ("dit", ["--steps", "--batch-size", "--gradient-accumulation-steps", "--augmentation-level", "--gpu",
-             "--data", "--run-name", "--extra-args", "--report-to", "S/4", "wandb"]),
-    ("classifier", ["--epochs", "--batch-size", "--backbone", "resnet18", "--gpu", "--data"]),
-    ("status", ["--run"]),
-    ("download", ["--run", "--include-state", "--no-check"]),
-])
+@pytest.mark.parametrize(
+    "entrypoint, flags",
+    [
+        (
+            "dit",
+            "--steps --batch-size --gradient-accumulation-steps --augmentation-level --gpu --data --run-name "
+            "--extra-args --report-to S/4 wandb",
+        ),
+        ("classifier", "--epochs --batch-size --backbone resnet18 --gpu --data"),
+        ("status", "--run"),
+        ("download", "--run --include-state --no-check"),
+    ],
+)
 def test_help_works_offline_without_a_token(no_token, entrypoint, flags):
     result = modal_run([f"modal_app.py::{entrypoint}", "--help"], no_token)
     assert result.returncode == 0, result.stderr
-    for flag in flags:
+    for flag in flags.split():
         assert flag in result.stdout
 
 
@@ -219,10 +237,13 @@ def test_run_without_a_token_stops_with_the_login_advice_before_any_remote_call(
 @pytest.mark.slow
 def test_the_profile_given_to_modal_run_is_the_one_checked(no_token, tmp_path):
     config = tmp_path / "profiles.modal.toml"  # the active profile has a token, `work` has none
-    config.write_text('[default]\ntoken_id = "ak-x"\ntoken_secret = "as-x"\nactive = true\n\n[work]\n'
-                      'server_url = "http://127.0.0.1:9"\n')
-    result = modal_run(["--profile", "work", "modal_app.py::dit", "--steps", "10"],
-                       {**no_token, "MODAL_CONFIG_PATH": str(config)})
+    config.write_text(
+        '[default]\ntoken_id = "ak-x"\ntoken_secret = "as-x"\nactive = true\n\n[work]\n'
+        'server_url = "http://127.0.0.1:9"\n'
+    )
+    result = modal_run(
+        ["--profile", "work", "modal_app.py::dit", "--steps", "10"], {**no_token, "MODAL_CONFIG_PATH": str(config)}
+    )
     assert result.returncode == 2
     assert "not authenticated for profile 'work' (`modal token new --profile work`)" in result.stderr
 
@@ -254,14 +275,17 @@ def test_preflight_accepts_a_configured_token(fake_token):
 # ---------------------------------------------------------------------------------------------------------
 # Function specs
 # ---------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("function, gpu", [(modal_app.train_dit_remote, "A10G"),
-                                           (modal_app.train_classifier_remote, "T4")])
+@pytest.mark.parametrize(
+    "function, gpu", [(modal_app.train_dit_remote, "A10G"), (modal_app.train_classifier_remote, "T4")]
+)
 def test_training_functions_have_the_stated_specs(function, gpu):
     info = function.info()  # static info of a not-yet-deployed function: no network
     assert info.gpus == [(gpu, 1)]
     assert (info.timeout, info.max_retries, info.single_use_containers) == (24 * 60 * 60, 3, True)
-    assert {path: mount.name for path, mount in info.volumes.items()} == {"/data": "tiny-cats-data",
-                                                                         "/outputs": "tiny-cats-outputs"}
+    assert {path: mount.name for path, mount in info.volumes.items()} == {
+        "/data": "tiny-cats-data",
+        "/outputs": "tiny-cats-outputs",
+    }
     # FunctionInfo has no autoscaler or retry-delay fields; the definition the app would send holds them.
     from modal._utils.async_utils import synchronizer
 
@@ -282,9 +306,18 @@ def test_gpu_count(gpu, count):
     assert modal_app.gpu_count(gpu) == count
 
 
-@pytest.mark.parametrize("gpu, problem", [("A10G:5", "1 to 4 A10G"), ("H100:9", "1 to 8 H100"),
-                                          ("H100:0", "1 to 8"), ("A100:two", "1 to 8"), ("", "not a Modal GPU"),
-                                          (":2", "not a Modal GPU"), ("RTX4090", "not a Modal GPU")])
+@pytest.mark.parametrize(
+    "gpu, problem",
+    [
+        ("A10G:5", "1 to 4 A10G"),
+        ("H100:9", "1 to 8 H100"),
+        ("H100:0", "1 to 8"),
+        ("A100:two", "1 to 8"),
+        ("", "not a Modal GPU"),
+        (":2", "not a Modal GPU"),
+        ("RTX4090", "not a Modal GPU"),
+    ],
+)
 def test_gpu_strings_beyond_modals_limits_are_refused(gpu, problem):
     with pytest.raises(UserError, match=problem):
         modal_app.gpu_count(gpu)
@@ -304,8 +337,9 @@ def test_dit_config_takes_options_extra_flags_a_fixed_run_and_an_attempt_budget(
 
 
 def test_classifier_weights_go_into_the_run_folder(modal):
-    cfg = modal_app.prepare_run(modal_app.TRAINERS["classifier"], gpu="T4", data="cats", run_name="cls",
-                                extra_args="", epochs=1)
+    cfg = modal_app.prepare_run(
+        modal_app.TRAINERS["classifier"], gpu="T4", data="cats", run_name="cls", extra_args="", epochs=1
+    )
     assert Path(cfg.output) == modal.output_root / "checkpoints" / "cls" / "cats_model.safetensors"
 
 
@@ -324,16 +358,21 @@ def test_validation_uses_the_gpu_count(modal):
 
 def test_a_tracker_is_not_checked_on_this_machine_and_wandb_gets_its_secret(modal, monkeypatch):
     monkeypatch.setattr(train_dit, "_tracker_installed", lambda name: False)  # whatever is installed here
-    modal_app.dit(steps=2, batch_size=4, model="T/4", image_size=16, report_to="wandb", run_name=RUN,
-                  extra_args=TINY_DIT_ARGS)
+    modal_app.dit(
+        steps=2, batch_size=4, model="T/4", image_size=16, report_to="wandb", run_name=RUN, extra_args=TINY_DIT_ARGS
+    )
     assert modal.spawns[0].chain.secrets == (modal_app.WANDB_SECRET,)
     assert modal.spawns[0].args[0].report_to == "wandb"
 
 
-@pytest.mark.parametrize("argv, tracker", [(["modal", "run", "modal_app.py::dit", "--report-to", "wandb"], "wandb"),
-                                           (["modal", "run", "modal_app.py::dit", "--report-to=tensorboard"],
-                                            "tensorboard"),
-                                           (["modal", "run", "modal_app.py::dit", "--steps", "5"], "none")])
+@pytest.mark.parametrize(
+    "argv, tracker",
+    [
+        (["modal", "run", "modal_app.py::dit", "--report-to", "wandb"], "wandb"),
+        (["modal", "run", "modal_app.py::dit", "--report-to=tensorboard"], "tensorboard"),
+        (["modal", "run", "modal_app.py::dit", "--steps", "5"], "none"),
+    ],
+)
 def test_the_image_gets_the_tracker_of_the_command_line(argv, tracker):
     assert modal_app.requested_tracker(argv) == tracker
 
@@ -352,8 +391,12 @@ def test_a_detached_start_spawns_one_attempt_says_how_to_follow_it_and_returns(m
     out = capsys.readouterr().out
     assert [(s.call_id, s.function_name, s.chain.index) for s in modal.spawns] == [("fc-1", "train_dit_remote", 1)]
     assert modal.spawns[0].chain.owner.startswith(f"{RUN}/") and modal.commits == []  # nothing ran
-    for expected in (f"run {RUN} on A10G: first attempt fc-1", f"make modal-status RUN={RUN}",
-                     "modal app logs ap-test", f"make modal-download RUN={RUN}"):
+    for expected in (
+        f"run {RUN} on A10G: first attempt fc-1",
+        f"make modal-status RUN={RUN}",
+        "modal app logs ap-test",
+        f"make modal-download RUN={RUN}",
+    ):
         assert expected in out
 
 
@@ -369,8 +412,12 @@ def test_a_time_limited_run_chains_attempts_to_the_end_bitwise_equal_to_one_loca
     assert len({s.chain.owner for s in modal.spawns}) == 1 and all(s.args == (cfg,) for s in modal.spawns)
     ends = [entry for entry in journal(modal) if entry["event"] == "end"]
     assert [(e["attempt"], e["steps"], e["outcome"]) for e in ends] == [
-        (1, [0, 1], "continued"), (2, [1, 2], "continued"), (3, [2, 3], "continued"), (4, [3, 4], "continued"),
-        (5, [4, 4], "finished")]
+        (1, [0, 1], "continued"),
+        (2, [1, 2], "continued"),
+        (3, [2, 3], "continued"),
+        (4, [3, 4], "continued"),
+        (5, [4, 4], "finished"),
+    ]
     assert modal.reloads == 5
     # Each attempt committed its lease (before training), every checkpoint, and its end.
     assert modal.committed_steps()[-1] == [1, 2, 3, 4]
@@ -479,9 +526,9 @@ def test_a_stale_lease_or_one_of_the_same_run_is_taken_over(modal, holder):
     chain = Chain.start(RUN, "A10G")
     stale = holder.startswith("another")
     run_dir(modal).mkdir(parents=True)
-    (run_dir(modal) / ".lock").write_text(json.dumps({
-        "owner": "dit-test/another-run" if stale else chain.owner, "host": "container-gone", "pid": 4_000_000,
-        "started": time.time() - 3600, "heartbeat": time.time() - (660 if stale else 5), "token": "t"}))
+    now, owner = time.time(), "dit-test/another-run" if stale else chain.owner
+    lock = dict(owner=owner, host="gone", pid=4_000_000, started=now - 3600, heartbeat=now - (660 if stale else 5))
+    (run_dir(modal) / ".lock").write_text(json.dumps({**lock, "token": "t"}))
     summary = modal.run("train_dit_remote", tiny_dit_config(steps=2), chain)
     assert summary["outcome"] == attempts.FINISHED and summary["steps"] == [0, 2]
     assert read_lock_holder(run_dir(modal)) is None
@@ -496,15 +543,16 @@ def test_the_launch_command_hands_every_option_to_accelerate(modal, tmp_path):
     command = attempts.launch_command(script, modal_app.config_to_argv(cfg), 4, tmp_path)
     assert command[1:6] == ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "4"]
     wrapped = command.index("scripts.lib.attempts")
-    assert command[wrapped - 1] == "-m" and command[wrapped + 1:wrapped + 3] == [str(tmp_path), str(script)]
-    assert parse_config(train_dit.TrainDiTConfig, command[wrapped + 3:], "") == cfg
+    assert command[wrapped - 1] == "-m" and command[wrapped + 1 : wrapped + 3] == [str(tmp_path), str(script)]
+    assert parse_config(train_dit.TrainDiTConfig, command[wrapped + 3 :], "") == cfg
 
 
 @pytest.mark.slow
 def test_a_sigint_reaches_every_rank_of_a_multi_gpu_attempt_which_saves_once_and_is_interrupted(modal):
     # Two CPU processes (gloo) under a real `accelerate launch` stand in for two GPUs.
-    cfg = tiny_dit_config(steps=5000, gpu="A10G:2", extra=TINY_DIT_ARGS.replace("--save-interval 2",
-                                                                                "--save-interval 5000"))
+    cfg = tiny_dit_config(
+        steps=5000, gpu="A10G:2", extra=TINY_DIT_ARGS.replace("--save-interval 2", "--save-interval 5000")
+    )
     signal_when_training(run_dir(modal), step=3)
     with pytest.raises(KeyboardInterrupt):
         modal.run("train_dit_remote", cfg, Chain.start(RUN, "A10G:2"))
@@ -529,8 +577,11 @@ def test_a_failing_commit_does_not_kill_the_run(monkeypatch, caplog):
 
 
 def test_download_copies_a_run_without_its_training_state(modal, tmp_path, capsys):
-    for name, data in {"dit-1/samples/step_0000004.png": b"png", "dit-1/training.log": b"log",
-                       "dit-1/state/step_0000004/state.safetensors": b"big"}.items():
+    for name, data in {
+        "dit-1/samples/step_0000004.png": b"png",
+        "dit-1/training.log": b"log",
+        "dit-1/state/step_0000004/state.safetensors": b"big",
+    }.items():
         (modal.output_root / "checkpoints" / name).parent.mkdir(parents=True, exist_ok=True)
         (modal.output_root / "checkpoints" / name).write_bytes(data)
     modal_app.download(run="dit-1", local_dir=str(tmp_path / "local"))
@@ -553,8 +604,8 @@ def test_an_attached_run_ends_with_verified_weights_and_an_onnx_model_here(modal
     monkeypatch.chdir(tmp_path)  # the results land in ./checkpoints/<run>/
     modal.detach = False
     # Enough steps for the verifier to see every tensor moved away from its initial value.
-    modal_app.dit(steps=20, batch_size=4, model="T/4", image_size=16, run_name=RUN,
-                  extra_args=TINY_DIT_ARGS.replace("--save-interval 2", "--save-interval 10"))
+    extra = TINY_DIT_ARGS.replace("--save-interval 2", "--save-interval 10")
+    modal_app.dit(steps=20, batch_size=4, model="T/4", image_size=16, run_name=RUN, extra_args=extra)
     local = tmp_path / "checkpoints" / RUN
     for name in (train_dit.FINAL_NAME, "samples/step_0000020.png", "training.log", "tinydit.onnx", "tinydit.json"):
         assert (local / name).is_file(), name

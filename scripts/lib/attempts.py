@@ -115,9 +115,11 @@ def lease(run_dir: Path, owner: str) -> Iterator[None]:
     """
     holder = read_lock_holder(run_dir)
     if holder is not None and holder.owner != owner and time.time() - holder.heartbeat < stale_after_s():
-        raise UserError(f"run {run_dir.name} is being written by another run ({holder.describe()}) — wait for it, "
-                        f"stop it, or use another --run-name; a lease whose holder died expires {stale_after_s():.0f} "
-                        "s after its last heartbeat")
+        raise UserError(
+            f"run {run_dir.name} is being written by another run ({holder.describe()}) — wait for it, "
+            f"stop it, or use another --run-name; a lease whose holder died expires {stale_after_s():.0f} "
+            "s after its last heartbeat"
+        )
     lock = RunLock(run_dir, owner=owner)
     lock.acquire()
     try:
@@ -182,9 +184,16 @@ def run_in_process(main: Callable[..., Any], cfg: Any, owner: str, commit: Calla
 
 def launch_command(script: Path, argv: list[str], num_processes: int, exit_dir: Path) -> list[str]:
     """`accelerate launch --multi_gpu` of `script`, each process wrapped so that it records its exit status."""
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
-            "--num_machines", "1", "--main_process_port", str(free_port()), "-m", __name__, str(exit_dir), str(script),
-            *argv]
+    launcher = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(num_processes),
+    ]
+    machine = ["--num_machines", "1", "--main_process_port", str(free_port())]
+    return [*launcher, *machine, "-m", __name__, str(exit_dir), str(script), *argv]
 
 
 def free_port() -> int:
@@ -194,8 +203,9 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def run_launched(script: Path, argv: list[str], num_processes: int, env: dict[str, str],
-                 commit: Callable[[], None]) -> Exit:
+def run_launched(
+    script: Path, argv: list[str], num_processes: int, env: dict[str, str], commit: Callable[[], None]
+) -> Exit:
     """The trainer on `num_processes` processes under `accelerate launch`, committing every COMMIT_INTERVAL_S.
 
     The launcher gets its own process group, and SIGINT/SIGTERM sent to this process go to all of it as SIGTERM:
@@ -204,8 +214,9 @@ def run_launched(script: Path, argv: list[str], num_processes: int, env: dict[st
     """
     with tempfile.TemporaryDirectory() as exit_dir, Periodic(commit, COMMIT_INTERVAL_S):
         env = {**env, "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(LAUNCHER_SHUTDOWN_TIMEOUT_S)}
-        launcher = subprocess.Popen(launch_command(script, argv, num_processes, Path(exit_dir)), env=env,
-                                    start_new_session=True)
+        launcher = subprocess.Popen(
+            launch_command(script, argv, num_processes, Path(exit_dir)), env=env, start_new_session=True
+        )
         with forwarding_signals(launcher.pid) as received:
             launcher.wait()  # the agent waits for its workers (SIGKILL after the shutdown timeout) before it exits
         statuses = {int(path.name[4:]): int(path.read_text()) for path in Path(exit_dir).glob("rank*")}
@@ -292,8 +303,15 @@ def read_journal(text: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def run_attempt(cfg: Any, chain: Chain, train: Callable[[], Exit], *, call_id: str, commit: Callable[[], None],
-                continue_run: Callable[[Chain], str]) -> dict[str, Any]:
+def run_attempt(
+    cfg: Any,
+    chain: Chain,
+    train: Callable[[], Exit],
+    *,
+    call_id: str,
+    commit: Callable[[], None],
+    continue_run: Callable[[Chain], str],
+) -> dict[str, Any]:
     """One attempt of the run of `cfg`: take the lease, train, record, commit, then hand over (see the docstring).
 
     Returns the attempt's summary when the run finished, failed for good or continues in a new attempt (with the
@@ -305,8 +323,7 @@ def run_attempt(cfg: Any, chain: Chain, train: Callable[[], Exit], *, call_id: s
         with lease(run_dir, chain.owner):
             start_step = newest_step(run_dir)
             append_journal(run_dir, event="start", owner=chain.owner, step=start_step, **summary)
-            append_log_line(run_dir / "training.log", f"attempt {chain.index} ({call_id} on {chain.gpu}) starts at "
-                            f"step {start_step}", level="INFO")
+            log_attempt(run_dir, chain, call_id, f"starts at step {start_step}")
         commit()  # the lease, visible to other containers before the trainer writes anything
     except UserError as refused:  # another run holds the lease: write nothing, commit nothing
         return {**summary, "outcome": FAILED, "message": str(refused)}
@@ -323,9 +340,16 @@ def run_attempt(cfg: Any, chain: Chain, train: Callable[[], Exit], *, call_id: s
     elif outcome == INTERRUPTED:
         raise KeyboardInterrupt  # the platform restarts the attempt; the next one resumes from the saved state
     elif outcome == CRASHED:
-        raise AttemptCrashed(f"attempt {chain.index} of {cfg.run_name} crashed: {message or f'exit {ended.status}'}"
-                             f" — {run_dir / 'training.log'} has the details") from ended.error
+        raise AttemptCrashed(
+            f"attempt {chain.index} of {cfg.run_name} crashed: {message or f'exit {ended.status}'}"
+            f" — {run_dir / 'training.log'} has the details"
+        ) from ended.error
     return summary
+
+
+def log_attempt(run_dir: Path, chain: Chain, call_id: str, text: str) -> None:
+    """A line about this attempt in the run's training.log (once the run has one)."""
+    append_log_line(run_dir / "training.log", f"attempt {chain.index} ({call_id} on {chain.gpu}) {text}", level="INFO")
 
 
 def close_attempt(run_dir: Path, chain: Chain, summary: dict[str, Any], commit: Callable[[], None]) -> None:
@@ -336,8 +360,9 @@ def close_attempt(run_dir: Path, chain: Chain, summary: dict[str, Any], commit: 
     try:
         with lease(run_dir, chain.owner):
             append_journal(run_dir, event="end", owner=chain.owner, **summary)
-            append_log_line(run_dir / "training.log", f"attempt {chain.index} ({summary['call_id']} on {chain.gpu}) "
-                            f"covered steps {start}-{end}: {summary['outcome']}{detail}", level="INFO")
+            log_attempt(
+                run_dir, chain, summary["call_id"], f"covered steps {start}-{end}: {summary['outcome']}{detail}"
+            )
     except UserError as taken:
         print(f"not committing attempt {chain.index}: {taken}", file=sys.stderr)
         return
@@ -361,16 +386,22 @@ def status_lines(run: str, status: dict[str, Any] | None, journal: list[dict[str
         speed = f", {status['img_per_s']:.0f} img/s" if status.get("img_per_s") else ""
         training = status["state"] == "training"
         eta = f", ETA {format_duration(status['eta_s'])}" if training and status.get("eta_s") else ""
-        lines.append(f"trainer: {status['state']} at step {step}/{steps}{speed}{eta}, updated "
-                     f"{format_duration(now - status['updated'])} ago on {status.get('host')}")
+        lines.append(
+            f"trainer: {status['state']} at step {step}/{steps}{speed}{eta}, updated "
+            f"{format_duration(now - status['updated'])} ago on {status.get('host')}"
+        )
         if status.get("message"):
             lines.append(f"message: {status['message']}")
         # status.json is the current trainer's: one that has not saved yet names no checkpoint, the journal does
         saved = max((entry["step"] if entry["event"] == "start" else entry["steps"][1] for entry in journal), default=0)
         newest = status.get("newest_checkpoint") or (f"{STATE_DIR}/{state_dir_name(saved)}" if saved else "-")
         lines.append(f"newest checkpoint: {newest}; newest sample grid: {status.get('newest_grid') or '-'}")
-    lines += [f"  attempt {entry['attempt']} {entry['call_id']}: steps {entry['steps'][0]}-{entry['steps'][1]}, "
-              f"{entry['outcome']}" for entry in journal if entry["event"] == "end"]
+    lines += [
+        f"  attempt {entry['attempt']} {entry['call_id']}: steps {entry['steps'][0]}-{entry['steps'][1]}, "
+        f"{entry['outcome']}"
+        for entry in journal
+        if entry["event"] == "end"
+    ]
     return lines
 
 
