@@ -113,7 +113,8 @@ def build_image(tracker: str) -> modal.Image:
     return image.add_local_python_source("models", "scripts")
 
 
-# In a container the image is already built: what is defined here is not used there.
+# A container imports this file again and hydrates each function's image with the app's built one: only the number
+# of a function's Modal objects must match there (_container_entrypoint.py `hydrate_function`), and an image is one.
 app = modal.App(APP_NAME, image=build_image(requested_tracker(sys.argv) if _started_by_modal_cli() else "none"))
 
 
