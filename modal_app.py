@@ -512,13 +512,9 @@ def dit(
 ) -> None:
     """TinyDiT on Modal GPUs; flags as scripts/train_dit.py, others in --extra-args "--ema-decay 0.999"."""
     options = locals()  # every parameter: gpu, data, run_name, extra_args, and the trainer flags of the same names
+    secrets = (WANDB_SECRET,) if report_to == "wandb" else ()
     with exit_on_user_error():
-        launch(
-            TRAINERS["dit"],
-            prepare_run(TRAINERS["dit"], **options),
-            gpu,
-            (WANDB_SECRET,) if report_to == "wandb" else (),
-        )
+        launch(TRAINERS["dit"], prepare_run(TRAINERS["dit"], **options), gpu, secrets)
 
 
 @app.local_entrypoint()
