@@ -95,21 +95,26 @@ quality: install ## CPU quality check: toy cats 32 px, classifier, T/4 DiT, eval
 bench: install ## speed report (JSON): DiT training MFU fp32/bf16/compile, sampling, data, classifier, ONNX Runtime
 	$(PY) scripts/benchmark.py --out $(CKPT)/bench.json
 
-.PHONY: modal-check modal-data modal-upload modal-train modal-dit modal-download
+.PHONY: modal-check modal-data modal-upload modal-train modal-dit modal-status modal-download
 # --- Modal (modal_app.py) ----------------------------------------------------------------------------------
-# Variables: STEPS, BATCH, ACCUM, AUG, GPU (empty = each entrypoint's default:
-# T4 classifier, A10G DiT), MODAL_DATA (data set name on the volume), RUN (run name), EPOCHS, CLS_BATCH.
+# Variables: STEPS, BATCH, ACCUM, AUG, GPU (empty = each entrypoint's default: T4 classifier, A10G DiT), TRACKER
+# (none, tensorboard, wandb), DETACH (1: modal-dit returns once started; 0: it follows the run to the end),
+# MODAL_DATA (data set name on the volume), RUN (run name), EPOCHS, CLS_BATCH. MODAL_PROFILE picks a profile.
 MODAL := $(VENV)/bin/modal
 BATCH ?= 256
 ACCUM ?= 1
 AUG ?= full
 GPU ?=
+TRACKER ?= none
+DETACH ?= 1
 MODAL_DATA ?= cats
 RUN ?=
 EPOCHS ?= 20
 CLS_BATCH ?= 64
 MODAL_GPU_FLAG = $(if $(GPU),--gpu $(GPU))
 MODAL_RUN_FLAG = $(if $(RUN),--run-name $(RUN))
+MODAL_DETACH_FLAG = $(if $(filter 1,$(DETACH)),--detach)
+NEED_RUN = $(if $(RUN),,$(error RUN=<run name> is required, e.g. make $@ RUN=dit-20261128-213012))
 
 modal-check: install ## Modal: token valid, entrypoints load, image builds and imports the project
 	$(MODAL) token info
@@ -123,17 +128,21 @@ modal-data: install ## Modal: download Oxford-IIIT Pet on Modal into the data vo
 modal-upload: install ## Modal: upload the local $(DATA) to the data volume as $(MODAL_DATA)
 	$(MODAL) run modal_app.py::upload_data --local-dir $(DATA) --name $(MODAL_DATA)
 
-modal-train: install ## Modal: train the classifier (EPOCHS, CLS_BATCH, GPU, MODAL_DATA, RUN)
+modal-train: install ## Modal: train the classifier, attached (EPOCHS, CLS_BATCH, GPU, MODAL_DATA, RUN)
 	$(MODAL) run modal_app.py::classifier --epochs $(EPOCHS) --batch-size $(CLS_BATCH) --data $(MODAL_DATA) \
 		$(MODAL_GPU_FLAG) $(MODAL_RUN_FLAG)
 
-modal-dit: install ## Modal: train TinyDiT, detached (STEPS, BATCH, ACCUM, AUG, GPU, MODAL_DATA, RUN)
-	$(MODAL) run --detach modal_app.py::dit --steps $(STEPS) --batch-size $(BATCH) \
-		--gradient-accumulation-steps $(ACCUM) --augmentation-level $(AUG) --data $(MODAL_DATA) \
-		$(MODAL_GPU_FLAG) $(MODAL_RUN_FLAG)
+modal-dit: install ## Modal: train TinyDiT, detached unless DETACH=0 (STEPS, BATCH, ACCUM, AUG, GPU, TRACKER, RUN)
+	$(MODAL) run $(MODAL_DETACH_FLAG) modal_app.py::dit --steps $(STEPS) --batch-size $(BATCH) \
+		--gradient-accumulation-steps $(ACCUM) --augmentation-level $(AUG) --report-to $(TRACKER) \
+		--data $(MODAL_DATA) $(MODAL_GPU_FLAG) $(MODAL_RUN_FLAG)
 
-modal-download: install ## Modal: copy run RUN from the outputs volume to $(CKPT)/RUN/
-	$(if $(RUN),,$(error RUN=<run name> is required, e.g. make modal-download RUN=dit-20261128-213012))
+modal-status: install ## Modal: where run RUN stands (attempt, step, img/s, ETA, newest checkpoint and grid)
+	$(NEED_RUN)
+	$(MODAL) run modal_app.py::status --run $(RUN)
+
+modal-download: install ## Modal: copy run RUN to $(CKPT)/RUN/, then verify its weights and export them to ONNX
+	$(NEED_RUN)
 	$(MODAL) run modal_app.py::download --run $(RUN) --local-dir $(CKPT)
 
 clean: ## remove generated data, caches and run outputs (keeps .venv)
