@@ -146,14 +146,27 @@ def test_quick_gpu_suite_runs_the_trainer_beside_a_bare_loop(tmp_path):
     report = main(BenchmarkConfig(suite="gpu", quick=True, skip_compile=True, device="cpu", out=str(out)))
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
     assert failures(report) == []
-    assert report["suite"] == "gpu" and report["complete"] is True and "speed_bar" not in report
+    assert set(report) == {"suite", "machine", "quick", "spec", "complete", "precision", "data", "matmul_peak",
+                           "models", "gpu_goal", "seconds"}
+    assert report["suite"] == "gpu" and report["complete"] is True
     assert set(report["gpu_goal"]) == {"not_evaluated"}
-    assert report["data"]["classes"] == len(TOY_CAT_CLASSES)
+    data = dict(report["data"])
+    assert data.pop("seconds") > 0
+    assert data == {"classes": len(TOY_CAT_CLASSES), "per_class": GPU_QUICK.toy_cats_per_class,
+                    "image_size": GPU_QUICK.image_size}
     assert report["matmul_peak"]["dtype"] == {"bf16": "bfloat16", "fp32": "float32"}[report["precision"]]
+    assert report["matmul_peak"]["size"] == GPU_QUICK.matmul_size
     peak = report["matmul_peak"]["tflop_per_s"] * 1e12
     assert peak > 0
     (name, model), = report["models"].items()
     assert name == GPU_QUICK.models[0].name
+    assert set(model) == {"parameters", "gflop_per_step", "gflop_per_image", "gflop_per_step_by_op", "bare_loop",
+                          "trainer", "sampling", "trainer_over_bare_loop"}
+    figures = {"img_per_s", "step_ms", "tflop_per_s", "mfu", "img_per_s_windows", "memory_peak_mb"}
+    assert set(model["bare_loop"]["eager"]) == figures | {"first_step_seconds"}
+    assert set(model["trainer"]["eager"]) == figures | {"run_seconds", "command"}
+    assert set(model["sampling"]["eager"]) == {"img_per_s", "img_per_s_repeats", "first_call_seconds",
+                                               "memory_peak_mb"}
     assert model["parameters"] == count_parameters(build_dit(name, GPU_QUICK.image_size, len(TOY_CAT_CLASSES)))
     assert model["gflop_per_image"] * GPU_QUICK.batch_size == pytest.approx(model["gflop_per_step"])
     assert model["gflop_per_step_by_op"][FORWARD_OP] > 0  # attention counted
