@@ -92,7 +92,7 @@ quality: install ## CPU quality check: toy cats 32 px, classifier, T/4 DiT, eval
 		--heldout-data $(QUALITY_DATA)/heldout --num-per-class 50 --steps 20 \
 		--out $(QUALITY_OUT)/report.json --grid $(QUALITY_OUT)/grid.png
 
-bench: install ## speed report (JSON): DiT training MFU fp32/bf16/compile, sampling, data, classifier, ONNX Runtime
+bench: install ## speed report (JSON): the CPU suite on a CPU, the GPU suite (S/4, S/2: trainer vs bare loop) on CUDA
 	$(PY) scripts/benchmark.py --out $(CKPT)/bench.json
 
 .PHONY: modal-check modal-data modal-upload modal-train modal-dit modal-status modal-download

@@ -1,19 +1,30 @@
-"""benchmark.py: FLOP counting against hand formulas, and a --quick run that emits every report key."""
+"""benchmark.py: FLOP counting against hand formulas, --quick runs of both suites that emit every report key
+(the GPU suite's with the real trainer as a subprocess), and the CPU bar and GPU goal judged on each side of
+their thresholds."""
 
 from __future__ import annotations
 
 import json
 import math
+import statistics
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from models.tiny_dit import TinyDiT
-from scripts.benchmark import (QUICK, BenchmarkConfig, count_flops, main, matmuls_only_call,
-                               measure_pipeline_throughput, speed_bar)
+from models.tiny_dit import TinyDiT, build_dit, count_parameters
+from scripts.benchmark import (GPU_FULL, GPU_GOAL, GPU_QUICK, QUICK, BenchmarkConfig, GpuRun, MeasurementFailed,
+                               attempt, count_flops, forward_backward_flops, gpu_goal, gpu_goal_section, main,
+                               matmuls_only_call, measure_pipeline_throughput, resolve_suite, run_command, speed_bar,
+                               speed_bar_section, trainer_command, trainer_over_bare_loop, trainer_windows,
+                               training_figures)
+from scripts.lib.cli import UserError, parse_config
 from scripts.lib.images import synthetic_cache
+from scripts.make_toy_cats import TOY_CAT_CLASSES
+from scripts.train_dit import TrainDiTConfig
 
 FORWARD_OP = "aten._scaled_dot_product_flash_attention_for_cpu"
 BACKWARD_OP = "aten._scaled_dot_product_flash_attention_for_cpu_backward"
@@ -63,6 +74,7 @@ def test_matmul_replay_repeats_exactly_the_steps_matrix_products():
 def test_quick_benchmark_emits_every_figure(tmp_path):
     out = tmp_path / "bench.json"
     report = main(BenchmarkConfig(quick=True, out=str(out), skip_compile=True, rounds=1, device="cpu"))
+    assert report["suite"] == "cpu"
     assert json.loads(out.read_text())["spec"]["width"] == QUICK.width
     training = report["dit_training"]
     for variant in ("fp32", "bf16_autocast"):
@@ -96,3 +108,192 @@ def test_speed_bar_compares_each_figure_with_its_threshold():
 def test_pipeline_throughput_is_measured():
     rate = measure_pipeline_throughput(synthetic_cache(32, 8), batch_size=8, level="full", steps=2)
     assert math.isfinite(rate) and rate > 0
+
+
+def test_the_speed_bar_is_judged_on_a_cpu_only():
+    report = {"dit_training": {"fp32": {"mfu_vs_fp32_matmul_peak": 0.5}, "bf16_autocast": {"speedup_vs_fp32": 1.7}},
+              "data_pipeline": {"ratio_to_fastest_training": 250.0},
+              "onnx_runtime": {"dit_step": {"ort_speedup_vs_eager": 1.02}}}
+    assert speed_bar_section(report, torch.device("cpu"), quick=False)["fp32_mfu"]["met"] is False
+    assert set(speed_bar_section(report, torch.device("cuda"), quick=False)) == {"not_evaluated"}
+    assert set(speed_bar_section(report, torch.device("cpu"), quick=True)) == {"not_evaluated"}
+
+
+def test_the_suite_follows_the_device():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_suite("auto", cuda, quick=False) == "gpu"
+    assert resolve_suite("auto", cpu, quick=False) == "cpu"
+    assert resolve_suite("cpu", cuda, quick=False) == "cpu"
+    assert resolve_suite("gpu", cpu, quick=True) == "gpu"  # its code path at toy sizes
+    with pytest.raises(UserError, match="--quick"):
+        resolve_suite("gpu", cpu, quick=False)
+
+
+# ------------------------------------------------------------------------------------------------------
+# GPU suite
+# ------------------------------------------------------------------------------------------------------
+
+def failures(report) -> list[str]:
+    """Every {"failed": ...} entry anywhere in the report."""
+    if not isinstance(report, dict):
+        return []
+    return [report["failed"]] if "failed" in report else [f for value in report.values() for f in failures(value)]
+
+
+def test_quick_gpu_suite_runs_the_trainer_beside_a_bare_loop(tmp_path):
+    """The GPU suite's code path at toy sizes on this CPU: the real trainer as a subprocess, every report key."""
+    out = tmp_path / "bench.json"
+    report = main(BenchmarkConfig(suite="gpu", quick=True, skip_compile=True, device="cpu", out=str(out)))
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    assert failures(report) == []
+    assert set(report) == {"suite", "machine", "quick", "spec", "complete", "precision", "data", "matmul_peak",
+                           "models", "gpu_goal", "seconds"}
+    assert report["suite"] == "gpu" and report["complete"] is True
+    assert set(report["gpu_goal"]) == {"not_evaluated"}
+    data = dict(report["data"])
+    assert data.pop("seconds") > 0
+    assert data == {"classes": len(TOY_CAT_CLASSES), "per_class": GPU_QUICK.toy_cats_per_class,
+                    "image_size": GPU_QUICK.image_size}
+    assert report["matmul_peak"]["dtype"] == {"bf16": "bfloat16", "fp32": "float32"}[report["precision"]]
+    assert report["matmul_peak"]["size"] == GPU_QUICK.matmul_size
+    peak = report["matmul_peak"]["tflop_per_s"] * 1e12
+    assert peak > 0
+    (name, model), = report["models"].items()
+    assert name == GPU_QUICK.models[0].name
+    assert set(model) == {"parameters", "gflop_per_step", "gflop_per_image", "gflop_per_step_by_op", "bare_loop",
+                          "trainer", "sampling", "trainer_over_bare_loop"}
+    figures = {"img_per_s", "step_ms", "tflop_per_s", "mfu", "img_per_s_windows", "memory_peak_mb"}
+    assert set(model["bare_loop"]["eager"]) == figures | {"first_step_seconds"}
+    assert set(model["trainer"]["eager"]) == figures | {"run_seconds", "command"}
+    assert set(model["sampling"]["eager"]) == {"img_per_s", "img_per_s_repeats", "first_call_seconds",
+                                               "memory_peak_mb"}
+    assert model["parameters"] == count_parameters(build_dit(name, GPU_QUICK.image_size, len(TOY_CAT_CLASSES)))
+    assert model["gflop_per_image"] * GPU_QUICK.batch_size == pytest.approx(model["gflop_per_step"])
+    assert model["gflop_per_step_by_op"][FORWARD_OP] > 0  # attention counted
+    for kind in ("bare_loop", "trainer"):
+        entry = model[kind]["eager"]
+        assert len(entry["img_per_s_windows"]) == GPU_QUICK.windows and min(entry["img_per_s_windows"]) > 0
+        assert entry["img_per_s"] == statistics.median(entry["img_per_s_windows"])
+        assert entry["step_ms"] == pytest.approx(GPU_QUICK.batch_size / entry["img_per_s"] * 1e3)
+        flop_per_s = model["gflop_per_step"] * 1e9 * entry["img_per_s"] / GPU_QUICK.batch_size
+        assert entry["tflop_per_s"] * 1e12 == pytest.approx(flop_per_s)
+        assert entry["mfu"] == pytest.approx(flop_per_s / peak)
+        assert entry["memory_peak_mb"] is None  # tracked on CUDA only
+    assert model["bare_loop"]["eager"]["first_step_seconds"] > 0
+    trainer = model["trainer"]["eager"]
+    assert trainer["command"].startswith("python scripts/train_dit.py ") and trainer["run_seconds"] > 0
+    sampling = model["sampling"]["eager"]
+    assert len(sampling["img_per_s_repeats"]) == GPU_QUICK.sample_repeats and sampling["img_per_s"] > 0
+    for kind in ("bare_loop", "trainer", "sampling"):
+        assert model[kind]["compiled"] == {"skipped": "--skip-compile"}
+    assert model["trainer_over_bare_loop"] == {
+        "eager": pytest.approx(trainer["img_per_s"] / model["bare_loop"]["eager"]["img_per_s"]), "compiled": None}
+
+
+def goal_models(over_bare_loop: float, mfu: dict[str, float]) -> dict:
+    """A report's "models" section, built by the suite's own functions, with these compiled-trainer figures."""
+    flops, batch = 2e11, GPU_FULL.batch_size
+    run = GpuRun(GPU_FULL, torch.device("cuda"), torch.bfloat16, Path("data"), Path("work"), 6, peak_flops=8e14)
+    models = {}
+    for name, target in mfu.items():
+        trainer_img_per_s = target * run.peak_flops * batch / flops
+        entry = {"trainer": {"eager": {"failed": "not part of the goal"},
+                             "compiled": training_figures(run, [trainer_img_per_s], flops)},
+                 "bare_loop": {"eager": {"skipped": "--skip-compile"},
+                               "compiled": training_figures(run, [trainer_img_per_s / over_bare_loop], flops)}}
+        entry["trainer_over_bare_loop"] = trainer_over_bare_loop(entry)
+        models[name] = entry
+    return models
+
+
+@pytest.mark.parametrize("over_bare_loop, mfu, met", [
+    (0.98, {"S/4": 0.31, "S/2": 0.46}, {"S/4": (True, True), "S/2": (True, True)}),
+    (0.96, {"S/4": 0.29, "S/2": 0.44}, {"S/4": (False, False), "S/2": (False, False)}),
+    (1.05, {"S/4": 0.44, "S/2": 0.31}, {"S/4": (True, True), "S/2": (True, False)}),  # each model its own bar
+])
+def test_gpu_goal_compares_each_figure_with_its_threshold(over_bare_loop, mfu, met):
+    goal = gpu_goal(goal_models(over_bare_loop, mfu))
+    for name, (ratio_met, mfu_met) in met.items():
+        assert goal[name]["trainer_over_bare_loop"] == {
+            "value": pytest.approx(over_bare_loop), "threshold": GPU_GOAL[name]["trainer_over_bare_loop"],
+            "met": ratio_met}
+        assert goal[name]["trainer_mfu"] == {"value": pytest.approx(mfu[name]),
+                                             "threshold": GPU_GOAL[name]["trainer_mfu"], "met": mfu_met}
+    assert goal["all_met"] is all(all(pair) for pair in met.values())
+
+
+def test_gpu_goal_counts_a_missing_figure_as_not_met():
+    models = goal_models(0.99, {"S/4": 0.5, "S/2": 0.5})
+    models["S/2"]["trainer"]["compiled"] = {"failed": "RuntimeError: out of memory"}
+    models["S/2"]["trainer_over_bare_loop"] = trainer_over_bare_loop(models["S/2"])
+    goal = gpu_goal(models)
+    assert goal["S/4"]["trainer_mfu"]["met"] is True
+    assert goal["S/2"]["trainer_mfu"] == {"value": None, "threshold": 0.45, "met": False}
+    assert goal["S/2"]["trainer_over_bare_loop"]["value"] is None and goal["all_met"] is False
+    del models["S/4"]  # not measured at all
+    assert gpu_goal(models)["S/4"]["trainer_mfu"]["met"] is False
+
+
+def test_gpu_goal_is_judged_at_full_size_in_bf16_only():
+    models = goal_models(0.99, {"S/4": 0.5, "S/2": 0.5})
+    assert gpu_goal_section({"precision": "bf16", "models": models}, quick=False)["all_met"] is True
+    assert set(gpu_goal_section({"precision": "bf16", "models": models}, quick=True)) == {"not_evaluated"}
+    assert set(gpu_goal_section({"precision": "fp32", "models": models}, quick=False)) == {"not_evaluated"}
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_trainer_command_speaks_the_trainers_own_flags(compiled, tmp_path):
+    run = GpuRun(GPU_FULL, torch.device("cuda"), torch.bfloat16, tmp_path / "cats", tmp_path, 6, peak_flops=1.0)
+    model = GPU_FULL.models[1]
+    argv = trainer_command(run, model, "S2-run", compiled)
+    assert argv[:2] == [sys.executable, "scripts/train_dit.py"]
+    cfg = parse_config(TrainDiTConfig, argv[2:], "")
+    assert (cfg.data_dir, cfg.model, cfg.image_size, cfg.batch_size) == (str(tmp_path / "cats"), "S/2", 64, 256)
+    assert (cfg.device, cfg.mixed_precision, cfg.run_name) == ("cuda", "bf16", "S2-run")
+    assert Path(cfg.output_dir).parent == tmp_path
+    assert cfg.compile in ((True, "on") if compiled else (False, "off"))
+    assert cfg.steps == GPU_FULL.trainer_steps(model) and cfg.log_interval == model.window_steps
+    assert cfg.save_interval >= cfg.steps and cfg.sample_interval >= cfg.steps  # nothing saved inside a window
+
+
+def test_the_trainer_logs_every_window_of_the_full_suite():
+    # The trainer logs at most every 10 % of its run: the windows must not be shorter than the bare loop's.
+    for model in GPU_FULL.models:
+        steps = GPU_FULL.trainer_steps(model)
+        assert min(model.window_steps, max(1, steps // 10)) == model.window_steps
+        assert steps // model.window_steps == GPU_FULL.windows + 1
+
+
+def test_trainer_windows_skip_the_warm_up_row(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    rows = [{"step": 10, "img_per_s": 100.0, "memory_peak_mb": 900.0}, {"step": 20, "img_per_s": 1500.0},
+            {"step": 30, "img_per_s": 1400.0, "memory_peak_mb": 1200.0}]
+    metrics.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert trainer_windows(metrics) == ([1500.0, 1400.0], 1200.0)
+    metrics.write_text("".join(json.dumps({"step": row["step"], "img_per_s": 7.0}) + "\n" for row in rows))
+    assert trainer_windows(metrics) == ([7.0, 7.0], None)  # a trainer that does not log memory (or a CPU run)
+    metrics.write_text(json.dumps(rows[0]) + "\n")
+    with pytest.raises(MeasurementFailed, match="1 row"):
+        trainer_windows(metrics)
+
+
+def test_a_failing_measurement_is_recorded_and_the_others_go_on():
+    def out_of_memory():
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore details")
+
+    assert attempt("S/2 trainer compiled", out_of_memory, torch.device("cpu")) == {
+        "failed": "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"}
+    assert attempt("S/2 bare loop eager", lambda: {"img_per_s": 1.0}, torch.device("cpu")) == {"img_per_s": 1.0}
+
+
+def test_a_failing_command_reports_its_status_and_last_lines(tmp_path):
+    with pytest.raises(MeasurementFailed, match=r"status 3: .*step 7 went wrong"):
+        run_command([sys.executable, "-c", "print('step 7 went wrong'); raise SystemExit(3)"], tmp_path / "log")
+
+
+def test_flops_are_the_same_under_bf16_autocast():
+    torch.manual_seed(0)
+    model = TinyDiT(16, num_classes=2, width=32, depth=1, heads=2, patch=4)
+    fp32 = forward_backward_flops(model, 3, torch.device("cpu"))
+    assert forward_backward_flops(model, 3, torch.device("cpu"), torch.bfloat16) == fp32
+    assert fp32[1][FORWARD_OP] > 0
