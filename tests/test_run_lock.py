@@ -44,8 +44,11 @@ def test_a_lock_whose_process_is_gone_is_taken_over(tmp_path):
 
 def test_a_lock_from_another_host_expires_with_its_heartbeat(tmp_path):
     now = time.time()
-    (tmp_path / LOCK_NAME).write_text(json.dumps({"owner": "", "host": "other-node", "pid": 1, "started": now - 999,
-                                                  "heartbeat": now - 30, "token": "x"}))
+    (tmp_path / LOCK_NAME).write_text(
+        json.dumps(
+            {"owner": "", "host": "other-node", "pid": 1, "started": now - 999, "heartbeat": now - 30, "token": "x"}
+        )
+    )
     with pytest.raises(UserError, match="other-node"):
         RunLock(tmp_path, stale_after_s=60).acquire()
     lock = RunLock(tmp_path, stale_after_s=20)
@@ -55,8 +58,11 @@ def test_a_lock_from_another_host_expires_with_its_heartbeat(tmp_path):
 
 def test_the_same_run_owner_takes_over_at_once(tmp_path):
     now = time.time()
-    (tmp_path / LOCK_NAME).write_text(json.dumps({"owner": "chain-1", "host": "container-a", "pid": 7,
-                                                  "started": now, "heartbeat": now, "token": "x"}))
+    (tmp_path / LOCK_NAME).write_text(
+        json.dumps(
+            {"owner": "chain-1", "host": "container-a", "pid": 7, "started": now, "heartbeat": now, "token": "x"}
+        )
+    )
     with pytest.raises(UserError, match="run owner chain-1"):
         RunLock(tmp_path, owner="chain-2").acquire()
     with RunLock(tmp_path, owner="chain-1") as lock:
@@ -82,8 +88,9 @@ def _race(folder: str, results) -> None:
 
 
 def test_of_processes_racing_for_one_stale_lock_exactly_one_wins(tmp_path):
-    (tmp_path / LOCK_NAME).write_text(json.dumps({"owner": "", "host": "gone", "pid": 1, "started": 0,
-                                                  "heartbeat": 0, "token": "old"}))
+    (tmp_path / LOCK_NAME).write_text(
+        json.dumps({"owner": "", "host": "gone", "pid": 1, "started": 0, "heartbeat": 0, "token": "old"})
+    )
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
     racers = [context.Process(target=_race, args=(str(tmp_path), results)) for _ in range(4)]
@@ -93,3 +100,42 @@ def test_of_processes_racing_for_one_stale_lock_exactly_one_wins(tmp_path):
     for racer in racers:
         racer.join()
     assert outcomes == ["refused", "refused", "refused", "won"]
+
+
+def test_a_container_with_the_same_host_name_is_judged_by_its_heartbeat_not_our_pids(tmp_path):
+    """Two containers may share a host name; a pid of another pid namespace tells nothing here."""
+    import socket
+
+    now = time.time()
+    (tmp_path / LOCK_NAME).write_text(
+        json.dumps(
+            {
+                "owner": "",
+                "host": socket.gethostname(),
+                "pid": 999999999,
+                "started": now,
+                "heartbeat": now,
+                "token": "x",
+                "machine": "same-name|other-boot|pid:[1]",
+            }
+        )
+    )
+    with pytest.raises(UserError, match="in use by another trainer"):
+        RunLock(tmp_path).acquire()
+
+
+def test_a_repeated_sigint_within_moments_is_the_same_keypress_a_later_one_stops_at_once(monkeypatch):
+    import signal
+
+    from scripts.lib import stopping
+
+    clock = {"now": 100.0}
+    monkeypatch.setattr(stopping.time, "monotonic", lambda: clock["now"])
+    request = stopping.StopRequest()
+    request.handle(signal.SIGINT, None)
+    clock["now"] += 0.5
+    request.handle(signal.SIGINT, None)  # relayed by a launcher: ignored, the save still happens
+    assert request.signum == signal.SIGINT
+    clock["now"] += stopping.REPEATED_SIGINT_S
+    with pytest.raises(KeyboardInterrupt):
+        request.handle(signal.SIGINT, None)

@@ -9,6 +9,8 @@ exit status 2 instead of a traceback.
 Exit statuses every command shares (launchers such as modal_app.py act on them):
 0 done; 2 a user error (a retry would fail the same way); 75 stopped at --time-limit after saving (run the
 same command again to continue); 128 + N stopped by signal N after saving (130 Ctrl-C/SIGINT, 143 SIGTERM).
+Each process exits with these; `accelerate launch --multi_gpu` itself returns 1 whenever a worker exits
+non-zero (measured), so a launcher of several processes reads each rank's own status (scripts/lib/attempts.py).
 """
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ from scripts.lib.checkpoints import (
     COMPLETE_MARKER,
     find_resume_state,
     flatten_state,
+    list_complete_states,
     load_training_state,
     prune_states,
     remove_unfinished_writes,
@@ -125,7 +126,17 @@ class Run:
             self.logger.info("starting fresh in %s", self.run_dir)
         else:
             self.logger.info("resuming %s (%s)", resume_point, self.resume_from)
-        self.status.update(state="training", step=start_step, steps=total_steps)
+        grids = sorted((self.run_dir / "samples").glob("step_*.png"))
+        newest_grid = str(grids[-1].relative_to(self.run_dir)) if grids else None
+        states = list_complete_states(self.state_root)
+        newest_state = f"{STATE_DIR}/{states[-1][1].name}" if states else None
+        self.status.update(
+            state="training",
+            step=start_step,
+            steps=total_steps,
+            newest_checkpoint=newest_state,
+            newest_grid=newest_grid,
+        )
 
     def save_state(self, step: int, state: dict[str, Any]) -> float:
         """Save a complete training state (main process), keep the newest ones; returns the seconds it took.

@@ -4,7 +4,8 @@
 stops with a message naming the holder, instead of deleting the first one's checkpoints and mixing its own
 into them. A lock is stale, and taken over, when
 
-- its process is gone (same host: the pid no longer exists), or
+- its process is gone (same machine: the pid no longer exists — "machine" is host name, boot and pid namespace,
+  so two containers that share a host name never judge each other's pids), or
 - its heartbeat is older than `stale_after_s` (any host; the holder refreshes it every `stale_after_s / 8`),
   which is how a lock left by a killed container or node on a shared file system expires.
 
@@ -39,6 +40,18 @@ DEFAULT_STALE_AFTER_S = 600.0
 UNREADABLE_STALE_AFTER_S = 5.0
 
 
+def machine_identity() -> str:
+    """Host name, kernel boot and pid namespace: where a pid means the same process as here."""
+
+    def read(path: str) -> str:
+        try:
+            return os.readlink(path) if os.path.islink(path) else Path(path).read_text().strip()
+        except OSError:
+            return "?"
+
+    return f"{socket.gethostname()}|{read('/proc/sys/kernel/random/boot_id')}|{read('/proc/self/ns/pid')}"
+
+
 @dataclass
 class LockHolder:
     owner: str
@@ -47,6 +60,7 @@ class LockHolder:
     started: float
     heartbeat: float
     token: str
+    machine: str = ""  # machine_identity() of the holder; empty in locks that did not record it
 
     def describe(self, now: float | None = None) -> str:
         age = (now or time.time()) - self.heartbeat
@@ -65,6 +79,7 @@ def _read_holder(path: Path) -> LockHolder | None:
             started=float(data["started"]),
             heartbeat=float(data["heartbeat"]),
             token=str(data["token"]),
+            machine=str(data.get("machine", "")),
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -105,6 +120,7 @@ class RunLock:
             started=started or now,
             heartbeat=now,
             token=self.token,
+            machine=machine_identity(),
         )
 
     def _write_new(self) -> bool:
@@ -128,7 +144,7 @@ class RunLock:
                 return True
         if self.owner and holder.owner == self.owner:
             return True  # an earlier attempt of this very run
-        if holder.host == socket.gethostname() and not _process_exists(holder.pid):
+        if holder.machine == machine_identity() and not _process_exists(holder.pid):
             return True
         return now - holder.heartbeat > self.stale_after_s
 

@@ -24,15 +24,25 @@ TIME_LIMIT = "time limit"
 TIME_LIMIT_MARGIN_S = 30.0
 
 
+# A second Ctrl-C this soon after the first is the same keypress relayed again (torchrun's and accelerate's
+# elastic agent forwards the terminal's SIGINT to workers that got it already), not a request to skip the save.
+REPEATED_SIGINT_S = 2.0
+
+
 class StopRequest:
     """Set by SIGTERM (preemption) or SIGINT (Ctrl-C); the trainer saves and exits at the next step boundary."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self._first_sigint = 0.0
 
     def handle(self, signum: int, frame: Any) -> None:
-        if self.signum == signal.SIGINT and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without waiting for the checkpoint
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            if time.monotonic() - self._first_sigint > REPEATED_SIGINT_S:
+                raise KeyboardInterrupt  # a second Ctrl-C: stop now, without waiting for the checkpoint
+            return
+        if signum == signal.SIGINT:
+            self._first_sigint = time.monotonic()
         self.signum = signum
 
 
