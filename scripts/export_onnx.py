@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from scripts.lib.cli import UserError, option, run_main
-from scripts.lib.images import IMAGE_EXTENSIONS, UnreadableImage, load_rgb
+from scripts.lib.decoding import UnreadableImage, load_rgb
+from scripts.lib.images import IMAGE_EXTENSIONS
 from scripts.lib.model_files import classifier_normalize, load_classifier
 from scripts.lib.onnx_export import (
     DEFAULT_OPSET,
@@ -41,10 +42,16 @@ SIDECAR_FORMAT = "tiny-cats-onnx-classifier"
 class ExportClassifierConfig:
     checkpoint: str = option("checkpoints/cats_model.safetensors", "classifier weights file to export")
     output: str = option("checkpoints/cats_model.onnx", "ONNX file to write (the JSON sidecar goes beside it)")
-    verify: bool = option(False, "onnx.checker + ONNX Runtime vs PyTorch on random inputs (fail above "
-                                 f"{PARITY_TOLERANCE:g}) + top-1 agreement on real images")
-    images: str | None = option(None, "folder searched recursively for images for the top-1 check; default: the "
-                                      "data_dir of the checkpoint's training config, when it exists")
+    verify: bool = option(
+        False,
+        "onnx.checker + ONNX Runtime vs PyTorch on random inputs (fail above "
+        f"{PARITY_TOLERANCE:g}) + top-1 agreement on real images",
+    )
+    images: str | None = option(
+        None,
+        "folder searched recursively for images for the top-1 check; default: the "
+        "data_dir of the checkpoint's training config, when it exists",
+    )
     max_images: int = option(64, "at most this many images for the top-1 check (spread over the folder)")
     opset: int = option(DEFAULT_OPSET, "ONNX opset; lower it for a runtime that lacks opset 23")
     seed: int = option(0, "seed of the random parity inputs")
@@ -54,14 +61,23 @@ def classifier_sidecar(metadata: dict[str, Any], onnx_name: str) -> dict[str, An
     """Everything a runtime needs besides the graph: inputs, classes and the exact preprocessing."""
     size = metadata["image_size"]
     return {
-        "format": SIDECAR_FORMAT, "kind": "classifier", "onnx": onnx_name, "backbone": metadata["backbone"],
+        "format": SIDECAR_FORMAT,
+        "kind": "classifier",
+        "onnx": onnx_name,
+        "backbone": metadata["backbone"],
         "inputs": {INPUT_NAME: {"shape": ["batch", 3, size, size], "dtype": "float32", "layout": "NCHW, RGB"}},
         "outputs": {OUTPUT_NAME: {"shape": ["batch", metadata["num_classes"]], "dtype": "float32"}},
-        "image_size": size, "num_classes": metadata["num_classes"], "class_names": metadata["class_names"],
-        "preprocessing": {"resize": f"shorter side to {size} (bicubic), centre crop {size}x{size}",
-                          "scale": "pixel / 255", "normalize": "(x - mean) / std per channel",
-                          **metadata["normalization"]},
-        "epoch": metadata.get("epoch"), "metrics": metadata.get("metrics"),
+        "image_size": size,
+        "num_classes": metadata["num_classes"],
+        "class_names": metadata["class_names"],
+        "preprocessing": {
+            "resize": f"shorter side to {size} (bicubic), centre crop {size}x{size}",
+            "scale": "pixel / 255",
+            "normalize": "(x - mean) / std per channel",
+            **metadata["normalization"],
+        },
+        "epoch": metadata.get("epoch"),
+        "metrics": metadata.get("metrics"),
     }
 
 
@@ -116,12 +132,15 @@ def check_top1_on_images(model: torch.nn.Module, session, images: torch.Tensor) 
     return agreement
 
 
-def verify_export(model: torch.nn.Module, metadata: dict[str, Any], path: Path,
-                  cfg: ExportClassifierConfig) -> dict[str, Any]:
+def verify_export(
+    model: torch.nn.Module, metadata: dict[str, Any], path: Path, cfg: ExportClassifierConfig
+) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(cfg.seed)
     size = metadata["image_size"]
-    batches = [{INPUT_NAME: classifier_normalize(torch.rand((n, 3, size, size), generator=generator), metadata)}
-               for n in PARITY_BATCH_SIZES]
+    batches = [
+        {INPUT_NAME: classifier_normalize(torch.rand((n, 3, size, size), generator=generator), metadata)}
+        for n in PARITY_BATCH_SIZES
+    ]
     session, worst = check_export("classifier", model, path, batches)
     result: dict[str, Any] = {"max_abs_diff": worst}
     folder = image_folder_for_check(cfg, metadata)
@@ -129,7 +148,8 @@ def verify_export(model: torch.nn.Module, metadata: dict[str, Any], path: Path,
         print("  top-1 on real images: skipped (no --images and the training data_dir is not here)")
         return result
     result["top1_agreement"] = check_top1_on_images(
-        model, session, load_normalized(find_images(folder, cfg.max_images), metadata))
+        model, session, load_normalized(find_images(folder, cfg.max_images), metadata)
+    )
     return result
 
 

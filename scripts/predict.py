@@ -19,7 +19,7 @@ import torch
 
 from scripts.lib.cli import UserError, option, run_main
 from scripts.lib.batches import to_unit_float
-from scripts.lib.images import UnreadableImage, load_rgb
+from scripts.lib.decoding import UnreadableImage, load_rgb
 from scripts.lib.model_files import classifier_normalize, load_classifier
 from scripts.lib.runtime import DEVICES, resolve_device_type
 
@@ -30,9 +30,7 @@ PREDICT_BATCH = 64
 @dataclass
 class PredictConfig:
     images: list[str] = option([], "image files to classify", positional=True)
-    checkpoint: str = option(
-        "checkpoints/cats_model.safetensors", "classifier weights file (.safetensors or .pt)"
-    )
+    checkpoint: str = option("checkpoints/cats_model.safetensors", "classifier weights file (.safetensors or .pt)")
     top_k: int = option(3, "how many of the most likely classes to print per image")
     device: str = option("auto", "where to run the model", choices=DEVICES)
 
@@ -71,9 +69,7 @@ def classify(
     k = min(top_k, len(class_names))
     results = []
     for start in range(0, len(arrays), PREDICT_BATCH):
-        batch = (
-            torch.from_numpy(np.stack(arrays[start : start + PREDICT_BATCH])).permute(0, 3, 1, 2).to(device)
-        )
+        batch = torch.from_numpy(np.stack(arrays[start : start + PREDICT_BATCH])).permute(0, 3, 1, 2).to(device)
         probabilities = model(classifier_normalize(to_unit_float(batch), metadata)).float().softmax(dim=1)
         values, indices = probabilities.topk(k, dim=1)
         results += [

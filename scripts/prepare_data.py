@@ -181,9 +181,7 @@ def import_folder(source: Path, out: Path, link: bool) -> dict[str, Counter[str]
 
 @dataclass
 class Config:
-    root: str = option(
-        "data/oxford-pets", "where Oxford-IIIT Pet is (or is downloaded to): ROOT/oxford-iiit-pet/"
-    )
+    root: str = option("data/oxford-pets", "where Oxford-IIIT Pet is (or is downloaded to): ROOT/oxford-iiit-pet/")
     out_dir: str = option("data", "output folder for the ImageFolder data sets")
     download: bool = option(True, "download Oxford-IIIT Pet with torchvision when it is not under --root")
     from_folder: str = option(
@@ -209,6 +207,4 @@ def main(cfg: Config) -> dict[str, Counter[str]]:
 
 
 if __name__ == "__main__":
-    run_main(
-        main, Config, "Prepare ImageFolder data sets from Oxford-IIIT Pet or any folder of class subfolders."
-    )
+    run_main(main, Config, "Prepare ImageFolder data sets from Oxford-IIIT Pet or any folder of class subfolders.")

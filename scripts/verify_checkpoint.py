@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from scripts.lib.checkpoints import load_weights
+from scripts.lib.weights import load_weights
 from scripts.lib.cli import UserError, option, run_main
 from scripts.lib.model_files import (
     DIT_KIND,
@@ -54,15 +54,21 @@ def checked_classes(num_classes: int) -> list[int]:
 
 @dataclass
 class VerifyConfig:
-    checkpoint: str = option("checkpoints/tinydit_final.safetensors",
-                             "weights file to check (.safetensors, or .pt with its .pt.json metadata)")
+    checkpoint: str = option(
+        "checkpoints/tinydit_final.safetensors",
+        "weights file to check (.safetensors, or .pt with its .pt.json metadata)",
+    )
     json: bool = option(False, "print the report as JSON instead of text")
     device: str = option("auto", "device for the forward pass and the sampling run", choices=DEVICES)
-    sample_out: str | None = option(None, "DiT only: PNG for the check samples (one row per class); "
-                                          "default <checkpoint stem>_verify.png next to the checkpoint")
+    sample_out: str | None = option(
+        None,
+        "DiT only: PNG for the check samples (one row per class); "
+        "default <checkpoint stem>_verify.png next to the checkpoint",
+    )
     sample_steps: int = option(8, "DiT only: sampler steps of the check samples (few: this is a smoke test)")
-    cfg_scale: float | None = option(None, "DiT only: guidance scale of the check samples; default: the "
-                                           f"training config's, else {DEFAULT_CFG_SCALE}")
+    cfg_scale: float | None = option(
+        None, f"DiT only: guidance scale of the check samples; default: the training config's, else {DEFAULT_CFG_SCALE}"
+    )
     seed: int = option(0, "seed of the random inputs and sampling noise")
 
 
@@ -108,29 +114,38 @@ def check_keys(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     problems = ([f"missing {len(missing)}: {_examples(missing)}"] if missing else []) + (
-        [f"unexpected {len(unexpected)}: {_examples(unexpected)}"] if unexpected else [])
+        [f"unexpected {len(unexpected)}: {_examples(unexpected)}"] if unexpected else []
+    )
     return Check("keys", not problems, "; ".join(problems) or f"all {len(expected)} tensors present, none extra")
 
 
 def check_shapes(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> Check:
-    wrong = [f"{name} {tuple(state[name].shape)} != {tuple(tensor.shape)}"
-             for name, tensor in expected.items() if name in state and state[name].shape != tensor.shape]
+    wrong = [
+        f"{name} {tuple(state[name].shape)} != {tuple(tensor.shape)}"
+        for name, tensor in expected.items()
+        if name in state and state[name].shape != tensor.shape
+    ]
     return Check("shapes", not wrong, f"mismatch: {_examples(wrong)}" if wrong else "every shape matches the model")
 
 
 def check_dtypes(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> Check:
     # A float tensor may be stored in another float precision (fp16/bf16 exports); integers must match exactly.
-    wrong = [f"{name} {state[name].dtype} (model: {tensor.dtype})" for name, tensor in expected.items()
-             if name in state and state[name].dtype != tensor.dtype
-             and not (state[name].is_floating_point() and tensor.is_floating_point())]
+    wrong = [
+        f"{name} {state[name].dtype} (model: {tensor.dtype})"
+        for name, tensor in expected.items()
+        if name in state
+        and state[name].dtype != tensor.dtype
+        and not (state[name].is_floating_point() and tensor.is_floating_point())
+    ]
     dtypes = sorted({str(tensor.dtype).removeprefix("torch.") for tensor in state.values()})
     return Check("dtypes", not wrong, f"wrong: {_examples(wrong)}" if wrong else f"dtypes {', '.join(dtypes)}")
 
 
 def check_finite(state: dict[str, torch.Tensor]) -> Check:
     bad = [name for name, tensor in state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
-    return Check("finite", not bad, f"NaN/inf in {len(bad)} tensors: {_examples(bad)}" if bad
-                 else "no NaN or inf in any tensor")
+    return Check(
+        "finite", not bad, f"NaN/inf in {len(bad)} tensors: {_examples(bad)}" if bad else "no NaN or inf in any tensor"
+    )
 
 
 def check_parameter_count(state: dict[str, torch.Tensor], model: nn.Module) -> tuple[Check, int]:
@@ -140,18 +155,27 @@ def check_parameter_count(state: dict[str, torch.Tensor], model: nn.Module) -> t
     return Check("parameters", found == expected, detail), found
 
 
-def check_trained(state: dict[str, torch.Tensor], fresh: dict[str, torch.Tensor], progress: int,
-                  progress_name: str) -> Check:
+def check_trained(
+    state: dict[str, torch.Tensor], fresh: dict[str, torch.Tensor], progress: int, progress_name: str
+) -> Check:
     """Training recorded AND no tensor that starts constant (zero-init layers, biases, norms) is still at init."""
-    constant_at_init = [name for name, tensor in fresh.items() if tensor.is_floating_point() and tensor.numel() > 1
-                        and bool((tensor == tensor.flatten()[0]).all())]
-    untouched = [name for name in constant_at_init if name in state
-                 and torch.equal(state[name].to(fresh[name].dtype), fresh[name])]
+    constant_at_init = [
+        name
+        for name, tensor in fresh.items()
+        if tensor.is_floating_point() and tensor.numel() > 1 and bool((tensor == tensor.flatten()[0]).all())
+    ]
+    untouched = [
+        name
+        for name in constant_at_init
+        if name in state and torch.equal(state[name].to(fresh[name].dtype), fresh[name])
+    ]
     untouched.sort(key=lambda name: fresh[name].dim() < 2)  # name weight matrices first: they tell the most
     problems = ([f"metadata records {progress_name} {progress}"] if progress <= 0 else []) + (
-        [f"{len(untouched)} tensors still at their initial value: {_examples(untouched)}"] if untouched else [])
-    detail = "; ".join(problems) or (f"{progress_name} {progress}; all {len(constant_at_init)} constant-initialised "
-                                     "tensors have moved")
+        [f"{len(untouched)} tensors still at their initial value: {_examples(untouched)}"] if untouched else []
+    )
+    detail = "; ".join(problems) or (
+        f"{progress_name} {progress}; all {len(constant_at_init)} constant-initialised tensors have moved"
+    )
     return Check("trained", not problems, detail)
 
 
@@ -166,36 +190,55 @@ def check_dit_forward(model: nn.Module, generator: torch.Generator, device: torc
     x = torch.randn(size, generator=generator)
     t = torch.linspace(0, 999, len(labels))
     out = model(x.to(device), t.to(device), labels.to(device)).float().cpu()
-    problems = ([f"output shape {tuple(out.shape)} != {size}"] if out.shape != size else []) + (
-        ["output has NaN/inf"] if not torch.isfinite(out).all() else []) + (
-        ["output is all zero (an untrained DiT)"] if not out.any() else [])
-    return Check("forward", not problems, "; ".join(problems) or f"output {tuple(out.shape)}, finite, "
-                 f"std {out.std().item():.3g}")
+    problems = (
+        ([f"output shape {tuple(out.shape)} != {size}"] if out.shape != size else [])
+        + (["output has NaN/inf"] if not torch.isfinite(out).all() else [])
+        + (["output is all zero (an untrained DiT)"] if not out.any() else [])
+    )
+    return Check(
+        "forward", not problems, "; ".join(problems) or f"output {tuple(out.shape)}, finite, std {out.std().item():.3g}"
+    )
 
 
 @torch.no_grad()
-def check_classifier_forward(model: nn.Module, metadata: dict[str, Any], generator: torch.Generator,
-                             device: torch.device) -> Check:
+def check_classifier_forward(
+    model: nn.Module, metadata: dict[str, Any], generator: torch.Generator, device: torch.device
+) -> Check:
     """Logits for a few random images: right shape, finite, and dependent on the input."""
     size = metadata["image_size"]
     images = torch.rand((4, 3, size, size), generator=generator)
     logits = model(classifier_normalize(images, metadata).to(device)).float().cpu()
     expected = (4, metadata["num_classes"])
-    problems = ([f"logits shape {tuple(logits.shape)} != {expected}"] if logits.shape != expected else []) + (
-        ["logits have NaN/inf"] if not torch.isfinite(logits).all() else []) + (
-        ["the same logits for different images"] if torch.equal(logits[0], logits[-1]) else [])
-    return Check("forward", not problems, "; ".join(problems) or f"logits {tuple(logits.shape)}, finite; "
-                 f"predicted classes {logits.argmax(1).tolist()}")
+    problems = (
+        ([f"logits shape {tuple(logits.shape)} != {expected}"] if logits.shape != expected else [])
+        + (["logits have NaN/inf"] if not torch.isfinite(logits).all() else [])
+        + (["the same logits for different images"] if torch.equal(logits[0], logits[-1]) else [])
+    )
+    return Check(
+        "forward",
+        not problems,
+        "; ".join(problems) or f"logits {tuple(logits.shape)}, finite; predicted classes {logits.argmax(1).tolist()}",
+    )
 
 
-def sample_check(model: nn.Module, metadata: dict[str, Any], cfg: VerifyConfig, out: Path,
-                 device: torch.device) -> Check:
+def sample_check(
+    model: nn.Module, metadata: dict[str, Any], cfg: VerifyConfig, out: Path, device: torch.device
+) -> Check:
     """A short guided sampling run, SAMPLES_PER_CLASS per checked class, saved as a grid with one row per class."""
     objective = build_objective_from_metadata(metadata)
     cfg_scale = guidance_scale(cfg.cfg_scale, metadata)
     labels = class_grid_labels(checked_classes(model.num_classes), SAMPLES_PER_CLASS, device)
-    images = sample_images(model, objective, labels, steps=cfg.sample_steps, cfg_scale=cfg_scale, sampler=None,
-                           seed=cfg.seed, image_size=model.image_size, in_channels=model.in_channels)
+    images = sample_images(
+        model,
+        objective,
+        labels,
+        steps=cfg.sample_steps,
+        cfg_scale=cfg_scale,
+        sampler=None,
+        seed=cfg.seed,
+        image_size=model.image_size,
+        in_channels=model.in_channels,
+    )
     if not torch.isfinite(images).all():
         return Check("sample", False, f"{cfg.sample_steps}-step sampling produced NaN/inf")
     save_grid(images, out, per_row=SAMPLES_PER_CLASS)
@@ -208,8 +251,10 @@ def sample_check(model: nn.Module, metadata: dict[str, Any], cfg: VerifyConfig, 
 def describe(metadata: dict[str, Any]) -> tuple[str, str]:
     """(model description, training progress) for the report header."""
     if metadata.get("kind") == DIT_KIND:
-        model = (f"TinyDiT {metadata.get('model')}, {metadata.get('image_size')} px, "
-                 f"{metadata.get('in_channels')} channels, objective {metadata.get('objective')}")
+        model = (
+            f"TinyDiT {metadata.get('model')}, {metadata.get('image_size')} px, "
+            f"{metadata.get('in_channels')} channels, objective {metadata.get('objective')}"
+        )
         return model, f"step {metadata.get('step')} ({metadata.get('weights', '?')} weights)"
     model = f"{metadata.get('backbone')} classifier, {metadata.get('image_size')} px"
     metrics = {k: v for k, v in (metadata.get("metrics") or {}).items() if k != "epoch"}
@@ -282,18 +327,23 @@ def verify(cfg: VerifyConfig) -> Report:
 def format_report(report: Report) -> str:
     size = f" ({report.file_bytes / 2**20:.2f} MiB)" if report.file_bytes is not None else ""
     lines = [f"checkpoint  {report.checkpoint}{size}"]
-    header = [("kind", report.kind), ("model", report.model),
-              ("parameters", f"{report.parameters:,}" if report.parameters is not None else None),
-              ("trained", report.trained_for),
-              ("classes", f"{len(report.classes)}: {_examples(report.classes, 20)}" if report.classes else None),
-              ("sample", report.sample)]
+    header = [
+        ("kind", report.kind),
+        ("model", report.model),
+        ("parameters", f"{report.parameters:,}" if report.parameters is not None else None),
+        ("trained", report.trained_for),
+        ("classes", f"{len(report.classes)}: {_examples(report.classes, 20)}" if report.classes else None),
+        ("sample", report.sample),
+    ]
     lines += [f"{name:<11} {value}" for name, value in header if value is not None]
     lines.append("checks")
     width = max(len(check.name) for check in report.checks)
     lines += [f"  {'PASS' if c.passed else 'FAIL'}  {c.name:<{width}}  {c.detail}" for c in report.checks]
     failed = [check for check in report.checks if not check.passed]
-    lines.append(f"result      {'PASSED' if not failed else 'FAILED'} "
-                 f"({len(report.checks) - len(failed)}/{len(report.checks)} checks passed)")
+    lines.append(
+        f"result      {'PASSED' if not failed else 'FAILED'} "
+        f"({len(report.checks) - len(failed)}/{len(report.checks)} checks passed)"
+    )
     return "\n".join(lines)
 
 

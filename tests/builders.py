@@ -28,9 +28,22 @@ def make_toy_data(root: Path) -> Path:
 
 def tiny_config(data_dir: Path, output_dir: Path, **overrides) -> TrainDiTConfig:
     """A few steps of T/4 at 16 px on the CPU; every interval small so all periodic paths run."""
-    settings = dict(data_dir=str(data_dir), output_dir=str(output_dir), model="T/4", image_size=16, steps=4,
-                    batch_size=4, lr=1e-3, warmup_steps=2, save_interval=2, sample_interval=1000, log_interval=1,
-                    sample_steps=2, device="cpu", mixed_precision="no")
+    settings = dict(
+        data_dir=str(data_dir),
+        output_dir=str(output_dir),
+        model="T/4",
+        image_size=16,
+        steps=4,
+        batch_size=4,
+        lr=1e-3,
+        warmup_steps=2,
+        save_interval=2,
+        sample_interval=1000,
+        log_interval=1,
+        sample_steps=2,
+        device="cpu",
+        mixed_precision="no",
+    )
     settings.update(overrides)
     return TrainDiTConfig(**settings)
 
@@ -57,9 +70,17 @@ def trained_dit(seed: int = 0) -> TinyDiT:
 
 
 def dit_test_metadata(*, objective: str = "flow", step: int = 100, class_names: list[str] = CLASS_NAMES) -> dict:
-    return dit_metadata({"cfg_scale": 2.0}, model_name=DIT_NAME, image_size=DIT_SIZE, in_channels=3,
-                        class_names=class_names, objective_name=objective, objective_options={}, step=step,
-                        weights="ema")
+    return dit_metadata(
+        {"cfg_scale": 2.0},
+        model_name=DIT_NAME,
+        image_size=DIT_SIZE,
+        in_channels=3,
+        class_names=class_names,
+        objective_name=objective,
+        objective_options={},
+        step=step,
+        weights="ema",
+    )
 
 
 def save_dit(path: Path, model: nn.Module | None = None, **metadata_options) -> Path:
@@ -73,8 +94,13 @@ def trained_classifier(seed: int = 0) -> nn.Module:
     return look_trained(build_classifier(CLASSIFIER_BACKBONE, len(CLASS_NAMES)), seed)
 
 
-def save_classifier(path: Path, model: nn.Module | None = None, *, epoch: int = 1,
-                    data_dir: str | None = None) -> Path:
-    metadata = classifier_metadata({"data_dir": data_dir}, backbone=CLASSIFIER_BACKBONE, image_size=CLASSIFIER_SIZE,
-                                   class_names=CLASS_NAMES, metrics={"val_accuracy": 0.5}, epoch=epoch)
+def save_classifier(path: Path, model: nn.Module | None = None, *, epoch: int = 1, data_dir: str | None = None) -> Path:
+    metadata = classifier_metadata(
+        {"data_dir": data_dir},
+        backbone=CLASSIFIER_BACKBONE,
+        image_size=CLASSIFIER_SIZE,
+        class_names=CLASS_NAMES,
+        metrics={"val_accuracy": 0.5},
+        epoch=epoch,
+    )
     return save_model(path, model if model is not None else trained_classifier(), metadata)

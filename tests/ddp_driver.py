@@ -72,8 +72,12 @@ def run(trainer: str, argv: list[str]) -> None:
 def dump(folder: Path, rank: int) -> None:
     tensors = {name: value.detach().cpu().contiguous() for name, value in recorded["model"].state_dict().items()}
     if "ema" in recorded:
-        tensors.update({f"ema.{name}": value.detach().cpu().contiguous()
-                        for name, value in recorded["ema"].model.state_dict().items()})
+        tensors.update(
+            {
+                f"ema.{name}": value.detach().cpu().contiguous()
+                for name, value in recorded["ema"].model.state_dict().items()
+            }
+        )
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / f"rank{rank}.safetensors"))
     (folder / f"rank{rank}.json").write_text(json.dumps({"local_losses": recorded["local_losses"]}))

@@ -11,10 +11,18 @@ import pytest
 import torch
 from safetensors import SafetensorError
 
-from scripts.lib import checkpoints
-from scripts.lib.checkpoints import (COMPLETE_MARKER, find_resume_state, flatten_state, list_complete_states,
-                                 load_training_state, load_weights, metadata_sidecar, prune_states,
-                                 save_training_state, save_weights, unflatten_state)
+from scripts.lib import checkpoints, weights
+from scripts.lib.checkpoints import (
+    COMPLETE_MARKER,
+    find_resume_state,
+    flatten_state,
+    list_complete_states,
+    load_training_state,
+    prune_states,
+    save_training_state,
+    unflatten_state,
+)
+from scripts.lib.weights import load_weights, metadata_sidecar, save_weights
 from scripts.lib.cli import UserError
 
 
@@ -93,9 +101,15 @@ def test_malicious_pickle_is_refused_and_never_run(tmp_path):
 
 
 def test_nested_state_round_trip_keeps_int_keys_tuples_and_scalars():
-    state = {"optimizer": {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.ones(2)}},
-                           "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.999), "params": [0], "fused": None}]},
-             "rng": torch.get_rng_state(), "step": 12, "name": "run"}
+    state = {
+        "optimizer": {
+            "state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.ones(2)}},
+            "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.999), "params": [0], "fused": None}],
+        },
+        "rng": torch.get_rng_state(),
+        "step": 12,
+        "name": "run",
+    }
     tensors, structure = flatten_state(state)
     restored = unflatten_state(tensors, json.loads(json.dumps(structure)))
     assert list(restored["optimizer"]["state"]) == [0]
@@ -173,6 +187,7 @@ def _renamed(folder, name):
 
 def _replaced(name, content):
     """A saved state whose file `name` now holds `content` (None: the file is deleted)."""
+
     def make(tmp_path):
         folder = _saved(tmp_path)
         if content is None:
@@ -182,6 +197,7 @@ def _replaced(name, content):
         else:
             (folder / name).write_text(content)
         return folder
+
     return make
 
 
@@ -199,24 +215,34 @@ DAMAGE = {
     "hand-made-empty-marker": (lambda tmp: _hand_made(tmp, ""), "marker names no step"),
     "hand-made-marker-only": (lambda tmp: _hand_made(tmp, "5\n"), "state.json is missing or unreadable"),
     "json-garbage": (_replaced("state.json", "{"), "state.json is not valid JSON"),
-    "json-100k-deep": (_replaced("state.json", '{"step": 5, "state": ' + "[" * 100_000 + "]" * 100_000 + "}"),
-                       "state.json is not valid JSON"),
+    "json-100k-deep": (
+        _replaced("state.json", '{"step": 5, "state": ' + "[" * 100_000 + "]" * 100_000 + "}"),
+        "state.json is not valid JSON",
+    ),
     "structure-too-deep": (lambda tmp: _set_structure(_saved(tmp), _nested_lists(200)), "nested deeper than"),
     "unknown-tag": (lambda tmp: _set_structure(_saved(tmp), {"__evil__": 1}), "unknown entry"),
-    "two-tags": (lambda tmp: _set_structure(_saved(tmp), {"__tensor__": "state.model.w", "__tuple__": []}),
-                 "unknown entry"),
-    "absent-tensor": (lambda tmp: _set_structure(_saved(tmp), {"__tensor__": "state.ghost"}),
-                      "refers to a tensor 'state.ghost' that state.safetensors does not hold"),
+    "two-tags": (
+        lambda tmp: _set_structure(_saved(tmp), {"__tensor__": "state.model.w", "__tuple__": []}),
+        "unknown entry",
+    ),
+    "absent-tensor": (
+        lambda tmp: _set_structure(_saved(tmp), {"__tensor__": "state.ghost"}),
+        "refers to a tensor 'state.ghost' that state.safetensors does not hold",
+    ),
     "malformed-dict": (lambda tmp: _set_structure(_saved(tmp), {"__dict__": [[1, 2, 3]]}), "malformed dict entry"),
     "dict-key-list": (lambda tmp: _set_structure(_saved(tmp), {"__dict__": [[[1], 2]]}), "malformed dict entry"),
     "not-a-dict": (lambda tmp: _set_structure(_saved(tmp), [1, 2]), "holds a list, not a state dict"),
-    "step-not-int": (lambda tmp: _set_structure(_saved(tmp), {"__dict__": []}, step="5"),
-                     "does not hold a step number"),
+    "step-not-int": (
+        lambda tmp: _set_structure(_saved(tmp), {"__dict__": []}, step="5"),
+        "does not hold a step number",
+    ),
     "step-vs-marker": (_replaced(COMPLETE_MARKER, "6\n"), "state.json says step 5, its marker step 6"),
     "step-vs-name": (lambda tmp: _renamed(_saved(tmp), "step_0000007"), "and its name step 7"),
     "tensors-missing": (_replaced("state.safetensors", None), "state.safetensors is missing or unreadable"),
-    "tensors-truncated": (_replaced("state.safetensors", b"\x10\x00\x00"),
-                          "state.safetensors is missing or unreadable"),
+    "tensors-truncated": (
+        _replaced("state.safetensors", b"\x10\x00\x00"),
+        "state.safetensors is missing or unreadable",
+    ),
 }
 
 
@@ -263,8 +289,14 @@ def test_an_unmarked_old_state_left_by_a_kill_mid_delete_is_removed_at_the_next_
     (tmp_path / "step_0000002.bak").mkdir()
     save_training_state(tmp_path, 4, {"step": 4})
     prune_states(tmp_path, keep=3)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes", "step_0000002", "step_0000002.bak",
-                                                          "step_0000003", "step_0000004", "step_old_runs"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "notes",
+        "step_0000002",
+        "step_0000002.bak",
+        "step_0000003",
+        "step_0000004",
+        "step_old_runs",
+    ]
 
 
 def test_prune_never_touches_a_state_being_written_now(tmp_path):
@@ -298,7 +330,7 @@ def _torch_fills_the_disk(obj, path, *args, **kwargs):
 @pytest.mark.parametrize("writer", [_fills_the_disk, _safetensors_fills_the_disk], ids=["oserror", "safetensors"])
 def test_weights_save_on_a_full_disk_keeps_the_previous_file(tmp_path, monkeypatch, writer):
     path = save_weights(tmp_path / "model.safetensors", _weights(), {"kind": "old"})
-    monkeypatch.setattr(checkpoints, "save_file", writer)
+    monkeypatch.setattr(weights, "save_file", writer)
     with pytest.raises(UserError) as refused:
         save_weights(path, _weights(), {"kind": "new"})
     message = str(refused.value)
@@ -327,14 +359,14 @@ def test_state_save_on_a_full_disk_keeps_the_previous_checkpoint(tmp_path, monke
 
 def test_a_marker_that_cannot_be_written_leaves_no_half_finished_state(tmp_path, monkeypatch):
     save_training_state(tmp_path, 1, {"w": torch.ones(2)})
-    real_write = checkpoints._write_text_atomic
+    real_write = checkpoints.write_text_atomic
 
     def marker_fails(path, text):
         if path.name == COMPLETE_MARKER:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real_write(path, text)
 
-    monkeypatch.setattr(checkpoints, "_write_text_atomic", marker_fails)
+    monkeypatch.setattr(checkpoints, "write_text_atomic", marker_fails)
     with pytest.raises(UserError, match="No space left on device"):
         save_training_state(tmp_path, 2, {"w": torch.zeros(2)})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_0000001"]
@@ -355,6 +387,7 @@ def read_only_folder(tmp_path, monkeypatch):
         raise SafetensorError("Error while serializing: I/O error: Permission denied (os error 13)")
 
     monkeypatch.setattr(checkpoints, "save_file", denied)
+    monkeypatch.setattr(weights, "save_file", denied)
     yield folder
 
 

@@ -7,8 +7,16 @@ import dataclasses
 import pytest
 
 from scripts import train, train_dit
-from scripts.lib.cli import (EXIT_USER_ERROR, UserError, build_parser, config_to_argv, option, parse_config,
-                             parse_duration, run_main)
+from scripts.lib.cli import (
+    EXIT_USER_ERROR,
+    UserError,
+    build_parser,
+    config_to_argv,
+    option,
+    parse_config,
+    parse_duration,
+    run_main,
+)
 
 
 @dataclasses.dataclass
@@ -24,8 +32,9 @@ class _Config:
 
 def test_defaults_and_kebab_case_flags():
     cfg = parse_config(_Config, ["data", "--batch-size", "8", "--class", "a", "b", "--compile", "--no-fused"], "")
-    assert cfg == _Config(data_dir="data", batch_size=8, mode="fast", compile=True, fused=False,
-                          classes=["a", "b"], scale=None)
+    assert cfg == _Config(
+        data_dir="data", batch_size=8, mode="fast", compile=True, fused=False, classes=["a", "b"], scale=None
+    )
     assert parse_config(_Config, ["data"], "").batch_size == 32
 
 
@@ -59,18 +68,30 @@ def test_user_error_becomes_one_line_and_exit_2(capsys):
 
 
 def test_config_to_argv_round_trips_every_field():
-    dit = dataclasses.replace(parse_config(train_dit.TrainDiTConfig, ["/data/cats"], ""), compile="on",
-                              lr=3e-4, model="B/2", run_name="dit-x", resume="never", ema_decay=0.999)
+    dit = dataclasses.replace(
+        parse_config(train_dit.TrainDiTConfig, ["/data/cats"], ""),
+        compile="on",
+        lr=3e-4,
+        model="B/2",
+        run_name="dit-x",
+        resume="never",
+        ema_decay=0.999,
+    )
     assert parse_config(train_dit.TrainDiTConfig, config_to_argv(dit), "") == dit
     classifier = dataclasses.replace(parse_config(train.TrainConfig, ["/data/cats"], ""), epochs=3)
-    flipped = {f.name: not getattr(classifier, f.name) for f in dataclasses.fields(classifier)
-               if isinstance(getattr(classifier, f.name), bool)}
+    flipped = {
+        f.name: not getattr(classifier, f.name)
+        for f in dataclasses.fields(classifier)
+        if isinstance(getattr(classifier, f.name), bool)
+    }
     classifier = dataclasses.replace(classifier, **flipped)  # both --x and --no-x spellings
     assert parse_config(train.TrainConfig, config_to_argv(classifier), "") == classifier
 
 
-@pytest.mark.parametrize("text, seconds", [("5400", 5400), ("2.5", 2.5), ("23h30m", 84600), ("90m", 5400),
-                                           ("45s", 45), ("1h30m15s", 5415), ("2h", 7200)])
+@pytest.mark.parametrize(
+    "text, seconds",
+    [("5400", 5400), ("2.5", 2.5), ("23h30m", 84600), ("90m", 5400), ("45s", 45), ("1h30m15s", 5415), ("2h", 7200)],
+)
 def test_durations_read_as_seconds(text, seconds):
     assert parse_duration(text) == seconds
 

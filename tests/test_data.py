@@ -21,8 +21,14 @@ RED, BLUE, GREEN = (220, 20, 20), (20, 20, 220), (20, 200, 20)
 
 # -------------------------------------------------------------------------------- helpers
 
-def save_image(path: Path, size: tuple[int, int] = (12, 10), color: tuple[int, ...] | int = RED,
-               mode: str = "RGB", fmt: str | None = None) -> Path:
+
+def save_image(
+    path: Path,
+    size: tuple[int, int] = (12, 10),
+    color: tuple[int, ...] | int = RED,
+    mode: str = "RGB",
+    fmt: str | None = None,
+) -> Path:
     """A one-colour image file at `path` (parents created)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new(mode, size, color).save(path, format=fmt)
@@ -62,6 +68,7 @@ def assert_all_close_to(array: np.ndarray, color: tuple[int, int, int], toleranc
 
 # -------------------------------------------------------------------------------- scanning
 
+
 def test_scan_lists_sorted_classes_and_images_and_skips_clutter(tmp_path):
     names = ("tabby/b.JPG", "tabby/a.png", "black/x.jpeg", ".ipynb_checkpoints/c.jpg", "__pycache__/d.jpg")
     for name in names:
@@ -73,16 +80,22 @@ def test_scan_lists_sorted_classes_and_images_and_skips_clutter(tmp_path):
 
     assert listing.class_names == ["black", "tabby"]
     assert [(p.relative_to(tmp_path).as_posix(), label) for p, label in listing.files] == [
-        ("black/x.jpeg", 0), ("tabby/a.png", 1), ("tabby/b.JPG", 1)]
+        ("black/x.jpeg", 0),
+        ("tabby/a.png", 1),
+        ("tabby/b.JPG", 1),
+    ]
 
 
-@pytest.mark.parametrize("case, expected", [
-    ("missing", "does not exist"),
-    ("file", "is a file"),
-    ("no_classes", "no class subfolders"),
-    ("empty_class", "class folder"),
-    ("only_non_images", "has no image files"),
-])
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("missing", "does not exist"),
+        ("file", "is a file"),
+        ("no_classes", "no class subfolders"),
+        ("empty_class", "class folder"),
+        ("only_non_images", "has no image files"),
+    ],
+)
 def test_scan_rejects_bad_layouts_with_actionable_message(tmp_path, case, expected):
     root = tmp_path / "cats"
     if case == "file":
@@ -110,13 +123,17 @@ def test_scan_rejects_bad_layouts_with_actionable_message(tmp_path, case, expect
 
 # -------------------------------------------------------------------------------- decoding
 
-@pytest.mark.parametrize("name, payload, reason", [
-    ("empty.jpg", b"", "empty"),
-    ("truncated.jpg", jpeg_bytes()[:200], "truncated"),
-    ("truncated.png", png_bytes()[:300], "truncated"),
-    ("text.jpg", b"just some text, renamed to look like a photo\n" * 5, "not an image"),
-    ("document.jpg", b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\n%%EOF\n", "not an image"),
-])
+
+@pytest.mark.parametrize(
+    "name, payload, reason",
+    [
+        ("empty.jpg", b"", "empty"),
+        ("truncated.jpg", jpeg_bytes()[:200], "truncated"),
+        ("truncated.png", png_bytes()[:300], "truncated"),
+        ("text.jpg", b"just some text, renamed to look like a photo\n" * 5, "not an image"),
+        ("document.jpg", b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\n%%EOF\n", "not an image"),
+    ],
+)
 def test_load_rgb_raises_unreadable_image_for_broken_files(tmp_path, name, payload, reason):
     path = write_bytes(tmp_path / name, payload)
     with pytest.raises(image_files.UnreadableImage, match=reason) as error:
@@ -143,15 +160,18 @@ def test_load_rgb_resizes_shorter_side_and_crops_the_centre(tmp_path):
     assert_all_close_to(out[2:-2], RED, tolerance=2)  # the edge rows blend in a little green, as resize would
 
 
-@pytest.mark.parametrize("mode, color, fmt, expected", [
-    ("L", 100, "PNG", (100, 100, 100)),
-    ("1", 1, "PNG", (255, 255, 255)),
-    ("RGBA", (0, 0, 0, 0), "PNG", (255, 255, 255)),  # fully transparent black -> white, not black
-    ("LA", (0, 0), "PNG", (255, 255, 255)),
-    ("CMYK", (0, 255, 255, 0), "JPEG", (255, 0, 0)),
-    ("CMYK", (0, 255, 255, 0), "TIFF", (255, 0, 0)),
-    ("F", 60.0, "TIFF", (60, 60, 60)),
-])
+@pytest.mark.parametrize(
+    "mode, color, fmt, expected",
+    [
+        ("L", 100, "PNG", (100, 100, 100)),
+        ("1", 1, "PNG", (255, 255, 255)),
+        ("RGBA", (0, 0, 0, 0), "PNG", (255, 255, 255)),  # fully transparent black -> white, not black
+        ("LA", (0, 0), "PNG", (255, 255, 255)),
+        ("CMYK", (0, 255, 255, 0), "JPEG", (255, 0, 0)),
+        ("CMYK", (0, 255, 255, 0), "TIFF", (255, 0, 0)),
+        ("F", 60.0, "TIFF", (60, 60, 60)),
+    ],
+)
 def test_load_rgb_converts_colour_modes_to_rgb(tmp_path, mode, color, fmt, expected):
     path = save_image(tmp_path / f"image.{fmt.lower()}", size=(8, 8), color=color, mode=mode, fmt=fmt)
     assert_all_close_to(image_files.load_rgb(path, 4), expected, tolerance=3)
@@ -190,6 +210,7 @@ def test_load_rgb_applies_exif_orientation(tmp_path):
 
 
 # -------------------------------------------------------------------------------- the cache
+
 
 def test_cache_holds_decoded_images_labels_and_class_names(tmp_path):
     root = make_image_folder(tmp_path / "cats", {"black": 2, "tabby": 3})
@@ -308,14 +329,17 @@ def test_cache_falls_back_to_user_cache_when_data_folder_cannot_hold_it(tmp_path
     assert image_files.load_or_build_cache(root, 6, show_progress=False).path == cache.path
 
 
-@pytest.mark.parametrize("files, cores, available, expected", [
-    (10, 16, 10**12, 1),  # a small build decodes in the calling thread
-    (1000, 16, 10**12, image_files.MAX_DECODE_WORKERS),
-    (1000, 2, 10**12, 2),  # no more threads than cores
-    (1000, 16, 6 * image_files.WORST_DECODE_BYTES, 3),  # half the available memory at the worst case per decode
-    (1000, 16, image_files.WORST_DECODE_BYTES, 1),  # always at least one
-    (1000, 16, None, 2),  # memory unknown
-])
+@pytest.mark.parametrize(
+    "files, cores, available, expected",
+    [
+        (10, 16, 10**12, 1),  # a small build decodes in the calling thread
+        (1000, 16, 10**12, image_files.MAX_DECODE_WORKERS),
+        (1000, 2, 10**12, 2),  # no more threads than cores
+        (1000, 16, 6 * image_files.WORST_DECODE_BYTES, 3),  # half the available memory at the worst case per decode
+        (1000, 16, image_files.WORST_DECODE_BYTES, 1),  # always at least one
+        (1000, 16, None, 2),  # memory unknown
+    ],
+)
 def test_decoder_threads_are_bounded_by_cores_and_memory(monkeypatch, files, cores, available, expected):
     monkeypatch.setattr(image_files.os, "cpu_count", lambda: cores)
     assert image_files.decode_workers(files, available) == expected
@@ -334,6 +358,7 @@ def test_parallel_build_matches_single_image_decoding(tmp_path):
 
 
 # -------------------------------------------------------------------------------- splits
+
 
 def test_stratified_split_covers_every_class_and_is_deterministic():
     labels = np.array([0] * 10 + [1] * 2 + [2] * 1 + [3] * 5)
@@ -359,6 +384,7 @@ def test_stratified_split_without_validation_and_bad_fraction():
 
 # -------------------------------------------------------------------------------- batch order
 
+
 def test_batches_are_a_pure_function_of_seed_and_step():
     first = batches.global_batch_indices(50, 8, step=3, seed=1)
     np.testing.assert_array_equal(first, batches.global_batch_indices(50, 8, step=3, seed=1))
@@ -373,7 +399,7 @@ def test_every_item_appears_once_per_epoch(num_items, batch):
     stream = np.concatenate([batches.global_batch_indices(num_items, batch, s, seed=7) for s in range(steps)])
 
     for epoch in range(epochs):
-        chunk = stream[epoch * num_items:(epoch + 1) * num_items]
+        chunk = stream[epoch * num_items : (epoch + 1) * num_items]
         np.testing.assert_array_equal(chunk, np.random.default_rng([7, epoch]).permutation(num_items))
 
 
@@ -397,6 +423,7 @@ def test_shards_are_disjoint_and_make_up_the_global_batch():
 
 
 # -------------------------------------------------------------------------------- augmentation
+
 
 def random_uint8_batch(batch: int = 6, size: int = 8, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
@@ -447,6 +474,7 @@ def test_crop_stage_with_full_crop_is_identity_and_flips_exactly():
 
 def test_colour_jitter_matches_torchvision_per_sample():
     from torchvision.transforms.v2 import functional  # the reference; imported here as it is slow to load
+
     images = torch.randint(70, 180, (4, 3, 8, 8), dtype=torch.uint8)  # mid-range: no clipping in between
     params = batches.draw_augmentation("full", 4, 8, batches.step_generator(3, 1))
     params.crops = False
@@ -465,8 +493,9 @@ def test_level_none_leaves_images_as_they_are():
     images = random_uint8_batch(batch=32)
     params = batches.draw_augmentation("none", 32, 8, batches.step_generator(1, 2))
     assert not params.flip.any()
-    torch.testing.assert_close(batches.apply_augmentation(images, params), batches.to_unit_float(images),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        batches.apply_augmentation(images, params), batches.to_unit_float(images), rtol=0, atol=0
+    )
 
 
 def test_basic_level_only_flips():
@@ -521,8 +550,10 @@ def test_two_ranks_see_exactly_the_samples_of_one_process():
 
     source = batches.ImageSource(cache, "cpu")
     whole, whole_labels = batches.training_batch(source, 8, step=4, seed=9, level="full", pool=pool)
-    parts = [batches.training_batch(source, 8, step=4, seed=9, level="full", rank=rank, world_size=2, pool=pool)
-             for rank in range(2)]
+    parts = [
+        batches.training_batch(source, 8, step=4, seed=9, level="full", rank=rank, world_size=2, pool=pool)
+        for rank in range(2)
+    ]
 
     torch.testing.assert_close(torch.cat([p[0] for p in parts]), whole, rtol=0, atol=0)
     torch.testing.assert_close(torch.cat([p[1] for p in parts]), whole_labels, rtol=0, atol=0)

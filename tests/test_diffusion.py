@@ -123,8 +123,9 @@ def test_same_seed_same_draws_and_samples(name):
         t, noise = objective.draw_training_noise((4, 1, 2, 2), generator, "cpu")
         sampler = objective.samplers[-1]  # the stochastic one for ddpm
         model = OptimalGaussianModel(objective)
-        return t, objective.sample(model, noise, torch.tensor([0, 1, 0, 1]), steps=5, cfg_scale=1.0,
-                                   sampler=sampler, generator=generator)
+        return t, objective.sample(
+            model, noise, torch.tensor([0, 1, 0, 1]), steps=5, cfg_scale=1.0, sampler=sampler, generator=generator
+        )
 
     t1, x1 = draw_and_sample(3)
     t2, x2 = draw_and_sample(3)
@@ -136,15 +137,18 @@ def test_same_seed_same_draws_and_samples(name):
 # --- samplers with the analytically optimal model --------------------------------------------------
 
 
-@pytest.mark.parametrize(("objective", "sampler", "steps"), [
-    (FlowMatching(), "euler", 50),
-    (FlowMatching(), "heun", 10),
-    # DDIM/DDPM under-resolve the low-noise end with few steps (std 0.27 at 50 steps, converging to 0.3).
-    (DDPM("linear"), "ddim", 200),
-    (DDPM("cosine"), "ddim", 200),
-    (DDPM("linear"), "ddpm", 1000),
-    (DDPM("cosine", eta=0.5), "ddim", 500),
-])
+@pytest.mark.parametrize(
+    ("objective", "sampler", "steps"),
+    [
+        (FlowMatching(), "euler", 50),
+        (FlowMatching(), "heun", 10),
+        # DDIM/DDPM under-resolve the low-noise end with few steps (std 0.27 at 50 steps, converging to 0.3).
+        (DDPM("linear"), "ddim", 200),
+        (DDPM("cosine"), "ddim", 200),
+        (DDPM("linear"), "ddpm", 1000),
+        (DDPM("cosine", eta=0.5), "ddim", 500),
+    ],
+)
 def test_samplers_reproduce_the_data_distribution(objective, sampler, steps):
     _, samples = sample_classes(objective, steps, sampler)
     for cls, mean in enumerate(CLASS_MEANS):
@@ -250,8 +254,10 @@ def test_tiny_model_overfits_one_batch(name):
     assert losses[-1] < losses[0] / 10
 
 
-@pytest.mark.parametrize("name, options", [("flow", {"time_sampling": "uniform"}),
-                                           ("ddpm", {"schedule": "cosine", "num_timesteps": 500, "eta": 0.5})])
+@pytest.mark.parametrize(
+    "name, options",
+    [("flow", {"time_sampling": "uniform"}), ("ddpm", {"schedule": "cosine", "num_timesteps": 500, "eta": 0.5})],
+)
 def test_options_rebuild_the_same_objective(name, options):
     objective = build_objective(name, **options)
     assert objective.options() == options

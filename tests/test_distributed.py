@@ -24,7 +24,8 @@ from safetensors.torch import load_file
 from builders import make_toy_data
 
 from scripts import train, train_dit
-from scripts.lib.checkpoints import list_complete_states, load_weights
+from scripts.lib.checkpoints import list_complete_states
+from scripts.lib.weights import load_weights
 from scripts.lib.cli import parse_config
 from scripts.lib.batches import stratified_split
 from scripts.lib.images import load_or_build_cache
@@ -68,9 +69,22 @@ def accelerate_launch(config_file: Path | None = None) -> list[str]:
     # --multi_gpu with Accelerator(cpu=True) in the trainers gives 2 gloo processes (--cpu would start one).
     # A config file supplies the same settings; the flags after it override its GPU count and precision.
     settings = ["--config_file", str(config_file)] if config_file else ["--multi_gpu"]
-    return [sys.executable, "-m", "accelerate.commands.launch", *settings, "--num_processes", "2",
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(free_port())]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        *settings,
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+    ]
 
 
 def torchrun() -> list[str]:
@@ -79,19 +93,53 @@ def torchrun() -> list[str]:
 
 
 def dit_flags(data: Path, output_dir: Path, run_name: str, **overrides: object) -> list[str]:
-    settings = {"model": "T/4", "image-size": IMAGE_SIZE, "steps": STEPS, "batch-size": BATCH, "lr": LR,
-                "warmup-steps": WARMUP, "save-interval": CHECKPOINT_STEP, "sample-interval": 1000,
-                "sample-steps": 2, "log-interval": 1, "device": "cpu", "mixed-precision": "no",
-                "output-dir": output_dir, "run-name": run_name}
+    settings = {
+        "model": "T/4",
+        "image-size": IMAGE_SIZE,
+        "steps": STEPS,
+        "batch-size": BATCH,
+        "lr": LR,
+        "warmup-steps": WARMUP,
+        "save-interval": CHECKPOINT_STEP,
+        "sample-interval": 1000,
+        "sample-steps": 2,
+        "log-interval": 1,
+        "device": "cpu",
+        "mixed-precision": "no",
+        "output-dir": output_dir,
+        "run-name": run_name,
+    }
     settings.update(overrides)
     return [str(data)] + [token for name, value in settings.items() for token in (f"--{name}", str(value))]
 
 
 def classifier_flags(data: Path, output_dir: Path) -> list[str]:
-    return [str(data), "--no-pretrained", "--backbone", "resnet18", "--epochs", str(CLASSIFIER_EPOCHS),
-            "--batch-size", str(BATCH), "--lr", str(LR), "--image-size", str(IMAGE_SIZE), "--val-split", "0.25",
-            "--device", "cpu", "--mixed-precision", "no", "--output-dir", str(output_dir), "--run-name", "classifier",
-            "--output", str(output_dir / "cats_model.safetensors")]
+    return [
+        str(data),
+        "--no-pretrained",
+        "--backbone",
+        "resnet18",
+        "--epochs",
+        str(CLASSIFIER_EPOCHS),
+        "--batch-size",
+        str(BATCH),
+        "--lr",
+        str(LR),
+        "--image-size",
+        str(IMAGE_SIZE),
+        "--val-split",
+        "0.25",
+        "--device",
+        "cpu",
+        "--mixed-precision",
+        "no",
+        "--output-dir",
+        str(output_dir),
+        "--run-name",
+        "classifier",
+        "--output",
+        str(output_dir / "cats_model.safetensors"),
+    ]
 
 
 @dataclass
@@ -129,8 +177,9 @@ def start(launcher: list[str], script: Path, args: list[str], out: Path, run_nam
     command = [*launcher, str(script)] + ([str(dump_dir)] if script == DRIVER else []) + args
     # One thread per process: two processes share two cores, and fixed reduction orders keep ranks bitwise equal.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(command, env=env, cwd=PROJECT_ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        command, env=env, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     return Launch(process, out / run_name, dump_dir)
 
 
@@ -147,14 +196,21 @@ def launches(toy_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("launches")
     eight_gpu_config = ACCELERATE_CONFIGS / "multi_gpu_8.yaml"  # the shipped file, cut down to 2 processes
     # Batch 2 x 2 accumulation steps: the same 4 samples per optimizer step as the reference, through no_sync.
-    accumulation = dit_flags(toy_data, out, "accumulation", **{"batch-size": BATCH // 2,
-                                                              "gradient-accumulation-steps": 2})
+    accumulation = dit_flags(
+        toy_data, out, "accumulation", **{"batch-size": BATCH // 2, "gradient-accumulation-steps": 2}
+    )
     jobs = {
-        "dit": start(accelerate_launch(eight_gpu_config), DRIVER, ["dit", *dit_flags(toy_data, out, "dit")], out,
-                     "dit"),
+        "dit": start(
+            accelerate_launch(eight_gpu_config), DRIVER, ["dit", *dit_flags(toy_data, out, "dit")], out, "dit"
+        ),
         "accumulation": start(torchrun(), DRIVER, ["dit", *accumulation], out, "accumulation"),
-        "uneven": start(accelerate_launch(), PROJECT_ROOT / "scripts" / "train_dit.py",
-                        dit_flags(toy_data, out, "uneven", **{"batch-size": 5}), out, "uneven"),
+        "uneven": start(
+            accelerate_launch(),
+            PROJECT_ROOT / "scripts" / "train_dit.py",
+            dit_flags(toy_data, out, "uneven", **{"batch-size": 5}),
+            out,
+            "uneven",
+        ),
         "classifier": start(torchrun(), DRIVER, ["classifier", *classifier_flags(toy_data, out)], out, "classifier"),
     }
     yield jobs
@@ -170,8 +226,11 @@ def reference(launches, toy_data, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("reference")
     cfg = parse_config(train_dit.TrainDiTConfig, dit_flags(toy_data, out, "reference"), "")
     summary = train_dit.main(cfg)
-    return {"raw": load_weights(summary["final_raw"])[0], "ema": load_weights(summary["final"])[0],
-            "metrics": [json.loads(line) for line in (summary["run_dir"] / "metrics.jsonl").read_text().splitlines()]}
+    return {
+        "raw": load_weights(summary["final_raw"])[0],
+        "ema": load_weights(summary["final"])[0],
+        "metrics": [json.loads(line) for line in (summary["run_dir"] / "metrics.jsonl").read_text().splitlines()],
+    }
 
 
 def split_ema(dump: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -244,16 +303,18 @@ def test_only_the_main_process_writes_the_run_files(launches):
 
 def test_a_two_process_checkpoint_resumes_on_one_process(launches, reference, toy_data, tmp_path):
     state = launches["dit"].succeeded().run_dir / "state" / f"step_{CHECKPOINT_STEP:07d}"
-    cfg = parse_config(train_dit.TrainDiTConfig,
-                                 dit_flags(toy_data, tmp_path, "resumed", resume=state), "")
+    cfg = parse_config(train_dit.TrainDiTConfig, dit_flags(toy_data, tmp_path, "resumed", resume=state), "")
     summary = train_dit.main(cfg)
     assert summary["step"] == STEPS
     assert_close(load_weights(summary["final_raw"])[0], reference["raw"])
     assert_close(load_weights(summary["final"])[0], reference["ema"])
     resumed = [json.loads(line) for line in (summary["run_dir"] / "metrics.jsonl").read_text().splitlines()]
     assert [record["step"] for record in resumed] == list(range(CHECKPOINT_STEP + 1, STEPS + 1))
-    np.testing.assert_allclose([record["loss"] for record in resumed],
-                               [record["loss"] for record in reference["metrics"][CHECKPOINT_STEP:]], rtol=1e-5)
+    np.testing.assert_allclose(
+        [record["loss"] for record in resumed],
+        [record["loss"] for record in reference["metrics"][CHECKPOINT_STEP:]],
+        rtol=1e-5,
+    )
 
 
 def test_a_batch_that_does_not_split_over_the_processes_fails_clearly(launches):
@@ -303,10 +364,15 @@ def test_classifier_validation_figures_are_those_of_the_saved_model(launches, to
 # ---------------------------------------------------------------------------------------------------------
 # The accelerate config files of the README
 # ---------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize(("name", "distributed_type", "processes", "machines"), [
-    ("single_gpu_bf16", "NO", 1, 1), ("multi_gpu_8", "MULTI_GPU", 8, 1), ("two_nodes", "MULTI_GPU", 16, 2)])
+@pytest.mark.parametrize(
+    ("name", "distributed_type", "processes", "machines"),
+    [("single_gpu_bf16", "NO", 1, 1), ("multi_gpu_8", "MULTI_GPU", 8, 1), ("two_nodes", "MULTI_GPU", 16, 2)],
+)
 def test_accelerate_config_files_load_with_the_documented_setup(name, distributed_type, processes, machines):
     config = load_config_from_file(str(ACCELERATE_CONFIGS / f"{name}.yaml"))  # unknown keys raise here
-    assert (config.distributed_type, config.num_processes, config.num_machines) == (distributed_type, processes,
-                                                                                     machines)
+    assert (config.distributed_type, config.num_processes, config.num_machines) == (
+        distributed_type,
+        processes,
+        machines,
+    )
     assert config.mixed_precision == "bf16" and not config.use_cpu

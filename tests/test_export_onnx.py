@@ -42,8 +42,16 @@ def flow_export(tmp_path_factory) -> tuple[dict, Path]:
     """A flow-objective DiT exported with --verify --test: (summary, checkpoint path)."""
     folder = tmp_path_factory.mktemp("flow")
     checkpoint = save_dit(folder / "tinydit_final.safetensors", objective="flow")
-    summary = export_dit(ExportDiTConfig(checkpoint=str(checkpoint), output=str(folder / "tinydit.onnx"),
-                                         verify=True, test=True, steps=STEPS, test_per_class=1))
+    summary = export_dit(
+        ExportDiTConfig(
+            checkpoint=str(checkpoint),
+            output=str(folder / "tinydit.onnx"),
+            verify=True,
+            test=True,
+            steps=STEPS,
+            test_per_class=1,
+        )
+    )
     return summary, checkpoint
 
 
@@ -88,8 +96,15 @@ def test_heun_sampling_from_the_sidecar_matches_pytorch(flow_export):
     noise = torch.randn((2, 3, 16, 16), generator=torch.Generator().manual_seed(3))
     labels = torch.tensor([2, 0])
     expected = objective.sample(model, noise, labels, steps=2, cfg_scale=3.0, sampler="heun").numpy()
-    actual = onnx_sample(make_ort_session(summary["onnx"]), read_sidecar(summary["onnx"]), noise.numpy(),
-                         labels.numpy(), steps=2, cfg_scale=3.0, sampler="heun")
+    actual = onnx_sample(
+        make_ort_session(summary["onnx"]),
+        read_sidecar(summary["onnx"]),
+        noise.numpy(),
+        labels.numpy(),
+        steps=2,
+        cfg_scale=3.0,
+        sampler="heun",
+    )
     assert np.abs(actual - expected).max() <= 1e-4
 
 
@@ -108,8 +123,16 @@ def test_sampling_check_fails_when_the_sidecar_is_wrong(flow_export, tmp_path):
 
 def test_ddpm_export_with_ddim_sampling_and_int8_copy(tmp_path):
     checkpoint = save_dit(tmp_path / "ddpm.safetensors", objective="ddpm")
-    summary = export_dit(ExportDiTConfig(checkpoint=str(checkpoint), output=str(tmp_path / "ddpm.onnx"), test=True,
-                                         quantize=True, steps=STEPS, test_per_class=1))
+    summary = export_dit(
+        ExportDiTConfig(
+            checkpoint=str(checkpoint),
+            output=str(tmp_path / "ddpm.onnx"),
+            test=True,
+            quantize=True,
+            steps=STEPS,
+            test_per_class=1,
+        )
+    )
     sidecar = read_sidecar(summary["onnx"])
     objective = build_objective_from_metadata(dit_test_metadata(objective="ddpm"))
     assert sidecar["objective"]["alphas_cumprod"] == objective.alphas_cumprod.tolist()
@@ -123,8 +146,7 @@ def test_missing_checkpoint_exports_nothing(tmp_path):
     with pytest.raises(UserError, match="checkpoint not found"):
         export_dit(ExportDiTConfig(checkpoint=str(tmp_path / "none.safetensors"), output=str(output)))
     with pytest.raises(UserError, match="checkpoint not found"):
-        export_classifier(ExportClassifierConfig(checkpoint=str(tmp_path / "none.safetensors"),
-                                                 output=str(output)))
+        export_classifier(ExportClassifierConfig(checkpoint=str(tmp_path / "none.safetensors"), output=str(output)))
     assert not output.exists() and not output.with_suffix(".json").exists()
 
 
@@ -132,8 +154,9 @@ def test_classifier_export_matches_pytorch_and_agrees_on_real_images(tmp_path):
     data_dir = tmp_path / "cats"
     generate_toy_cats(data_dir, per_class=2, size=40, seed=0, classes=["black", "white", "calico"])
     checkpoint = save_classifier(tmp_path / "cats_model.safetensors", data_dir=str(data_dir))
-    summary = export_classifier(ExportClassifierConfig(checkpoint=str(checkpoint),
-                                                       output=str(tmp_path / "cats_model.onnx"), verify=True))
+    summary = export_classifier(
+        ExportClassifierConfig(checkpoint=str(checkpoint), output=str(tmp_path / "cats_model.onnx"), verify=True)
+    )
     assert summary["max_abs_diff"] <= PARITY_TOLERANCE
     assert summary["top1_agreement"] == 1.0  # found the images through the checkpoint's training data_dir
     sidecar = json.loads(Path(summary["sidecar"]).read_text())
@@ -180,8 +203,7 @@ class _AttentionOnHeads(torch.nn.Module):
 
 def test_attention_rewrite_leaves_other_layouts_alone(tmp_path):
     q, k, v = torch.randn(3, 2, 4, 5, 8).unbind(0)  # head-major inputs: no fused qkv projection to read from
-    program = torch.onnx.export(_AttentionOnHeads(), (q, k, v), dynamo=True, opset_version=DEFAULT_OPSET,
-                                verbose=False)
+    program = torch.onnx.export(_AttentionOnHeads(), (q, k, v), dynamo=True, opset_version=DEFAULT_OPSET, verbose=False)
     assert attention_on_tokens(program.model) == 0
     path = tmp_path / "attention.onnx"
     program.save(str(path))
@@ -192,8 +214,9 @@ def test_attention_rewrite_leaves_other_layouts_alone(tmp_path):
 def test_older_opset_exports_attention_as_plain_ops_with_parity(tmp_path):
     model = trained_dit(seed=2)
     inputs = random_inputs(model, 3, torch.Generator().manual_seed(0))
-    path = export_with_dynamic_batch(model, tuple(inputs.values()), list(inputs), "out", tmp_path / "dit20.onnx",
-                                     opset=20)
+    path = export_with_dynamic_batch(
+        model, tuple(inputs.values()), list(inputs), "out", tmp_path / "dit20.onnx", opset=20
+    )
     assert not any(node.op_type == "Attention" for node in onnx.load(str(path)).graph.node)
     diffs = parity_with_torch(model, make_ort_session(path, threads=1), [inputs])
     assert require_parity("denoiser", diffs, PARITY_TOLERANCE, log=lambda _: None) <= PARITY_TOLERANCE

@@ -41,8 +41,13 @@ glibc_only = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="tunes
 
 
 def heap_statistics(mode: str) -> dict[str, int]:
-    result = subprocess.run([sys.executable, "-c", HEAP_STATISTICS_AROUND_ONE_TENSOR, mode], capture_output=True,
-                            text=True, check=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", HEAP_STATISTICS_AROUND_ONE_TENSOR, mode],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
     return json.loads(result.stdout)
 
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from scripts import export_dit_onnx, export_onnx, predict, sample, verify_checkpoint
 from scripts.lib import checkpoints
-from scripts.lib.checkpoints import load_weights, save_weights
+from scripts.lib.weights import load_weights, save_weights
 from scripts.lib.cli import EXIT_USER_ERROR, UserError, run_main
 from scripts.lib.model_files import (
     MAX_CLASSES,
@@ -58,9 +58,14 @@ def ddpm_base(**changes: Any) -> dict[str, Any]:
 
 
 def classifier_base(**changes: Any) -> dict[str, Any]:
-    metadata = classifier_metadata({"data_dir": "data/cats", "seed": 0, "val_split": 0.1},
-                                   backbone="mobilenet_v3_small", image_size=32, class_names=["black", "white"],
-                                   metrics={"val_acc": 0.5, "val_loss": 0.7}, epoch=3)
+    metadata = classifier_metadata(
+        {"data_dir": "data/cats", "seed": 0, "val_split": 0.1},
+        backbone="mobilenet_v3_small",
+        image_size=32,
+        class_names=["black", "white"],
+        metrics={"val_acc": 0.5, "val_loss": 0.7},
+        epoch=3,
+    )
     return _changed(metadata, changes)
 
 
@@ -103,8 +108,11 @@ DIT_CASES = [
     ("options-unknown-key", dit_base(objective_options={"steps": 3}), "objective_options.steps"),
     ("flow-time-sampling", dit_base(objective_options={"time_sampling": "evil"}), "objective_options.time_sampling"),
     ("ddpm-timesteps-1e9", ddpm_base(objective_options={"num_timesteps": 10**9}), "objective_options.num_timesteps"),
-    ("ddpm-timesteps-bound", ddpm_base(objective_options={"num_timesteps": MAX_TIMESTEPS + 1}),
-     "objective_options.num_timesteps"),
+    (
+        "ddpm-timesteps-bound",
+        ddpm_base(objective_options={"num_timesteps": MAX_TIMESTEPS + 1}),
+        "objective_options.num_timesteps",
+    ),
     ("ddpm-timesteps-1", ddpm_base(objective_options={"num_timesteps": 1}), "objective_options.num_timesteps"),
     ("ddpm-eta-2", ddpm_base(objective_options={"eta": 2.0}), "objective_options.eta"),
     ("ddpm-eta-nan", ddpm_base(objective_options={"eta": math.nan}), "objective_options.eta"),
@@ -132,8 +140,11 @@ CLASSIFIER_CASES = [
     ("size-string", classifier_base(image_size="32"), "image_size"),
     ("std-0", classifier_base(normalization={"mean": [0.5] * 3, "std": [0.2, 0.0, 0.2]}), "normalization.std[1]"),
     ("std-2-values", classifier_base(normalization={"mean": [0.5] * 3, "std": [0.2, 0.2]}), "normalization.std"),
-    ("mean-inf", classifier_base(normalization={"mean": [0.5, math.inf, 0.5], "std": [0.2] * 3}),
-     "normalization.mean[1]"),
+    (
+        "mean-inf",
+        classifier_base(normalization={"mean": [0.5, math.inf, 0.5], "std": [0.2] * 3}),
+        "normalization.mean[1]",
+    ),
     ("mean-string", classifier_base(normalization={"mean": "imagenet", "std": [0.2] * 3}), "normalization.mean"),
     ("normalization-missing", classifier_base(normalization=DELETE), "normalization (missing)"),
     ("metrics-string", classifier_base(metrics="great"), "metrics"),
@@ -173,12 +184,21 @@ def run_command(main, config_cls, argv: list[str], capsys) -> str:
 
 def dit_commands(path: Path, tmp_path: Path):
     return {
-        "verify": (verify_checkpoint.main, verify_checkpoint.VerifyConfig, ["--checkpoint", str(path), "--device",
-                                                                             "cpu"]),
-        "sample": (sample.main, sample.SampleConfig, ["--checkpoint", str(path), "--device", "cpu", "--out",
-                                                      str(tmp_path / "grid.png")]),
-        "export_dit_onnx": (export_dit_onnx.main, export_dit_onnx.ExportDiTConfig,
-                            ["--checkpoint", str(path), "--output", str(tmp_path / "dit.onnx")]),
+        "verify": (
+            verify_checkpoint.main,
+            verify_checkpoint.VerifyConfig,
+            ["--checkpoint", str(path), "--device", "cpu"],
+        ),
+        "sample": (
+            sample.main,
+            sample.SampleConfig,
+            ["--checkpoint", str(path), "--device", "cpu", "--out", str(tmp_path / "grid.png")],
+        ),
+        "export_dit_onnx": (
+            export_dit_onnx.main,
+            export_dit_onnx.ExportDiTConfig,
+            ["--checkpoint", str(path), "--output", str(tmp_path / "dit.onnx")],
+        ),
     }
 
 
@@ -186,11 +206,17 @@ def classifier_commands(path: Path, tmp_path: Path):
     image = tmp_path / "cat.png"
     Image.new("RGB", (40, 40), (200, 100, 50)).save(image)
     return {
-        "verify": (verify_checkpoint.main, verify_checkpoint.VerifyConfig, ["--checkpoint", str(path), "--device",
-                                                                             "cpu"]),
+        "verify": (
+            verify_checkpoint.main,
+            verify_checkpoint.VerifyConfig,
+            ["--checkpoint", str(path), "--device", "cpu"],
+        ),
         "predict": (predict.main, predict.PredictConfig, [str(image), "--checkpoint", str(path), "--device", "cpu"]),
-        "export_onnx": (export_onnx.main, export_onnx.ExportClassifierConfig,
-                        ["--checkpoint", str(path), "--output", str(tmp_path / "cls.onnx")]),
+        "export_onnx": (
+            export_onnx.main,
+            export_onnx.ExportClassifierConfig,
+            ["--checkpoint", str(path), "--output", str(tmp_path / "cls.onnx")],
+        ),
     }
 
 
@@ -200,8 +226,11 @@ def _refuse_reading(*args, **kwargs):
 
 def expected_words(field: str) -> str:
     """What the error line says about `field` (the temp folder's name may hold any other word)."""
-    return {"kind": "unknown checkpoint kind 'evil'", "model (missing)": "metadata lacks model",
-            "normalization (missing)": "metadata lacks normalization"}.get(field, f"metadata {field} = ")
+    return {
+        "kind": "unknown checkpoint kind 'evil'",
+        "model (missing)": "metadata lacks model",
+        "normalization (missing)": "metadata lacks normalization",
+    }.get(field, f"metadata {field} = ")
 
 
 def _refused_everywhere(commands, field: str, capsys, monkeypatch) -> None:
@@ -214,16 +243,17 @@ def _refused_everywhere(commands, field: str, capsys, monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("metadata, field", [case[1:] for case in DIT_CASES], ids=[case[0] for case in DIT_CASES])
-def test_bad_dit_metadata_is_refused_by_every_command(tmp_path, capsys, monkeypatch, nothing_is_built, metadata,
-                                                      field):
+def test_bad_dit_metadata_is_refused_by_every_command(tmp_path, capsys, monkeypatch, nothing_is_built, metadata, field):
     path = craft(tmp_path / "hostile.safetensors", metadata)
     _refused_everywhere(dit_commands(path, tmp_path), field, capsys, monkeypatch)
 
 
-@pytest.mark.parametrize("metadata, field", [case[1:] for case in CLASSIFIER_CASES],
-                         ids=[case[0] for case in CLASSIFIER_CASES])
-def test_bad_classifier_metadata_is_refused_by_every_command(tmp_path, capsys, monkeypatch, nothing_is_built,
-                                                             metadata, field):
+@pytest.mark.parametrize(
+    "metadata, field", [case[1:] for case in CLASSIFIER_CASES], ids=[case[0] for case in CLASSIFIER_CASES]
+)
+def test_bad_classifier_metadata_is_refused_by_every_command(
+    tmp_path, capsys, monkeypatch, nothing_is_built, metadata, field
+):
     path = craft(tmp_path / "hostile.safetensors", metadata)
     _refused_everywhere(classifier_commands(path, tmp_path), field, capsys, monkeypatch)
 
@@ -252,8 +282,11 @@ def test_a_real_size_file_claiming_1e9_classes_is_refused_before_anything_is_all
     monkeypatch.setattr(nn.Module, "__init__", lambda *a, **k: pytest.fail("a model was built"))
     monkeypatch.setattr(checkpoints, "load_file", lambda *a, **k: pytest.fail("tensors were read"))
     metadata = dit_base(num_classes=10**9)
-    for load in (lambda: load_dit(path), lambda: build_dit_from_metadata(metadata),
-                 lambda: build_objective_from_metadata(metadata)):
+    for load in (
+        lambda: load_dit(path),
+        lambda: build_dit_from_metadata(metadata),
+        lambda: build_objective_from_metadata(metadata),
+    ):
         with pytest.raises(UserError, match="metadata num_classes = 1000000000 must be between 1 and"):
             load()
     with pytest.raises(UserError, match="metadata num_classes"):
@@ -265,13 +298,21 @@ def test_a_real_size_file_claiming_1e9_classes_is_refused_before_anything_is_all
 def test_verify_of_a_huge_claim_stays_small_in_a_real_process(tmp_path):
     """Peak memory of the whole command, measured by the kernel: today's main tried to allocate 512 GB here."""
     path = craft(tmp_path / "big.safetensors", dit_base(num_classes=10**9), trained_dit().state_dict())
-    code = ("import resource, runpy, sys\n"
-            f"sys.argv = ['verify_checkpoint.py', '--checkpoint', {str(path)!r}, '--device', 'cpu']\n"
-            "try:\n    runpy.run_path('scripts/verify_checkpoint.py', run_name='__main__')\n"
-            "except SystemExit as done:\n"
-            "    print('exit', done.code, 'peak_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
-    result = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True,
-                            timeout=120, env={"PYTHONPATH": str(PROJECT_ROOT), "OMP_NUM_THREADS": "1"})
+    code = (
+        "import resource, runpy, sys\n"
+        f"sys.argv = ['verify_checkpoint.py', '--checkpoint', {str(path)!r}, '--device', 'cpu']\n"
+        "try:\n    runpy.run_path('scripts/verify_checkpoint.py', run_name='__main__')\n"
+        "except SystemExit as done:\n"
+        "    print('exit', done.code, 'peak_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PYTHONPATH": str(PROJECT_ROOT), "OMP_NUM_THREADS": "1"},
+    )
     words = result.stdout.split()
     assert words[-4:-2] == ["exit", "2"], result.stderr[-2000:]
     assert int(words[-1]) < 1_500_000  # KiB; importing torch alone takes ~400 MB
@@ -313,8 +354,11 @@ def _raw_header_file(path: Path, **header: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("value", ["[" * 100_000 + "]" * 100_000, "1" * 5000, "{not json"],
-                         ids=["nested-100k-deep", "int-5000-digits", "broken-json"])
+@pytest.mark.parametrize(
+    "value",
+    ["[" * 100_000 + "]" * 100_000, "1" * 5000, "{not json"],
+    ids=["nested-100k-deep", "int-5000-digits", "broken-json"],
+)
 def test_undecodable_headers_end_in_one_line(tmp_path, value):
     path = _raw_header_file(tmp_path / "deep.safetensors", kind=json.dumps("dit"), model=value)
     with pytest.raises(UserError, match="corrupt metadata") as refused:
@@ -357,10 +401,18 @@ def bomb(tmp_path_factory) -> Path:
 
 def peak_growth_kib(code: str, *args: str) -> tuple[int, str]:
     """Run `code` (which defines `run()`) in a fresh interpreter; (growth of its peak RSS during run(), output)."""
-    wrapper = (code + "\nimport resource\nbefore = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\nrun()\n"
-               "print('peak_growth_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n")
-    result = subprocess.run([sys.executable, "-c", wrapper, *args], cwd=PROJECT_ROOT, capture_output=True, text=True,
-                            timeout=120, env={"PYTHONPATH": str(PROJECT_ROOT), "OMP_NUM_THREADS": "1"})
+    wrapper = (
+        code + "\nimport resource\nbefore = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\nrun()\n"
+        "print('peak_growth_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", wrapper, *args],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PYTHONPATH": str(PROJECT_ROOT), "OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     *output, last = result.stdout.strip().splitlines()
     return int(last.split()[1]), "\n".join(output)
@@ -407,7 +459,7 @@ def test_the_cache_build_skips_the_bomb_with_the_counted_warning(bomb, tmp_path)
 
 LOAD_ONE_IMAGE = """
 import sys
-from scripts.lib.images import load_rgb
+from scripts.lib.decoding import load_rgb
 
 def run():
     print(load_rgb(sys.argv[1], 64).mean())
@@ -423,14 +475,14 @@ def test_a_16_bit_image_costs_at_most_6_bytes_a_pixel_to_decode(tmp_path):
 
 
 def test_a_large_jpeg_is_decoded_reduced_where_another_format_is_refused(tmp_path, monkeypatch):
-    from scripts.lib import images
+    from scripts.lib import decoding
 
-    monkeypatch.setattr(images, "MAX_DECODE_PIXELS", 100 * 100)  # 200 x 200 is "too large" now
+    monkeypatch.setattr(decoding, "MAX_DECODE_PIXELS", 100 * 100)  # 200 x 200 is "too large" now
     Image.new("RGB", (200, 200), (200, 30, 30)).save(tmp_path / "big.jpg", quality=95)
     Image.new("RGB", (200, 200), (200, 30, 30)).save(tmp_path / "big.png")
-    assert images.load_rgb(tmp_path / "big.jpg", 16).shape == (16, 16, 3)  # draft decodes it at 1/8 scale
-    with pytest.raises(images.UnreadableImage, match="200 x 200 pixels is more than"):
-        images.load_rgb(tmp_path / "big.png", 16)
+    assert decoding.load_rgb(tmp_path / "big.jpg", 16).shape == (16, 16, 3)  # draft decodes it at 1/8 scale
+    with pytest.raises(decoding.UnreadableImage, match="200 x 200 pixels is more than"):
+        decoding.load_rgb(tmp_path / "big.png", 16)
 
 
 def test_file_names_cannot_split_or_forge_a_log_line(tmp_path):
@@ -468,8 +520,9 @@ def test_a_class_folder_name_the_loaders_would_refuse_is_refused_by_the_scan(tmp
     assert "\n" not in str(refused.value) and "\x1b" not in str(refused.value)
 
 
-def test_a_pt_file_with_a_bad_sidecar_is_refused_before_its_pickle_is_opened(tmp_path, capsys, monkeypatch,
-                                                                           nothing_is_built):
+def test_a_pt_file_with_a_bad_sidecar_is_refused_before_its_pickle_is_opened(
+    tmp_path, capsys, monkeypatch, nothing_is_built
+):
     path = craft(tmp_path / "cats.pt", classifier_base(normalization={"mean": [0.5] * 3, "std": [0.0] * 3}))
     monkeypatch.setattr(checkpoints.torch, "load", _refuse_reading)
     commands = classifier_commands(path, tmp_path)

@@ -8,8 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.lib.metrics import (class_fidelity, fid, frechet_distance, gaussian_fit, kid, memorisation_ratio,
-                             mmd2_unbiased, nearest_neighbour_distances)
+from scripts.lib.metrics import (
+    class_fidelity,
+    fid,
+    frechet_distance,
+    gaussian_fit,
+    kid,
+    memorisation_ratio,
+    mmd2_unbiased,
+    nearest_neighbour_distances,
+)
 
 
 def test_fid_of_identical_sets_is_zero():

@@ -26,7 +26,8 @@ import modal_app
 from scripts import train_dit
 from scripts.lib import attempts
 from scripts.lib.attempts import Chain
-from scripts.lib.checkpoints import list_complete_states, load_weights
+from scripts.lib.checkpoints import list_complete_states
+from scripts.lib.weights import load_weights
 from scripts.lib.cli import UserError, parse_config
 from scripts.lib.run_lock import RunLock, read_lock_holder
 from scripts.lib.runlog import read_status

@@ -35,9 +35,7 @@ def write_image(path: Path, colour: tuple[int, int, int], size: tuple[int, int] 
 
 def test_prints_top_k_classes_with_probabilities(checkpoint, tmp_path, capsys):
     images = [write_image(tmp_path / "a.png", (20, 20, 20)), write_image(tmp_path / "b.jpg", (240, 120, 40))]
-    results = main(
-        PredictConfig(images=[str(p) for p in images], checkpoint=str(checkpoint), top_k=2, device="cpu")
-    )
+    results = main(PredictConfig(images=[str(p) for p in images], checkpoint=str(checkpoint), top_k=2, device="cpu"))
     assert [r.path for r in results] == images
     for result in results:
         probabilities = [p for _, p in result.top]

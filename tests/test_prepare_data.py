@@ -105,10 +105,14 @@ def _rewrite_same_size(path: Path, replace_file: bool) -> bytes:
     return bytes(data)
 
 
-@pytest.mark.parametrize("link, replace_file", [(False, False), (False, True), (True, True)],
-                         ids=["copy-edited", "copy-replaced", "link-replaced"])
-def test_reimport_replaces_a_source_that_changed_at_the_same_size(tmp_path: Path, capsys, link: bool,
-                                                                   replace_file: bool) -> None:
+@pytest.mark.parametrize(
+    "link, replace_file",
+    [(False, False), (False, True), (True, True)],
+    ids=["copy-edited", "copy-replaced", "link-replaced"],
+)
+def test_reimport_replaces_a_source_that_changed_at_the_same_size(
+    tmp_path: Path, capsys, link: bool, replace_file: bool
+) -> None:
     source = tmp_path / "pets"
     for name in ("a", "b"):
         _tiny_jpeg(source / "tabby" / f"{name}.jpg")
@@ -133,9 +137,7 @@ def test_a_touched_but_unchanged_source_is_not_copied_again(tmp_path: Path, caps
 
 
 def test_missing_oxford_without_download_says_what_to_do(tmp_path: Path) -> None:
-    with pytest.raises(
-        UserError, match="run with --download on a machine with internet, or pass --from-folder"
-    ):
+    with pytest.raises(UserError, match="run with --download on a machine with internet, or pass --from-folder"):
         main(Config(root=str(tmp_path / "nothing"), out_dir=str(tmp_path / "data"), download=False))
 
 
@@ -148,9 +150,7 @@ def test_download_failure_is_a_clear_user_error(tmp_path: Path, monkeypatch: pyt
         main(Config(root=str(tmp_path / "oxford"), out_dir=str(tmp_path / "data"), download=True))
 
 
-def test_download_puts_oxford_where_the_conversion_reads_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_download_puts_oxford_where_the_conversion_reads_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
 
     def fake_download(root: str, split: str, download: bool) -> None:
@@ -166,11 +166,7 @@ def test_download_puts_oxford_where_the_conversion_reads_it(
 def test_refuses_to_mix_with_other_classes(tmp_path: Path) -> None:
     (tmp_path / "data/cats/orange_tabby").mkdir(parents=True)
     with pytest.raises(UserError, match="already holds other classes \\(orange_tabby\\)"):
-        main(
-            Config(
-                root=str(_fake_oxford(tmp_path / "oxford")), out_dir=str(tmp_path / "data"), download=False
-            )
-        )
+        main(Config(root=str(_fake_oxford(tmp_path / "oxford")), out_dir=str(tmp_path / "data"), download=False))
 
 
 def test_from_folder_imports_class_tree_skipping_hidden_and_non_images(tmp_path: Path) -> None:
@@ -205,9 +201,7 @@ def test_from_folder_without_images_or_folder_is_a_user_error(tmp_path: Path) ->
         main(Config(from_folder=str(tmp_path / "missing"), out_dir=str(tmp_path / "data")))
 
 
-def test_command_line_turns_the_error_into_one_line(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_command_line_turns_the_error_into_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         run_main(
             main,

@@ -41,9 +41,14 @@ def readme_commands() -> list[str]:
 def script_config(module_name: str) -> type:
     """The dataclass config a script parses its command line into (one per script)."""
     module = importlib.import_module(module_name)
-    configs = [value for value in vars(module).values()
-               if dataclasses.is_dataclass(value) and isinstance(value, type)
-               and value.__module__ == module.__name__ and value.__name__.endswith("Config")]
+    configs = [
+        value
+        for value in vars(module).values()
+        if dataclasses.is_dataclass(value)
+        and isinstance(value, type)
+        and value.__module__ == module.__name__
+        and value.__name__.endswith("Config")
+    ]
     assert len(configs) == 1, f"{module_name} should define exactly one *Config dataclass, found {configs}"
     return configs[0]
 
@@ -54,7 +59,7 @@ def check_script_command(words: list[str]) -> None:
     assert script.is_file(), f"{words[script_index]} does not exist"
     parser = build_parser(script_config(f"scripts.{script.stem}"), "")
     try:
-        parser.parse_args(words[script_index + 1:])
+        parser.parse_args(words[script_index + 1 :])
     except SystemExit as error:  # argparse's way of saying the flags are wrong
         raise AssertionError(f"flags do not parse: {shlex.join(words)}") from error
 
@@ -77,7 +82,7 @@ def check_modal_command(words: list[str]) -> None:
     assert isinstance(entrypoint, modal.app.LocalEntrypoint), f"modal_app.py has no local entrypoint {name!r}"
     command = _get_click_command_for_local_entrypoint(modal_app.app, entrypoint)
     try:
-        command.make_context(name, words[words.index(target) + 1:])  # UsageError/BadParameter on a wrong flag
+        command.make_context(name, words[words.index(target) + 1 :])  # UsageError/BadParameter on a wrong flag
     except click.exceptions.Exit as exit_info:  # --help prints and exits
         assert exit_info.exit_code == 0
 
@@ -122,12 +127,25 @@ def test_local_smoke_runs_the_whole_chain(tmp_path):
     """`make local-smoke` end to end (into a temp folder, so a developer's checkpoints/ is left alone)."""
     ckpt, data = tmp_path / "checkpoints", tmp_path / "toy-smoke"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    result = subprocess.run(["make", "--no-print-directory", "local-smoke", f"CKPT={ckpt}", f"SMOKE_DATA={data}",
-                             f"PY={sys.executable}"], cwd=ROOT, capture_output=True, text=True, env=env,
-                            timeout=1200, check=False)
+    result = subprocess.run(
+        ["make", "--no-print-directory", "local-smoke", f"CKPT={ckpt}", f"SMOKE_DATA={data}", f"PY={sys.executable}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1200,
+        check=False,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    for name in ("cats_model.safetensors", "tinydit_final.safetensors", "tinydit.onnx", "tinydit.json",
-                 "cats_model.onnx", "tinydit_onnx_grid.png", "smoke-dit/sample_grid.png"):
+    for name in (
+        "cats_model.safetensors",
+        "tinydit_final.safetensors",
+        "tinydit.onnx",
+        "tinydit.json",
+        "cats_model.onnx",
+        "tinydit_onnx_grid.png",
+        "smoke-dit/sample_grid.png",
+    ):
         assert (ckpt / name).is_file(), f"local-smoke did not write {name}"
     assert "local-smoke finished" in result.stdout
     assert "parity OK" in result.stdout and "PASSED" in result.stdout

@@ -14,7 +14,8 @@ import pytest
 import torch
 from builders import make_toy_data
 
-from scripts.lib.checkpoints import COMPLETE_MARKER, list_complete_states, load_weights
+from scripts.lib.checkpoints import COMPLETE_MARKER, list_complete_states
+from scripts.lib.weights import load_weights
 
 pytestmark = pytest.mark.slow
 

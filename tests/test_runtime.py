@@ -6,8 +6,13 @@ import pytest
 import torch
 
 from scripts.lib.cli import UserError
-from scripts.lib.runtime import (describe_gpu_failure, make_accelerator, precision_warning, resolve_device_type,
-                                 resolve_mixed_precision)
+from scripts.lib.runtime import (
+    describe_gpu_failure,
+    make_accelerator,
+    precision_warning,
+    resolve_device_type,
+    resolve_mixed_precision,
+)
 
 
 def fake_cpu(monkeypatch, **capabilities) -> None:

@@ -24,8 +24,9 @@ def checkpoint(tmp_path_factory) -> Path:
 
 
 def sample_config(checkpoint: Path, out: Path, *args: str) -> SampleConfig:
-    return parse_config(SampleConfig, ["--checkpoint", str(checkpoint), "--out", str(out), "--steps", "2",
-                                       "--device", "cpu", *args], "")
+    return parse_config(
+        SampleConfig, ["--checkpoint", str(checkpoint), "--out", str(out), "--steps", "2", "--device", "cpu", *args], ""
+    )
 
 
 def test_grid_has_one_row_per_requested_class(checkpoint, tmp_path):
@@ -46,17 +47,21 @@ def test_all_classes_by_default_and_the_seed_fixes_the_images(checkpoint, tmp_pa
 
 
 def test_folder_output_writes_one_png_per_image(checkpoint, tmp_path):
-    written = sample.main(sample_config(checkpoint, tmp_path / "images", "--class", "black", "--num", "2",
-                                        "--sampler", "heun"))
+    written = sample.main(
+        sample_config(checkpoint, tmp_path / "images", "--class", "black", "--num", "2", "--sampler", "heun")
+    )
     assert [path.name for path in written] == ["0000_black.png", "0001_black.png"]
     assert all(Image.open(path).size == (IMAGE_SIZE, IMAGE_SIZE) for path in written)
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (("--class", "tiger"), "unknown class 'tiger' — this checkpoint knows black, orange_tabby, white"),
-    (("--sampler", "ddim"), "unknown --sampler 'ddim' for the flow objective"),
-    (("--num", "0"), "--num must be positive"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--class", "tiger"), "unknown class 'tiger' — this checkpoint knows black, orange_tabby, white"),
+        (("--sampler", "ddim"), "unknown --sampler 'ddim' for the flow objective"),
+        (("--num", "0"), "--num must be positive"),
+    ],
+)
 def test_bad_requests_say_what_to_do(checkpoint, tmp_path, args, message):
     with pytest.raises(UserError, match=message):
         sample.main(sample_config(checkpoint, tmp_path / "x.png", *args))

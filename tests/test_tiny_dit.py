@@ -7,8 +7,16 @@ import torch.nn.functional as F
 from models.tiny_dit import DIT_SIZES, TinyDiT, attention, build_dit, count_parameters, sincos_2d
 
 
-def dit_reference_parameter_count(width: int, depth: int, patch: int, in_channels: int, out_channels: int,
-                                  num_classes: int, num_tokens: int, mlp_ratio: int = 4) -> int:
+def dit_reference_parameter_count(
+    width: int,
+    depth: int,
+    patch: int,
+    in_channels: int,
+    out_channels: int,
+    num_classes: int,
+    num_tokens: int,
+    mlp_ratio: int = 4,
+) -> int:
     """The parameter count of facebookresearch/DiT's DiT, written out layer by layer.
 
     Includes DiT's fixed position embedding, which it stores as a (frozen) nn.Parameter.
@@ -17,10 +25,18 @@ def dit_reference_parameter_count(width: int, depth: int, patch: int, in_channel
     patch_embed = in_channels * patch * patch * width + width
     timestep_embed = 256 * width + width + width * width + width
     label_embed = (num_classes + 1) * width  # + 1: the null class
-    block = (width * 3 * width + 3 * width  # qkv
-             + width * width + width  # attention output projection
-             + width * hidden + hidden + hidden * width + width  # MLP
-             + width * 6 * width + 6 * width)  # adaLN modulation
+    block = (
+        width * 3 * width
+        + 3 * width  # qkv
+        + width * width
+        + width  # attention output projection
+        + width * hidden
+        + hidden
+        + hidden * width
+        + width  # MLP
+        + width * 6 * width
+        + 6 * width
+    )  # adaLN modulation
     final = width * 2 * width + 2 * width + width * patch * patch * out_channels + patch * patch * out_channels
     return patch_embed + timestep_embed + label_embed + depth * block + final + num_tokens * width
 
@@ -83,8 +99,18 @@ def test_sincos_2d_matches_mae_layout():
     # then the same for y = row (MAE / DiT's get_2d_sincos_pos_embed).
     emb = sincos_2d(8, 3)[1 * 3 + 2]
     col, row = torch.tensor(2.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)
-    expected = torch.stack([col.sin(), (col / 100).sin(), col.cos(), (col / 100).cos(),
-                            row.sin(), (row / 100).sin(), row.cos(), (row / 100).cos()])
+    expected = torch.stack(
+        [
+            col.sin(),
+            (col / 100).sin(),
+            col.cos(),
+            (col / 100).cos(),
+            row.sin(),
+            (row / 100).sin(),
+            row.cos(),
+            (row / 100).cos(),
+        ]
+    )
     torch.testing.assert_close(emb, expected)
 
 

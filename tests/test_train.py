@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from scripts import predict
-from scripts.lib.checkpoints import list_complete_states, load_weights
+from scripts.lib.checkpoints import list_complete_states
+from scripts.lib.weights import load_weights
 from scripts.lib.cli import UserError, parse_config
 from scripts.lib.images import scan_image_folder
 from scripts.make_toy_cats import generate_toy_cats
@@ -151,9 +152,7 @@ def test_one_epoch_run_writes_a_checkpoint_that_rebuilds_the_model(one_epoch, to
 def test_confusion_matrix_matches_the_validation_predictions(one_epoch):
     predictions = one_epoch["val_predictions"]
     confusion = torch.tensor(one_epoch["confusion_matrix"])
-    assert (
-        confusion.shape == (6, 6) and confusion.sum() == len(predictions) == 18
-    )  # 3 of 16 per class held out
+    assert confusion.shape == (6, 6) and confusion.sum() == len(predictions) == 18  # 3 of 16 per class held out
     correct = sum(p["prediction"] == p["label"] for p in predictions)
     assert confusion.diagonal().sum() == correct
     assert one_epoch["metrics"]["val_acc"] == pytest.approx(correct / len(predictions))
@@ -206,15 +205,11 @@ def test_an_interrupted_run_resumes_exactly_and_writes_pt(tmp_path):
     def kill_after_first_epoch(folder: Path) -> None:
         raise Killed(folder)
 
-    resumed_cfg = config(
-        data_dir, tmp_path, *common, "--run-name", "resumed", "--output", str(tmp_path / "r.pt")
-    )
+    resumed_cfg = config(data_dir, tmp_path, *common, "--run-name", "resumed", "--output", str(tmp_path / "r.pt"))
     with pytest.raises(Killed):
         main(resumed_cfg, on_checkpoint=kill_after_first_epoch)
     assert not (tmp_path / "r.pt").exists()
-    resumed = main(
-        config(data_dir, tmp_path, *common, "--run-name", "resumed", "--output", str(tmp_path / "r.pt"))
-    )
+    resumed = main(config(data_dir, tmp_path, *common, "--run-name", "resumed", "--output", str(tmp_path / "r.pt")))
 
     assert "resuming after epoch 1" in (resumed["run_dir"] / "training.log").read_text()
     plain = torch.load(tmp_path / "r.pt", map_location="cpu", weights_only=True)

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from scripts import train_dit
-from scripts.lib.checkpoints import COMPLETE_MARKER, list_complete_states, load_training_state, load_weights
+from scripts.lib.checkpoints import COMPLETE_MARKER, list_complete_states, load_training_state
+from scripts.lib.weights import load_weights
 from scripts.lib.cli import UserError, parse_config
 from scripts.lib.model_files import load_dit
 from scripts.train_dit import TrainDiTConfig, learning_rate, validate_config

@@ -18,13 +18,25 @@ from safetensors.torch import save_file
 
 from models.classifier import build_classifier
 from models.tiny_dit import build_dit
-from scripts.lib.checkpoints import save_weights
+from scripts.lib.weights import save_weights
 from scripts.lib.cli import UserError
 from scripts.verify_checkpoint import VerifyConfig, checked_classes, format_report, main, verify
-from builders import (CLASSIFIER_BACKBONE, CLASS_NAMES, DIT_NAME, DIT_SIZE, dit_test_metadata, look_trained,
-                      save_classifier, save_dit, trained_classifier, trained_dit)
+from builders import (
+    CLASSIFIER_BACKBONE,
+    CLASS_NAMES,
+    DIT_NAME,
+    DIT_SIZE,
+    dit_test_metadata,
+    look_trained,
+    save_classifier,
+    save_dit,
+    trained_classifier,
+    trained_dit,
+)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
 def failed_checks(path: Path) -> dict[str, str]:
     """Verify `path`, which must fail; {failed check name: detail}."""
     report = verify(VerifyConfig(checkpoint=str(path), device="cpu"))
@@ -40,8 +52,18 @@ def dit_path(tmp_path_factory) -> Path:
 def test_trained_dit_passes_every_check_and_writes_a_sample_grid(dit_path, capsys):
     report = main(VerifyConfig(checkpoint=str(dit_path), device="cpu", sample_steps=2))
     names = [check.name for check in report.checks]
-    assert names == ["load", "metadata", "keys", "shapes", "dtypes", "finite", "parameters", "trained", "forward",
-                     "sample"]
+    assert names == [
+        "load",
+        "metadata",
+        "keys",
+        "shapes",
+        "dtypes",
+        "finite",
+        "parameters",
+        "trained",
+        "forward",
+        "sample",
+    ]
     assert report.passed and report.kind == "dit" and report.classes == CLASS_NAMES
     assert report.parameters == sum(p.numel() for p in trained_dit().parameters())
     sample = dit_path.with_name("tinydit_final_verify.png")
@@ -51,8 +73,11 @@ def test_trained_dit_passes_every_check_and_writes_a_sample_grid(dit_path, capsy
 
 
 def test_json_report_parses(dit_path, tmp_path, capsys):
-    main(VerifyConfig(checkpoint=str(dit_path), json=True, device="cpu", sample_steps=1,
-                      sample_out=str(tmp_path / "s.png")))
+    main(
+        VerifyConfig(
+            checkpoint=str(dit_path), json=True, device="cpu", sample_steps=1, sample_out=str(tmp_path / "s.png")
+        )
+    )
     report = json.loads(capsys.readouterr().out)
     assert report["passed"] is True and report["kind"] == "dit" and report["sample"] == str(tmp_path / "s.png")
     assert {check["name"] for check in report["checks"]} >= {"keys", "finite", "trained", "sample"}
@@ -121,14 +146,18 @@ def pt_without_sidecar(path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("make_file, name, reason", [
-    (lambda tmp: tmp / "nowhere.safetensors", "nowhere.safetensors", "checkpoint not found"),
-    (lambda tmp: truncated(tmp / "cut.safetensors"), "cut.safetensors", "truncated or corrupt"),
-    (lambda tmp: garbage(tmp / "junk.safetensors"), "junk.safetensors", "truncated or corrupt"),
-    (lambda tmp: garbage(tmp / "weights.ckpt"), "weights.ckpt", "unknown checkpoint format"),
-    (lambda tmp: without_metadata(tmp / "bare.safetensors"), "bare.safetensors", "no tiny-cats metadata"),
-    (lambda tmp: pt_without_sidecar(tmp / "bare.pt"), "bare.pt", "metadata file bare.pt.json is missing"),
-], ids=["missing", "truncated", "garbage", "wrong-format", "no-metadata", "pt-no-metadata"])
+@pytest.mark.parametrize(
+    "make_file, name, reason",
+    [
+        (lambda tmp: tmp / "nowhere.safetensors", "nowhere.safetensors", "checkpoint not found"),
+        (lambda tmp: truncated(tmp / "cut.safetensors"), "cut.safetensors", "truncated or corrupt"),
+        (lambda tmp: garbage(tmp / "junk.safetensors"), "junk.safetensors", "truncated or corrupt"),
+        (lambda tmp: garbage(tmp / "weights.ckpt"), "weights.ckpt", "unknown checkpoint format"),
+        (lambda tmp: without_metadata(tmp / "bare.safetensors"), "bare.safetensors", "no tiny-cats metadata"),
+        (lambda tmp: pt_without_sidecar(tmp / "bare.pt"), "bare.pt", "metadata file bare.pt.json is missing"),
+    ],
+    ids=["missing", "truncated", "garbage", "wrong-format", "no-metadata", "pt-no-metadata"],
+)
 def test_unloadable_files_fail_with_a_clear_reason(tmp_path, make_file, name, reason):
     failed = failed_checks(make_file(tmp_path))
     assert list(failed) == ["load"]
@@ -167,8 +196,13 @@ def test_command_line_exits_2_and_still_prints_a_json_report(tmp_path):
     with torch.no_grad():
         model.final_layer.linear.bias.fill_(float("inf"))
     path = save_dit(tmp_path / "inf.safetensors", model)
-    result = subprocess.run([sys.executable, "scripts/verify_checkpoint.py", "--checkpoint", str(path), "--json",
-                             "--device", "cpu"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "scripts/verify_checkpoint.py", "--checkpoint", str(path), "--json", "--device", "cpu"],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     report = json.loads(result.stdout)
     assert report["passed"] is False

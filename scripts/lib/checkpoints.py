@@ -1,40 +1,27 @@
-"""Checkpoint files without pickle: final weights and resumable training state.
-
-Two kinds of files live here:
-
-* **Weights** (`save_weights` / `load_weights`): one `.safetensors` file whose header metadata holds the
-  JSON the other commands need to rebuild the model from the file alone (kind, config, class names...).
-  A `.pt` path writes a plain tensor state dict (loadable with `torch.load(weights_only=True)`) with the
-  same metadata in a `<file>.json` sidecar, for users whose tools want `.pt`.
-* **Training state** (`save_training_state` / `load_training_state`): a folder `state/step_0001000/` with
-  every component's state dict flattened to `state.safetensors` (tensors) + `state.json` (structure and
-  scalars). It is written to a temporary folder, renamed into place and only then marked complete by a
-  `COMPLETE` file, so a kill at any moment leaves either a complete checkpoint or one that is ignored.
+"""Resumable training state without pickle: a folder `state/step_0001000/` with every component's state dict
+flattened to `state.safetensors` (tensors) + `state.json` (structure and scalars). It is written to a temporary
+folder, renamed into place and only then marked complete by a `COMPLETE` file naming its step, so a kill at any
+moment leaves either a complete checkpoint or one that is ignored (and removed at the next save); anything
+this module did not write is refused with one line.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import json
 import os
-import pickle
-import re
 import reprlib
 import shutil
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, save_file
 
 from scripts.lib.cli import UserError, printable
+from scripts.lib.files import write_failure, write_text_atomic
 
-FORMAT_NAME = "tiny-cats"
-FORMAT_VERSION = 1
 STATE_DIR_PREFIX = "step_"
 COMPLETE_MARKER = "COMPLETE"
 _TENSORS_FILE = "state.safetensors"
@@ -44,170 +31,6 @@ _TENSOR, _TUPLE, _DICT = "__tensor__", "__tuple__", "__dict__"
 # A trainer's state is at most 6 levels deep (optimizer -> state -> parameter -> moment); a structure nested far
 # deeper was not written by save_training_state and would otherwise end in a RecursionError.
 MAX_STATE_DEPTH = 32
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Weights files
-# ---------------------------------------------------------------------------------------------------------
-def _contiguous_cpu(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    # safetensors refuses shared or non-contiguous storage; clone so tied/sliced weights save cleanly.
-    return {name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in state_dict.items()}
-
-
-def save_weights(path: str | Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:
-    """Write weights + JSON-able metadata atomically (temp file, then rename). Returns the path.
-
-    A write that fails (disk full, no permission) removes its temp file, leaves an earlier file at `path` as it
-    was and raises one UserError line that says what failed and what to do.
-    """
-    path = Path(path)
-    full_metadata = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **metadata}
-    tensors = _contiguous_cpu(state_dict)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.suffix == ".pt":
-            _torch_save(tensors, tmp)
-            _write_text_atomic(metadata_sidecar(path), json.dumps(full_metadata, indent=2, sort_keys=True))
-        else:
-            header = {key: json.dumps(value) for key, value in full_metadata.items()}
-            save_file(tensors, str(tmp), metadata=header)
-        os.replace(tmp, path)
-    except (OSError, SafetensorError) as error:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        raise _write_failed("the weights", path, error) from error
-    return path
-
-
-def _torch_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    try:
-        torch.save(tensors, path)
-    except RuntimeError as error:  # torch's zip writer reports a failed write (a full disk) only as this
-        raise OSError(f"the write failed ({str(error)[:200]})") from error
-
-
-def _write_failed(what: str, path: Path, error: Exception) -> UserError:
-    """One line for a write that failed: what, where, the system's reason, and what to do about it."""
-    reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
-    code = getattr(error, "errno", None)
-    if code is None:  # safetensors reports the OS error inside its message: "... (os error 28)"
-        found = re.search(r"os error (\d+)", reason)
-        code = int(found.group(1)) if found else None
-    writable = f"make {printable(path.parent)} writable"
-    free = f"free disk space there ({_free_space(path)} free now)"
-    advice = {errno.EACCES: writable, errno.EPERM: writable, errno.EROFS: writable, errno.ENOSPC: free,
-              errno.EDQUOT: free}.get(code, f"{free} or {writable}")
-    return UserError(f"could not write {what} to {printable(path)} ({printable(reason[:300])}) — {advice}, or "
-                     "write to another folder; nothing saved before was changed")
-
-
-def _free_space(path: Path) -> str:
-    existing = next((folder for folder in (path, *path.parents) if folder.exists()), None)
-    try:
-        free = shutil.disk_usage(existing).free if existing is not None else None
-    except OSError:
-        free = None
-    return "unknown" if free is None else f"{free / 2**20:,.0f} MiB"
-
-
-def metadata_sidecar(path: Path) -> Path:
-    """Where the metadata of a `.pt` weights file lives."""
-    return path.with_name(path.name + ".json")
-
-
-def load_weights(path: str | Path, check_metadata: Callable[[dict[str, Any]], None] | None = None,
-                 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Load (state_dict, metadata) from a `.safetensors` or `.pt` file, refusing anything unsafe.
-
-    Raises UserError with the reason for: missing file, truncated/corrupt file, unknown format, missing
-    metadata, and a `.pt` pickle that holds more than tensors (refused by `weights_only=True`, never run).
-    `check_metadata` (it raises UserError) sees the metadata before a single tensor is read, so a file whose
-    header is refused costs no more than reading that header.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path} — train first (make train / make train-dit) or pass "
-                        "--checkpoint with the path of an existing file")
-    if path.suffix not in (".pt", ".safetensors"):
-        raise UserError(f"{path}: unknown checkpoint format '{path.suffix}' — expected .safetensors or .pt")
-    metadata = _read_sidecar(path) if path.suffix == ".pt" else _read_header(path)
-    if check_metadata is not None:
-        check_metadata(metadata)
-    return (_load_pt(path) if path.suffix == ".pt" else _load_safetensors(path)), metadata
-
-
-def _unreadable_safetensors(path: Path, error: Exception) -> UserError:
-    return UserError(f"{path}: not a readable safetensors file ({error}) — the file is truncated or corrupt; use "
-                     "an earlier checkpoint or retrain")
-
-
-def _read_header(path: Path) -> dict[str, Any]:
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            header = handle.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as error:
-        raise _unreadable_safetensors(path, error) from error
-    if header.get("format") != json.dumps(FORMAT_NAME):
-        raise UserError(f"{path}: no tiny-cats metadata in this file — it was not written by this kit, so the "
-                        "model cannot be rebuilt from it")
-    return {key: _parse_json(value, path) for key, value in header.items()}
-
-
-def _parse_json(text: str, source: Path) -> Any:
-    # ValueError covers JSONDecodeError and integers of more than 4300 digits; RecursionError, arrays nested
-    # thousands deep. Both are what a hand-made or damaged header can hold.
-    try:
-        return json.loads(text)
-    except (ValueError, RecursionError) as error:
-        raise UserError(f"{source}: corrupt metadata ({str(error)[:200]})") from None
-
-
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as error:
-        raise _unreadable_safetensors(path, error) from error
-
-
-def _read_sidecar(path: Path) -> dict[str, Any]:
-    sidecar = metadata_sidecar(path)
-    if not sidecar.is_file():
-        raise UserError(f"{path}: metadata file {sidecar.name} is missing — the model cannot be rebuilt "
-                        "without it (it is written next to every .pt this kit saves)")
-    try:
-        text = sidecar.read_text()
-    except (OSError, UnicodeDecodeError) as error:
-        raise UserError(f"{sidecar}: unreadable metadata ({error})") from error
-    metadata = _parse_json(text, sidecar)
-    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT_NAME:
-        raise UserError(f"{sidecar}: not tiny-cats metadata")
-    return metadata
-
-
-def _load_pt(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise UserError(f"{path}: refused — the file holds Python objects other than tensors, and loading it "
-                        "could run code. Only plain tensor state dicts are accepted") from error
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as error:
-        raise UserError(f"{path}: not a readable .pt file ({error}) — truncated or corrupt") from error
-    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-        raise UserError(f"{path}: expected a plain state dict of tensors")
-    return state_dict
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    """Replace `path` with `text` whole, or leave it as it was (a failed write removes its temp file)."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except OSError:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -263,8 +86,9 @@ def unflatten_state(tensors: dict[str, torch.Tensor], structure: Any, depth: int
     if tag == _TUPLE and isinstance(body, list):
         return tuple(unflatten_state(tensors, item, depth + 1) for item in body)
     if tag == _DICT and isinstance(body, list):
-        malformed = [pair for pair in body if not (isinstance(pair, list) and len(pair) == 2
-                                                   and _is_state_key(pair[0]))]
+        malformed = [
+            pair for pair in body if not (isinstance(pair, list) and len(pair) == 2 and _is_state_key(pair[0]))
+        ]
         if malformed:
             raise ValueError(f"malformed dict entry {reprlib.repr(malformed[0])}")
         return {key: unflatten_state(tensors, item, depth + 1) for key, item in body}
@@ -279,7 +103,7 @@ def state_dir_name(step: int) -> str:
 
 
 def _step_of(folder: Path) -> int | None:
-    suffix = folder.name[len(STATE_DIR_PREFIX):]
+    suffix = folder.name[len(STATE_DIR_PREFIX) :]
     if not folder.name.startswith(STATE_DIR_PREFIX) or not (suffix.isascii() and suffix.isdigit()):
         return None
     return int(suffix)
@@ -298,8 +122,9 @@ def _step_folders(root: Path) -> list[tuple[int, Path]]:
     """(step, folder) of every folder named like a training state, oldest first; nothing else is ever touched."""
     if not root.is_dir():
         return []
-    return sorted((step, folder) for folder in root.iterdir()
-                  if (step := _step_of(folder)) is not None and folder.is_dir())
+    return sorted(
+        (step, folder) for folder in root.iterdir() if (step := _step_of(folder)) is not None and folder.is_dir()
+    )
 
 
 def list_complete_states(state_root: str | Path) -> list[tuple[int, Path]]:
@@ -318,9 +143,11 @@ def find_resume_state(resume: str, state_root: str | Path) -> Path | None:
     states = list_complete_states(state_root)
     if resume == "never":
         if states:
-            raise UserError(f"run {Path(state_root).parent} already has checkpoints (newest step {states[-1][0]}); "
-                            "--resume never would mix two runs there — pick another --run-name, or use "
-                            "--resume auto to continue it")
+            raise UserError(
+                f"run {Path(state_root).parent} already has checkpoints (newest step {states[-1][0]}); "
+                "--resume never would mix two runs there — pick another --run-name, or use "
+                "--resume auto to continue it"
+            )
         return None
     if resume == "auto":
         return states[-1][1] if states else None
@@ -358,13 +185,13 @@ def save_training_state(state_root: str | Path, step: int, state: dict[str, Any]
             shutil.rmtree(final)
         os.replace(tmp, final)
         # The marker is written whole or not at all: a disk that fills up here cannot leave an empty "COMPLETE".
-        _write_text_atomic(final / COMPLETE_MARKER, f"{step}\n")
+        write_text_atomic(final / COMPLETE_MARKER, f"{step}\n")
         _fsync_tree(final)
     except (OSError, SafetensorError) as error:
         shutil.rmtree(tmp, ignore_errors=True)
         if _marker_step(final) != step:  # renamed but never marked: remove it, nothing else
             shutil.rmtree(final, ignore_errors=True)
-        raise _write_failed(f"the training state of step {step}", final, error) from error
+        raise write_failure(f"the training state of step {step}", final, error) from error
     return final
 
 
@@ -399,8 +226,10 @@ def _refuse_unusable(folder: Path, read: Callable[[Path], Any]) -> Any:
     try:
         return read(folder)
     except _NotAState as reason:
-        raise UserError(f"{printable(folder)} is not a complete training-state checkpoint: {printable(reason)} — "
-                        f"pass a folder like <run>/state/{state_dir_name(10000)} or use --resume auto") from None
+        raise UserError(
+            f"{printable(folder)} is not a complete training-state checkpoint: {printable(reason)} — "
+            f"pass a folder like <run>/state/{state_dir_name(10000)} or use --resume auto"
+        ) from None
 
 
 def _marked_step(folder: Path) -> int:
@@ -428,8 +257,10 @@ def _read_state(folder: Path) -> tuple[int, dict[str, Any]]:
     step = saved["step"]
     named = _step_of(folder)
     if step != marked or (named is not None and step != named):
-        raise _NotAState(f"{_STRUCTURE_FILE} says step {step}, its marker step {marked}"
-                         + (f" and its name step {named}" if named is not None else ""))
+        raise _NotAState(
+            f"{_STRUCTURE_FILE} says step {step}, its marker step {marked}"
+            + (f" and its name step {named}" if named is not None else "")
+        )
     try:
         tensors = load_file(str(folder / _TENSORS_FILE))
     except (SafetensorError, OSError, ValueError) as error:

@@ -53,8 +53,7 @@ def _needs_escape(char: str) -> bool:
 
 def printable(text: object) -> str:
     """`str(text)` with the characters above written as escapes (\\n, \\x1b, \\u202e): one line, shown as stored."""
-    return "".join(char.encode("unicode_escape").decode("ascii") if _needs_escape(char) else char
-                   for char in str(text))
+    return "".join(char.encode("unicode_escape").decode("ascii") if _needs_escape(char) else char for char in str(text))
 
 
 def flag_name(field: dataclasses.Field) -> str:

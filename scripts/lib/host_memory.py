@@ -43,8 +43,7 @@ def reuse_freed_memory() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
 
 
-def available_memory_bytes(meminfo: Path = Path("/proc/meminfo"),
-                           cgroup: Path = Path("/sys/fs/cgroup")) -> int | None:
+def available_memory_bytes(meminfo: Path = Path("/proc/meminfo"), cgroup: Path = Path("/sys/fs/cgroup")) -> int | None:
     """Host memory this process could still take without swapping, or None where nothing tells.
 
     Linux: MemAvailable, lowered to what is left under a cgroup v2 memory limit (containers, Modal), since the

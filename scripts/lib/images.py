@@ -16,32 +16,31 @@ import hashlib
 import json
 import logging
 import os
-import struct
 import uuid
-import warnings
-import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from scripts.lib.cli import UserError, printable
+from scripts.lib.decoding import (
+    MAX_DECODE_WORKERS,
+    WORST_DECODE_BYTES,
+    UnreadableImage,
+    load_rgb,
+)
 from scripts.lib.host_memory import available_memory_bytes
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 CACHE_DIR_NAME = ".tiny-cats-cache"
 CACHE_FORMAT_VERSION = 1
 LOGGER_NAME = "tiny_cats"
-LAYOUT_HINT = ("expected layout DIR/<class>/*.jpg (one subfolder per class); for the built-in data run "
-               "`python scripts/make_toy_cats.py --out DIR`")
-
-# What PIL raises on broken files: truncated data (OSError/SyntaxError/EOFError), bad zlib streams, malformed
-# headers (ValueError/struct.error), and huge images (DecompressionBombError, which is not an OSError).
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, zlib.error, struct.error, IndexError,
-                  Image.DecompressionBombError)
+LAYOUT_HINT = (
+    "expected layout DIR/<class>/*.jpg (one subfolder per class); for the built-in data run "
+    "`python scripts/make_toy_cats.py --out DIR`"
+)
 
 LogFn = Callable[[str], object]
 
@@ -55,6 +54,7 @@ MAX_CLASS_NAME_CHARS = 255
 # ----------------------------------------------------------------------------------------------------------
 # Listing the image folder
 # ----------------------------------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass
 class ImageFolderListing:
@@ -93,20 +93,27 @@ def scan_image_folder(root: str | Path) -> ImageFolderListing:
     if not class_dirs:
         raise UserError(f"data folder {printable(root)} has no class subfolders — {LAYOUT_HINT}")
     if len(class_dirs) > MAX_CLASSES:
-        raise UserError(f"data folder {printable(root)} has {len(class_dirs)} class subfolders, more than the "
-                        f"{MAX_CLASSES} a model of this kit can have — {LAYOUT_HINT}")
+        raise UserError(
+            f"data folder {printable(root)} has {len(class_dirs)} class subfolders, more than the "
+            f"{MAX_CLASSES} a model of this kit can have — {LAYOUT_HINT}"
+        )
     for class_dir in class_dirs:
         problem = class_name_problem(class_dir.name)
         if problem:
             raise UserError(f"class folder {printable(class_dir)}: the name {problem} — rename the folder")
     files: list[tuple[Path, int]] = []
     for label, class_dir in enumerate(class_dirs):
-        images = sorted(p for p in class_dir.iterdir()
-                        if p.is_file() and not is_hidden_name(p.name) and p.suffix.lower() in IMAGE_EXTENSIONS)
+        images = sorted(
+            p
+            for p in class_dir.iterdir()
+            if p.is_file() and not is_hidden_name(p.name) and p.suffix.lower() in IMAGE_EXTENSIONS
+        )
         if not images:
             extensions = ", ".join(sorted(IMAGE_EXTENSIONS))
-            raise UserError(f"class folder {printable(class_dir)} has no image files ({extensions}) — "
-                            f"add images or remove the folder")
+            raise UserError(
+                f"class folder {printable(class_dir)} has no image files ({extensions}) — "
+                f"add images or remove the folder"
+            )
         files.extend((path, label) for path in images)
     return ImageFolderListing(root=root, class_names=[d.name for d in class_dirs], files=files)
 
@@ -128,134 +135,9 @@ def refuse_foreign_classes(out: Path, allowed: Iterable[str]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Decoding one image
-# ----------------------------------------------------------------------------------------------------------
-
-class UnreadableImage(UserError):
-    """An image file that cannot be decoded (empty, truncated, not an image, too large, odd colour mode)."""
-
-    def __init__(self, path: str | Path, reason: str):
-        super().__init__(f"cannot read image {printable(path)}: {printable(reason)} — replace or delete the file")
-        self.path = Path(path)
-        self.reason = reason
-
-
-# Images are decoded whole, so their size is checked first (Image.open reads only the header). 8192 x 8192: every
-# camera up to 61 MP fits, and a larger JPEG is decoded at 1/2..1/8 scale (draft) before this check. PIL's own
-# bomb limit (179 MP) lets a 329 KB 16-bit PNG of 13000 x 13000 through, which took predict to 2.9 GB.
-MAX_DECODE_PIXELS = 8192 * 8192
-# Worst host memory per decoded pixel: a palette image with transparency is decoded at 1 byte, expanded once to
-# RGBA (4) and premultiplied for the resize (4); RGBA costs 4 + 4, 16-bit 2 + 4, RGB 4 (PIL stores 3 bands in 4
-# bytes), grey 1. Measured as peak-RSS growth over 16 MP images: 9.1, 8.1, 6.1, 4.1, 1.1 (18, 24, 12, 8, 6 when
-# every conversion ran at full size before the resize).
-DECODE_BYTES_PER_PIXEL = 9
-# So one decode needs at most this much (~0.6 GB); the cache build runs no more decodes at once than fit.
-WORST_DECODE_BYTES = MAX_DECODE_PIXELS * DECODE_BYTES_PER_PIXEL
-# Decoder threads of a cache build: PIL releases the GIL, so up to one per core, but never more than this.
-MAX_DECODE_WORKERS = 8
-# Stored orientation -> the transpose that shows the image upright (the EXIF Orientation tag, 0x0112).
-_EXIF_ORIENTATION = 0x0112
-_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
-            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
-            8: Image.Transpose.ROTATE_90}
-
-
-# Files between PIL's warning limit (89 MP) and its error limit are refused by MAX_DECODE_PIXELS with a reason in
-# the skip list; PIL's warning would only say the same thing again, outside the log.
-warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
-
-
-def _refuse_oversized(path: Path, image: Image.Image) -> None:
-    width, height = image.size
-    if width * height > MAX_DECODE_PIXELS:
-        raise UnreadableImage(path, f"{width} x {height} pixels is more than the {MAX_DECODE_PIXELS / 1e6:.0f} "
-                                    "megapixels decoded here (save a smaller copy)")
-
-
-# Modes whose bicubic resize means what it should (alpha is premultiplied by resize itself); 16-bit images cannot
-# be resized, palette and 1-bit ones only nearest-neighbour, and in CMYK, LAB or HSV the mixing is not linear.
-_RESAMPLED_AS_IS = frozenset({"L", "LA", "RGB", "RGBA", "I", "F"})
-
-
-def _resizable(image: Image.Image) -> Image.Image:
-    """The decoded image in a mode that resizes well, converted (one full-size copy) only where it must be."""
-    if image.mode in _RESAMPLED_AS_IS:
-        return image
-    if image.mode.startswith("I;16"):
-        return image.convert("I")
-    if image.mode == "1":
-        return image.convert("L")
-    has_alpha = image.mode in ("PA", "La", "RGBa") or (image.mode == "P" and "transparency" in image.info)
-    return image.convert("RGBA" if has_alpha else "RGB")
-
-
-def _composite_on_white(image: Image.Image) -> Image.Image:
-    """Transparent pixels become white (not the black that a plain RGBA->RGB convert would give)."""
-    rgba = image.convert("RGBA")
-    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    return Image.alpha_composite(background, rgba).convert("RGB")
-
-
-def _to_rgb(image: Image.Image, sixteen_bit: bool) -> Image.Image:
-    """The resized image as 8-bit RGB, without clipping high-bit-depth images to white."""
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("RGBA", "LA"):
-        return _composite_on_white(image)
-    if image.mode == "I":
-        values = np.asarray(image, dtype=np.int64)
-        if sixteen_bit:
-            values = values >> 8
-        return Image.fromarray(np.clip(values, 0, 255).astype(np.uint8)).convert("RGB")
-    return image.convert("RGB")
-
-
-def _is_sixteen_bit(image: Image.Image) -> bool:
-    # 32-bit integer images from PIL are almost always 16-bit sources; values above 255 say so. getextrema reads
-    # the decoded pixels in place, without a copy.
-    return image.mode.startswith("I;16") or (image.mode == "I" and image.getextrema()[1] > 255)
-
-
-def _resize_center_crop(image: Image.Image, size: int) -> Image.Image:
-    """Scale the shorter side to `size` and cut the centre square, in one antialiased resize."""
-    width, height = image.size
-    side = min(width, height)
-    left, top = (width - side) / 2, (height - side) / 2
-    return image.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + side, top + side),
-                        reducing_gap=3.0)
-
-
-def load_rgb(path: str | Path, size: int) -> np.ndarray:
-    """Decode `path` to a (size, size, 3) uint8 array: upright, RGB, shorter side resized, centre-cropped.
-
-    At most MAX_DECODE_PIXELS are decoded (larger JPEGs at a reduced scale, others are refused), and every
-    conversion but one happens after the resize, so one decode needs at most WORST_DECODE_BYTES.
-    """
-    path = Path(path)
-    try:
-        if path.stat().st_size == 0:
-            raise UnreadableImage(path, "the file is empty (0 bytes)")
-        with Image.open(path) as image:
-            # JPEG can decode at 1/2..1/8 scale directly; keeps both sides >= size, so quality is kept.
-            image.draft(image.mode, (size, size))
-            _refuse_oversized(path, image)
-            image.load()
-            sixteen_bit = _is_sixteen_bit(image)
-            orientation = image.getexif().get(_EXIF_ORIENTATION)
-            # The centre square of the stored image is the centre square of the upright one, so the (small)
-            # crop is turned upright instead of the whole decoded image.
-            small = _to_rgb(_resize_center_crop(_resizable(image), size), sixteen_bit)
-            upright = small.transpose(_UPRIGHT[orientation]) if orientation in _UPRIGHT else small
-            return np.asarray(upright, dtype=np.uint8)
-    except Image.UnidentifiedImageError:
-        raise UnreadableImage(path, "not an image format Pillow can read") from None
-    except _DECODE_ERRORS as error:
-        raise UnreadableImage(path, f"{type(error).__name__}: {error}") from error
-
-
-# ----------------------------------------------------------------------------------------------------------
 # The uint8 cache
 # ----------------------------------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass
 class ImageCache:
@@ -326,8 +208,9 @@ def _read_cache(directory: Path, image_size: int, key: str) -> ImageCache | None
     expected_shape = (len(labels), 3, image_size, image_size)
     if meta.get("key") != key or images.dtype != np.uint8 or images.shape != expected_shape:
         return None
-    return ImageCache(images=images, labels=labels, class_names=class_names, image_size=image_size,
-                      skipped=skipped, path=images_path)
+    return ImageCache(
+        images=images, labels=labels, class_names=class_names, image_size=image_size, skipped=skipped, path=images_path
+    )
 
 
 def _writable_dir(candidates: Sequence[Path]) -> Path:
@@ -338,8 +221,9 @@ def _writable_dir(candidates: Sequence[Path]) -> Path:
             continue
         if os.access(directory, os.W_OK):
             return directory
-    raise UserError(f"cannot create an image cache in any of {', '.join(map(printable, candidates))} — "
-                    f"pass a writable --cache-dir")
+    raise UserError(
+        f"cannot create an image cache in any of {', '.join(map(printable, candidates))} — pass a writable --cache-dir"
+    )
 
 
 def _decode_or_reason(path: Path, size: int) -> np.ndarray | str:
@@ -369,7 +253,7 @@ def _decoded_in_order(paths: Sequence[Path], size: int, workers: int) -> Iterato
     chunk = 64 * workers
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for start in range(0, len(paths), chunk):
-            yield from pool.map(functools.partial(_decode_or_reason, size=size), paths[start:start + chunk])
+            yield from pool.map(functools.partial(_decode_or_reason, size=size), paths[start : start + chunk])
 
 
 def _temp_path(final: Path) -> Path:
@@ -381,28 +265,28 @@ def _write_images(final: Path, images: np.ndarray) -> None:
     temp = _temp_path(final)
     out = np.lib.format.open_memmap(temp, mode="w+", dtype=np.uint8, shape=images.shape)
     for start in range(0, len(images), 4096):
-        out[start:start + 4096] = images[start:start + 4096]
+        out[start : start + 4096] = images[start : start + 4096]
     out.flush()
     del out
     os.replace(temp, final)
 
 
-def _build_cache(listing: ImageFolderListing, image_size: int, directory: Path, key: str, warn: LogFn,
-                 show_progress: bool) -> ImageCache:
+def _build_cache(
+    listing: ImageFolderListing, image_size: int, directory: Path, key: str, warn: LogFn, show_progress: bool
+) -> ImageCache:
     images_path, meta_path = _cache_files(directory, image_size, key)
     paths = [path for path, _ in listing.files]
     scratch_path = _temp_path(images_path)
-    scratch = np.lib.format.open_memmap(scratch_path, mode="w+", dtype=np.uint8,
-                                        shape=(len(paths), 3, image_size, image_size))
+    scratch = np.lib.format.open_memmap(
+        scratch_path, mode="w+", dtype=np.uint8, shape=(len(paths), 3, image_size, image_size)
+    )
     labels: list[int] = []
     skipped: list[str] = []
     workers = decode_workers(len(paths), available_memory_bytes())
     try:
-        progress = tqdm(total=len(paths), desc=f"caching {image_size}px images", unit="img",
-                        disable=not show_progress)
+        progress = tqdm(total=len(paths), desc=f"caching {image_size}px images", unit="img", disable=not show_progress)
         with progress:
-            for (path, label), result in zip(listing.files, _decoded_in_order(paths, image_size, workers),
-                                                     strict=True):
+            for (path, label), result in zip(listing.files, _decoded_in_order(paths, image_size, workers), strict=True):
                 if isinstance(result, str):
                     skipped.append(f"{printable(path.relative_to(listing.root).as_posix())}: {printable(result)}")
                 else:
@@ -410,22 +294,34 @@ def _build_cache(listing: ImageFolderListing, image_size: int, directory: Path, 
                     labels.append(label)
                 progress.update()
         if skipped:
-            warn(f"skipped {len(skipped)} unreadable image file(s) of {len(paths)} in {printable(listing.root)}: "
-                 + "; ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
+            warn(
+                f"skipped {len(skipped)} unreadable image file(s) of {len(paths)} in {printable(listing.root)}: "
+                + "; ".join(skipped[:5])
+                + (" ..." if len(skipped) > 5 else "")
+            )
         if not labels:
-            raise UserError(f"none of the {len(paths)} image files in {printable(listing.root)} could be read — "
-                            f"check the files ({LAYOUT_HINT})")
+            raise UserError(
+                f"none of the {len(paths)} image files in {printable(listing.root)} could be read — "
+                f"check the files ({LAYOUT_HINT})"
+            )
         # Atomic: the .npy appears complete or not at all, and the .json (written last) marks it valid.
         if skipped:
-            _write_images(images_path, scratch[:len(labels)])
+            _write_images(images_path, scratch[: len(labels)])
         else:
             scratch.flush()
             os.replace(scratch_path, images_path)
     finally:
         del scratch
         scratch_path.unlink(missing_ok=True)
-    meta = {"key": key, "version": CACHE_FORMAT_VERSION, "image_size": image_size, "root": str(listing.root),
-            "class_names": listing.class_names, "skipped": skipped, "labels": labels}
+    meta = {
+        "key": key,
+        "version": CACHE_FORMAT_VERSION,
+        "image_size": image_size,
+        "root": str(listing.root),
+        "class_names": listing.class_names,
+        "skipped": skipped,
+        "labels": labels,
+    }
     meta_temp = _temp_path(meta_path)
     meta_temp.write_text(json.dumps(meta))
     os.replace(meta_temp, meta_path)
@@ -442,8 +338,13 @@ def _remove_stale_caches(directory: Path, image_size: int, keep: str) -> None:
             path.unlink(missing_ok=True)
 
 
-def load_or_build_cache(data_dir: str | Path, image_size: int, cache_dir: str | Path | None = None,
-                        log: LogFn | logging.Logger | None = None, show_progress: bool = True) -> ImageCache:
+def load_or_build_cache(
+    data_dir: str | Path,
+    image_size: int,
+    cache_dir: str | Path | None = None,
+    log: LogFn | logging.Logger | None = None,
+    show_progress: bool = True,
+) -> ImageCache:
     """The uint8 cache of `data_dir` at `image_size`, reused when the listing is unchanged, else rebuilt.
 
     Default location `<data_dir>/.tiny-cats-cache/`, or `~/.cache/tiny-cats/<hash>` when the data folder is
@@ -466,5 +367,11 @@ def synthetic_cache(num_images: int, image_size: int, num_classes: int = 2, seed
     rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, size=(num_images, 3, image_size, image_size), dtype=np.uint8)
     labels = np.arange(num_images, dtype=np.int64) % num_classes
-    return ImageCache(images=images, labels=labels, class_names=[f"class_{i}" for i in range(num_classes)],
-                      image_size=image_size, skipped=[], path=None)
+    return ImageCache(
+        images=images,
+        labels=labels,
+        class_names=[f"class_{i}" for i in range(num_classes)],
+        image_size=image_size,
+        skipped=[],
+        path=None,
+    )

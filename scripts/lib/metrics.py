@@ -86,18 +86,22 @@ class KidResult:
     num_subsets: int
 
 
-def kid(features_a: ArrayLike, features_b: ArrayLike, num_subsets: int = 50, subset_size: int = 1000,
-        seed: int = 0) -> KidResult:
+def kid(
+    features_a: ArrayLike, features_b: ArrayLike, num_subsets: int = 50, subset_size: int = 1000, seed: int = 0
+) -> KidResult:
     """KID: unbiased MMD^2 averaged over `num_subsets` random subsets (size capped by the smaller set)."""
     a, b = _as_float64(features_a), _as_float64(features_b)
     size = min(subset_size, len(a), len(b))
     if size < 2:
         raise ValueError(f"KID needs at least 2 feature vectors per set, got {len(a)} and {len(b)}")
     rng = np.random.default_rng(seed)
-    values = np.array([mmd2_unbiased(a[rng.choice(len(a), size, replace=False)],
-                                     b[rng.choice(len(b), size, replace=False)]) for _ in range(num_subsets)])
-    return KidResult(mean=float(values.mean()), std=float(values.std()), subset_size=size,
-                     num_subsets=num_subsets)
+    values = np.array(
+        [
+            mmd2_unbiased(a[rng.choice(len(a), size, replace=False)], b[rng.choice(len(b), size, replace=False)])
+            for _ in range(num_subsets)
+        ]
+    )
+    return KidResult(mean=float(values.mean()), std=float(values.std()), subset_size=size, num_subsets=num_subsets)
 
 
 def nearest_neighbour_distances(queries: ArrayLike, references: ArrayLike, chunk: int = 1024) -> np.ndarray:
@@ -139,6 +143,9 @@ def class_fidelity(predicted: ArrayLike, requested: ArrayLike, num_classes: int)
     with np.errstate(invalid="ignore", divide="ignore"):
         per_class = hits / counts
     present = counts > 0
-    return ClassFidelity(per_class=[float(value) for value in per_class], counts=[int(c) for c in counts],
-                         mean=float(per_class[present].mean()) if present.any() else float("nan"),
-                         overall=float(correct.mean()) if len(correct) else float("nan"))
+    return ClassFidelity(
+        per_class=[float(value) for value in per_class],
+        counts=[int(c) for c in counts],
+        mean=float(per_class[present].mean()) if present.any() else float("nan"),
+        overall=float(correct.mean()) if len(correct) else float("nan"),
+    )

@@ -19,7 +19,7 @@ from torch import nn
 
 from models.diffusion import DDPM, OBJECTIVES, FlowMatching, build_objective
 from models.tiny_dit import DIT_SIZES, TinyDiT, build_dit
-from scripts.lib.checkpoints import load_weights, save_weights
+from scripts.lib.weights import load_weights, save_weights
 from scripts.lib.cli import UserError
 from scripts.lib.images import MAX_CLASSES, class_name_problem
 
@@ -30,23 +30,56 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 PIXEL_RANGE = [-1.0, 1.0]  # what a DiT's pixels span: x = 2 * unit - 1
 
 
-def dit_metadata(cfg_dict: dict[str, Any], *, model_name: str, image_size: int, in_channels: int,
-                 class_names: list[str], objective_name: str, objective_options: dict[str, Any], step: int,
-                 weights: str) -> dict[str, Any]:
+def dit_metadata(
+    cfg_dict: dict[str, Any],
+    *,
+    model_name: str,
+    image_size: int,
+    in_channels: int,
+    class_names: list[str],
+    objective_name: str,
+    objective_options: dict[str, Any],
+    step: int,
+    weights: str,
+) -> dict[str, Any]:
     """Metadata of a DiT weights file. `weights` is "ema" or "raw". Pixels: x in [-1, 1] = 2 * unit - 1."""
-    return {"kind": DIT_KIND, "model": model_name, "image_size": image_size, "in_channels": in_channels,
-            "num_classes": len(class_names), "class_names": list(class_names), "objective": objective_name,
-            "objective_options": dict(objective_options), "step": step, "weights": weights,
-            "pixel_range": list(PIXEL_RANGE), "config": cfg_dict}
+    return {
+        "kind": DIT_KIND,
+        "model": model_name,
+        "image_size": image_size,
+        "in_channels": in_channels,
+        "num_classes": len(class_names),
+        "class_names": list(class_names),
+        "objective": objective_name,
+        "objective_options": dict(objective_options),
+        "step": step,
+        "weights": weights,
+        "pixel_range": list(PIXEL_RANGE),
+        "config": cfg_dict,
+    }
 
 
-def classifier_metadata(cfg_dict: dict[str, Any], *, backbone: str, image_size: int, class_names: list[str],
-                        metrics: dict[str, Any], epoch: int) -> dict[str, Any]:
+def classifier_metadata(
+    cfg_dict: dict[str, Any],
+    *,
+    backbone: str,
+    image_size: int,
+    class_names: list[str],
+    metrics: dict[str, Any],
+    epoch: int,
+) -> dict[str, Any]:
     """Metadata of a classifier weights file: inputs are unit images normalised with ImageNet mean/std."""
-    return {"kind": CLASSIFIER_KIND, "backbone": backbone, "image_size": image_size,
-            "num_classes": len(class_names), "class_names": list(class_names),
-            "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
-            "metrics": metrics, "epoch": epoch, "config": cfg_dict}
+    return {
+        "kind": CLASSIFIER_KIND,
+        "backbone": backbone,
+        "image_size": image_size,
+        "num_classes": len(class_names),
+        "class_names": list(class_names),
+        "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        "metrics": metrics,
+        "epoch": epoch,
+        "config": cfg_dict,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -158,8 +191,11 @@ def _check_objective(metadata: dict[str, Any]) -> None:
     allowed = {"flow": ("time_sampling",), "ddpm": ("schedule", "num_timesteps", "eta")}[objective]
     unknown = sorted(set(options) - set(allowed))
     if unknown:
-        raise _Invalid(f"objective_options.{unknown[0]}", options[unknown[0]],
-                       f"is not an option of the {objective} objective ({', '.join(allowed)})")
+        raise _Invalid(
+            f"objective_options.{unknown[0]}",
+            options[unknown[0]],
+            f"is not an option of the {objective} objective ({', '.join(allowed)})",
+        )
     if "time_sampling" in options:
         _one_of("objective_options.time_sampling", options["time_sampling"], FlowMatching.time_samplings)
     if "schedule" in options:
@@ -233,10 +269,14 @@ def _check_classifier(metadata: dict[str, Any]) -> None:
 
 # kind -> (the fields every file of that kind carries, their check)
 _KINDS: dict[str, tuple[tuple[str, ...], Callable[[dict[str, Any]], None]]] = {
-    DIT_KIND: (("model", "image_size", "in_channels", "num_classes", "class_names", "objective", "step", "weights",
-                "config"), _check_dit),
-    CLASSIFIER_KIND: (("backbone", "image_size", "num_classes", "class_names", "normalization", "metrics", "epoch",
-                       "config"), _check_classifier),
+    DIT_KIND: (
+        ("model", "image_size", "in_channels", "num_classes", "class_names", "objective", "step", "weights", "config"),
+        _check_dit,
+    ),
+    CLASSIFIER_KIND: (
+        ("backbone", "image_size", "num_classes", "class_names", "normalization", "metrics", "epoch", "config"),
+        _check_classifier,
+    ),
 }
 
 
@@ -246,8 +286,10 @@ def validate_metadata(metadata: Any, kind: str | None = None, source: Path | str
     given, is the kind the caller needs. Raises one UserError line naming the field and its value."""
     found = metadata.get("kind") if isinstance(metadata, dict) else None
     if found not in _KINDS:
-        raise UserError(f"{source}: unknown checkpoint kind {_SHOWN.repr(found)} (expected "
-                        f"'{DIT_KIND}' or '{CLASSIFIER_KIND}') — it was not written by this kit")
+        raise UserError(
+            f"{source}: unknown checkpoint kind {_SHOWN.repr(found)} (expected "
+            f"'{DIT_KIND}' or '{CLASSIFIER_KIND}') — it was not written by this kit"
+        )
     if kind is not None and found != kind:
         raise UserError(f"{source}: this is a '{found}' checkpoint, not a '{kind}' one")
     required, check = _KINDS[found]
@@ -258,8 +300,10 @@ def validate_metadata(metadata: Any, kind: str | None = None, source: Path | str
         check(metadata)
         _check_config(metadata["config"])
     except _Invalid as bad:
-        raise UserError(f"{source}: metadata {bad.field} = {_SHOWN.repr(bad.value)} {bad.reason} — the file is "
-                        "damaged or was not written by this kit; use the file a trainer wrote") from None
+        raise UserError(
+            f"{source}: metadata {bad.field} = {_SHOWN.repr(bad.value)} {bad.reason} — the file is "
+            "damaged or was not written by this kit; use the file a trainer wrote"
+        ) from None
 
 
 def build_dit_from_metadata(metadata: dict[str, Any]) -> TinyDiT:
@@ -285,9 +329,11 @@ def load_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], path: Pat
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
-    mismatched = [f"{name} {tuple(state_dict[name].shape)} != {tuple(tensor.shape)}"
-                  for name, tensor in expected.items()
-                  if name in state_dict and state_dict[name].shape != tensor.shape]
+    mismatched = [
+        f"{name} {tuple(state_dict[name].shape)} != {tuple(tensor.shape)}"
+        for name, tensor in expected.items()
+        if name in state_dict and state_dict[name].shape != tensor.shape
+    ]
     problems = []
     if missing:
         problems.append(f"missing {len(missing)} tensors (e.g. {', '.join(missing[:3])})")
@@ -310,8 +356,9 @@ def load_dit(path: str | Path, device: str | torch.device = "cpu"):
 
 def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """(model in eval mode, metadata) from a classifier weights file."""
-    state_dict, metadata = load_weights(path, check_metadata=lambda found: validate_metadata(found, CLASSIFIER_KIND,
-                                                                                             path))
+    state_dict, metadata = load_weights(
+        path, check_metadata=lambda found: validate_metadata(found, CLASSIFIER_KIND, path)
+    )
     model = build_classifier_from_metadata(metadata)
     load_strict(model, state_dict, path)
     return model.to(device).eval(), metadata

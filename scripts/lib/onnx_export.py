@@ -68,8 +68,14 @@ def read_sidecar(onnx_path: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def export_with_dynamic_batch(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], input_names: Sequence[str],
-                              output_name: str, path: str | Path, opset: int = DEFAULT_OPSET) -> Path:
+def export_with_dynamic_batch(
+    model: nn.Module,
+    example_inputs: tuple[torch.Tensor, ...],
+    input_names: Sequence[str],
+    output_name: str,
+    path: str | Path,
+    opset: int = DEFAULT_OPSET,
+) -> Path:
     """Export `model(*example_inputs)` with torch.onnx's dynamo exporter; axis 0 of every input is dynamic.
 
     The model is exported in eval mode and the exporter's graph optimiser (constant folding, redundant op
@@ -84,9 +90,16 @@ def export_with_dynamic_batch(model: nn.Module, example_inputs: tuple[torch.Tens
         # All inputs share the one batch Dim on purpose; the exporter warns that it renames none of them.
         warnings.filterwarnings("ignore", message=r"# The axis name: batch will not be used")
         program = torch.onnx.export(
-            model, example_inputs, dynamo=True, opset_version=opset, optimize=True,
-            input_names=list(input_names), output_names=[output_name],
-            dynamic_shapes=tuple({0: batch} for _ in example_inputs), verbose=False)
+            model,
+            example_inputs,
+            dynamo=True,
+            opset_version=opset,
+            optimize=True,
+            input_names=list(input_names),
+            output_names=[output_name],
+            dynamic_shapes=tuple({0: batch} for _ in example_inputs),
+            verbose=False,
+        )
     attention_on_tokens(program.model)
     program.save(str(path), external_data=parameter_bytes > _MAX_INLINE_PARAMETER_BYTES)
     return path
@@ -137,8 +150,10 @@ def _queries_keys_values(graph: ir.Graph, qkv: ir.Value) -> tuple[list[ir.Node],
     prefix = add.name or qkv.name
     thirds = zip(np.split(weight.numpy(), 3, axis=1), np.split(bias.numpy(), 3), strict=True)
     for part, (part_weight, part_bias) in zip("qkv", thirds, strict=True):
-        constants = [ir.Value(name=f"{prefix}.{part}.{kind}", const_value=ir.tensor(np.ascontiguousarray(array)))
-                     for kind, array in (("weight", part_weight), ("bias", part_bias))]
+        constants = [
+            ir.Value(name=f"{prefix}.{part}.{kind}", const_value=ir.tensor(np.ascontiguousarray(array)))
+            for kind, array in (("weight", part_weight), ("bias", part_bias))
+        ]
         for constant in constants:
             graph.register_initializer(constant)
         product = ir.node("MatMul", [matmul.inputs[0], constants[0]])
@@ -205,8 +220,9 @@ def max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64))))
 
 
-def parity_with_torch(model: nn.Module, session: ort.InferenceSession,
-                      batches: Sequence[dict[str, torch.Tensor]]) -> dict[int, float]:
+def parity_with_torch(
+    model: nn.Module, session: ort.InferenceSession, batches: Sequence[dict[str, torch.Tensor]]
+) -> dict[int, float]:
     """{batch size: max |onnx - torch|} over `batches` (input name -> tensor, all on CPU)."""
     diffs = {}
     with torch.no_grad():
@@ -223,14 +239,17 @@ def require_parity(what: str, diffs: dict[int, float], tolerance: float, log=pri
         log(f"  {what} batch {batch_size}: max |onnx - torch| = {diff:.3g}")
     worst = max(diffs.values())
     if not worst <= tolerance:  # also catches NaN
-        raise UserError(f"{what}: ONNX Runtime differs from PyTorch by {worst:.3g} > {tolerance:g} — the export is "
-                        "not faithful; report it with the checkpoint and the torch/onnxruntime versions")
+        raise UserError(
+            f"{what}: ONNX Runtime differs from PyTorch by {worst:.3g} > {tolerance:g} — the export is "
+            "not faithful; report it with the checkpoint and the torch/onnxruntime versions"
+        )
     log(f"  {what}: parity OK (max {worst:.3g} <= {tolerance:g})")
     return worst
 
 
-def check_export(what: str, model: nn.Module, path: str | Path,
-                 batches: Sequence[dict[str, torch.Tensor]]) -> tuple[ort.InferenceSession, float]:
+def check_export(
+    what: str, model: nn.Module, path: str | Path, batches: Sequence[dict[str, torch.Tensor]]
+) -> tuple[ort.InferenceSession, float]:
     """onnx.checker, then ONNX Runtime vs PyTorch on `batches`: (session, worst diff); UserError above tolerance."""
     check_onnx_file(path)
     print("  onnx.checker: OK")
