@@ -5,6 +5,11 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# `make ... PY=/some/python` runs with that interpreter as it is: no venv is built or changed (the tests run
+# `make local-smoke` this way, and an install would repoint the editable package at their checkout).
+SETUP := $(if $(filter command line,$(origin PY)),,install)
+RUFF := $(dir $(PY))ruff
+LINTED := models scripts tests modal_app.py
 
 DATA ?= data/cats
 PER_CLASS ?= 200
@@ -30,38 +35,39 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $@
 
-test: install ## run the whole test suite (what CI runs)
+test: lint ## the style check, then the whole test suite (what CI runs)
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
-lint: install ## ruff over the code
-	$(VENV)/bin/ruff check models scripts tests modal_app.py
+lint: $(SETUP) ## one style: ruff format --check (the formatter's layout) and ruff check (the lint rules)
+	$(RUFF) format --check $(LINTED)
+	$(RUFF) check $(LINTED)
 
-data: install ## generate the built-in toy-cats data set into $(DATA)
+data: $(SETUP) ## generate the built-in toy-cats data set into $(DATA)
 	$(PY) scripts/make_toy_cats.py --out $(DATA) --per-class $(PER_CLASS) --size $(SIZE)
 
-train: install ## train the classifier on $(DATA) from scratch (CPU-friendly; ~99% val acc on toy cats)
+train: $(SETUP) ## train the classifier on $(DATA) from scratch (CPU-friendly; ~99% val acc on toy cats)
 	test -d $(DATA) || $(MAKE) data
 	$(PY) scripts/train.py $(DATA) --no-pretrained --epochs 6 --lr 2e-3 --output $(CKPT)/cats_model.safetensors
 
-train-dit: install ## a short TinyDiT run on $(DATA) at 32 px that learns on a CPU (T/4, flow, lr 1e-3)
+train-dit: $(SETUP) ## a short TinyDiT run on $(DATA) at 32 px that learns on a CPU (T/4, flow, lr 1e-3)
 	test -d $(DATA) || $(MAKE) data
 	$(PY) scripts/train_dit.py $(DATA) --model T/4 --image-size 32 --steps 2000 --batch-size 64 --lr 1e-3 \
 		--warmup-steps 100 --save-interval 500 --sample-interval 500 --run-name dit-local --output-dir $(CKPT)
 
-sample: install ## sample a grid (one row per class) from $(CKPT)/tinydit_final.safetensors
+sample: $(SETUP) ## sample a grid (one row per class) from $(CKPT)/tinydit_final.safetensors
 	$(PY) scripts/sample.py --checkpoint $(CKPT)/tinydit_final.safetensors --num 8 --out $(CKPT)/samples.png
 
-verify: install ## verify the DiT and classifier checkpoints in $(CKPT) (report + sample grid)
+verify: $(SETUP) ## verify the DiT and classifier checkpoints in $(CKPT) (report + sample grid)
 	$(PY) scripts/verify_checkpoint.py --checkpoint $(CKPT)/tinydit_final.safetensors
 	$(PY) scripts/verify_checkpoint.py --checkpoint $(CKPT)/cats_model.safetensors
 
-export: install ## export both models in $(CKPT) to ONNX and check them against PyTorch
+export: $(SETUP) ## export both models in $(CKPT) to ONNX and check them against PyTorch
 	$(PY) scripts/export_dit_onnx.py --checkpoint $(CKPT)/tinydit_final.safetensors \
 		--output $(CKPT)/tinydit.onnx --verify --test
 	$(PY) scripts/export_onnx.py --checkpoint $(CKPT)/cats_model.safetensors --output $(CKPT)/cats_model.onnx \
 		--verify --images $(DATA)
 
-local-smoke: install ## the whole chain offline on toy cats: data, classifier, DiT, sample, verify, export
+local-smoke: $(SETUP) ## the whole chain offline on toy cats: data, classifier, DiT, sample, verify, export
 	rm -rf $(CKPT)/smoke-classifier $(CKPT)/smoke-dit
 	$(PY) scripts/make_toy_cats.py --out $(SMOKE_DATA) --per-class 40 --size 32 --seed 0
 	$(PY) scripts/train.py $(SMOKE_DATA) --no-pretrained --epochs 2 --batch-size 16 --lr 2e-3 --image-size 32 \
@@ -78,7 +84,7 @@ local-smoke: install ## the whole chain offline on toy cats: data, classifier, D
 		$(CKPT)/*.png $(CKPT)/smoke-dit/sample_grid.png $(CKPT)/smoke-dit/training.log \
 		$(CKPT)/smoke-classifier/training.log
 
-quality: install ## CPU quality check: toy cats 32 px, classifier, T/4 DiT, evaluate (~10 min on 2 cores)
+quality: $(SETUP) ## CPU quality check: toy cats 32 px, classifier, T/4 DiT, evaluate (~10 min on 2 cores)
 	rm -rf $(QUALITY_OUT)
 	$(PY) scripts/make_toy_cats.py --out $(QUALITY_DATA)/train --per-class 200 --size 32 --seed 0
 	$(PY) scripts/make_toy_cats.py --out $(QUALITY_DATA)/heldout --per-class 50 --size 32 --seed 1
@@ -92,7 +98,7 @@ quality: install ## CPU quality check: toy cats 32 px, classifier, T/4 DiT, eval
 		--heldout-data $(QUALITY_DATA)/heldout --num-per-class 50 --steps 20 \
 		--out $(QUALITY_OUT)/report.json --grid $(QUALITY_OUT)/grid.png
 
-bench: install ## speed report (JSON): the CPU suite on a CPU, the GPU suite (S/4, S/2: trainer vs bare loop) on CUDA
+bench: $(SETUP) ## speed report (JSON): the CPU suite on a CPU, the GPU suite (S/4, S/2: trainer vs bare loop) on CUDA
 	$(PY) scripts/benchmark.py --out $(CKPT)/bench.json
 
 .PHONY: modal-check modal-data modal-upload modal-train modal-dit modal-status modal-download
@@ -116,32 +122,32 @@ MODAL_RUN_FLAG = $(if $(RUN),--run-name $(RUN))
 MODAL_DETACH_FLAG = $(if $(filter 1,$(DETACH)),--detach)
 NEED_RUN = $(if $(RUN),,$(error RUN=<run name> is required, e.g. make $@ RUN=dit-20261128-213012))
 
-modal-check: install ## Modal: token valid, entrypoints load, image builds and imports the project
+modal-check: $(SETUP) ## Modal: token valid, entrypoints load, image builds and imports the project
 	$(MODAL) token info
 	$(MODAL) run modal_app.py::dit --help > /dev/null
 	$(MODAL) run modal_app.py::classifier --help > /dev/null
 	$(MODAL) shell modal_app.py::prepare_data_remote --cmd "python -c 'import scripts.train_dit, scripts.train, models.tiny_dit; print(\"image ok\")'"
 
-modal-data: install ## Modal: download Oxford-IIIT Pet on Modal into the data volume (cats, cat-vs-other)
+modal-data: $(SETUP) ## Modal: download Oxford-IIIT Pet on Modal into the data volume (cats, cat-vs-other)
 	$(MODAL) run modal_app.py::prepare_data
 
-modal-upload: install ## Modal: upload the local $(DATA) to the data volume as $(MODAL_DATA)
+modal-upload: $(SETUP) ## Modal: upload the local $(DATA) to the data volume as $(MODAL_DATA)
 	$(MODAL) run modal_app.py::upload_data --local-dir $(DATA) --name $(MODAL_DATA)
 
-modal-train: install ## Modal: train the classifier, attached (EPOCHS, CLS_BATCH, GPU, MODAL_DATA, RUN)
+modal-train: $(SETUP) ## Modal: train the classifier, attached (EPOCHS, CLS_BATCH, GPU, MODAL_DATA, RUN)
 	$(MODAL) run modal_app.py::classifier --epochs $(EPOCHS) --batch-size $(CLS_BATCH) --data $(MODAL_DATA) \
 		$(MODAL_GPU_FLAG) $(MODAL_RUN_FLAG)
 
-modal-dit: install ## Modal: train TinyDiT, detached unless DETACH=0 (STEPS, BATCH, ACCUM, AUG, GPU, TRACKER, RUN)
+modal-dit: $(SETUP) ## Modal: train TinyDiT, detached unless DETACH=0 (STEPS, BATCH, ACCUM, AUG, GPU, TRACKER, RUN)
 	$(MODAL) run $(MODAL_DETACH_FLAG) modal_app.py::dit --steps $(STEPS) --batch-size $(BATCH) \
 		--gradient-accumulation-steps $(ACCUM) --augmentation-level $(AUG) --report-to $(TRACKER) \
 		--data $(MODAL_DATA) $(MODAL_GPU_FLAG) $(MODAL_RUN_FLAG)
 
-modal-status: install ## Modal: where run RUN stands (attempt, step, img/s, ETA, newest checkpoint and grid)
+modal-status: $(SETUP) ## Modal: where run RUN stands (attempt, step, img/s, ETA, newest checkpoint and grid)
 	$(NEED_RUN)
 	$(MODAL) run modal_app.py::status --run $(RUN)
 
-modal-download: install ## Modal: copy run RUN to $(CKPT)/RUN/, then verify its weights and export them to ONNX
+modal-download: $(SETUP) ## Modal: copy run RUN to $(CKPT)/RUN/, then verify its weights and export them to ONNX
 	$(NEED_RUN)
 	$(MODAL) run modal_app.py::download --run $(RUN) --local-dir $(CKPT)
 
