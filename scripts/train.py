@@ -37,6 +37,7 @@ from scripts.lib.model_files import MAX_IMAGE_SIZE, MIN_CLASSIFIER_IMAGE_SIZE, c
 from scripts.lib.run import Run, RunSpec, common_problems, open_run, positive_problems
 from scripts.lib.runlog import config_dict, format_duration
 from scripts.lib.runtime import DEVICES, PRECISIONS
+from scripts.lib.schedule import learning_rate
 from scripts.lib.stopping import StopAgreement, exit_status, stop_on_signals
 from scripts.lib.training_state import TrainingState, check_same_setup
 
@@ -91,17 +92,6 @@ def validate_config(cfg: TrainConfig, num_processes: int = 1) -> None:
     problems += common_problems(cfg.data_dir, cfg.batch_size, num_processes, cfg.resume)
     if problems:
         raise UserError("; ".join(problems))
-
-
-def learning_rate(step: int, total_steps: int, peak: float, warmup_steps: int) -> float:
-    """LR of optimizer step `step` (0-based): linear warmup to `peak`, then cosine decay towards 0.
-
-    A pure function of the step, so a resumed run needs no scheduler state.
-    """
-    if step < warmup_steps:
-        return peak * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
@@ -256,7 +246,7 @@ def train_epoch(
 def train_step(cfg: TrainConfig, model, state: TrainingState, source, schedule, step: int, health, accelerator):
     """One optimizer step on this rank's share of global batch `step`; returns (loss sum, correct, images)."""
     for group in state.optimizer.param_groups:
-        group["lr"] = learning_rate(step, schedule.total_steps, cfg.lr, schedule.warmup_steps)
+        group["lr"] = learning_rate(step, cfg.lr, schedule.warmup_steps, "cosine", schedule.total_steps)
     # Dropout and stochastic depth (mobilenet, efficientnet, convnext) use the global RNG: seeding it from
     # (seed, step, rank) makes them, like the batches, continue exactly after a resume.
     torch.manual_seed((((cfg.seed * 1_000_003 + step) << 16) + accelerator.process_index) % (1 << 63))

@@ -37,6 +37,7 @@ from scripts.lib.run import Run, RunSpec, common_problems, open_run, positive_pr
 from scripts.lib.runlog import config_dict, format_duration
 from scripts.lib.runtime import DEVICES, PRECISIONS, compile_wanted, compile_with_fallback
 from scripts.lib.sampling import write_training_grid
+from scripts.lib.schedule import LR_SCHEDULES, learning_rate
 from scripts.lib.stopping import StopAgreement, TimeBudget, exit_status, stop_on_signals
 from scripts.lib.training_state import TrainingState, check_same_setup
 
@@ -55,6 +56,9 @@ class TrainDiTConfig:
     gradient_accumulation_steps: int = option(1, "forward passes per optimizer step (effective batch = x this)")
     augmentation_level: str = option("full", "training augmentation", choices=batches.AUGMENTATION_LEVELS)
     warmup_steps: int = option(10000, "linear LR warmup (capped to 10%% of --steps when not below it)")
+    lr_schedule: str = option(
+        "constant", "after the warmup: constant (DiT) or cosine to 0 at --steps", choices=LR_SCHEDULES
+    )
     save_interval: int = option(10000, "save the full training state every N steps (and at the end)")
     sample_interval: int = option(5000, "write an EMA sample grid every N steps (and at the end)")
     log_interval: int = option(100, "log loss/lr/grad-norm/img/s every N steps (at most every 10%% of the run)")
@@ -125,11 +129,6 @@ def effective_warmup(cfg: TrainDiTConfig) -> int:
     return cfg.warmup_steps if cfg.warmup_steps < cfg.steps else max(1, cfg.steps // 10)
 
 
-def learning_rate(step: int, peak: float, warmup: int) -> float:
-    """LR of optimizer step `step` (0-based): linear warmup to `peak`, then constant (as in DiT)."""
-    return peak if warmup <= 0 else peak * min(1.0, (step + 1) / warmup)
-
-
 def build_training_objective(cfg: TrainDiTConfig):
     """The objective of --objective with its own option (the other objective's flag does not apply)."""
     if cfg.objective == "flow":
@@ -196,7 +195,10 @@ def training_schedule(cfg: TrainDiTConfig) -> dict[str, Any]:
     """The data order and the LR schedule: a resume with other values trains on, but no longer exactly as an
     uninterrupted run would have (the LR is a pure function of the step, so this is all its state)."""
     names = ("batch_size", "gradient_accumulation_steps", "seed", "augmentation_level", "label_dropout", "lr")
-    return {**{name: getattr(cfg, name) for name in names}, "warmup_steps": effective_warmup(cfg)}
+    schedule = {**{name: getattr(cfg, name) for name in names}, "warmup_steps": effective_warmup(cfg)}
+    if cfg.lr_schedule != "constant":  # a decay depends on where it ends; a constant LR (older states) does not
+        schedule.update(lr_schedule=cfg.lr_schedule, lr_decay_end=cfg.steps)
+    return schedule
 
 
 def resume(run: Run, state: TrainingState, cfg: TrainDiTConfig) -> int:
@@ -208,8 +210,8 @@ def resume(run: Run, state: TrainingState, cfg: TrainDiTConfig) -> int:
     check_same_setup(run.resume_from, saved.get("architecture"), architecture(cfg, run.cache.class_names))
     if step > cfg.steps:
         raise UserError(f"{run.resume_from} is already at step {step}, beyond --steps {cfg.steps} — raise it")
-    recorded = saved.get("training_schedule") or {}
-    changed = [key for key, value in training_schedule(cfg).items() if recorded.get(key) != value]
+    recorded, wanted = saved.get("training_schedule") or {}, training_schedule(cfg)
+    changed = [key for key in {**recorded, **wanted} if recorded.get(key) != wanted.get(key)]
     if changed:
         run.logger.info("note: %s changed since the checkpoint; no longer an exact continuation", ", ".join(changed))
     state.load(saved, run.resume_from)
@@ -322,7 +324,7 @@ def optimizer_step(cfg: TrainDiTConfig, model, state: TrainingState, objective, 
     """One optimizer step over the effective global batch; returns (loss, grad norm, the guard's verdict), all
     device tensors (reading them would wait for the GPU)."""
     for group in state.optimizer.param_groups:  # the LR is a pure function of the step: no scheduler state
-        group["lr"] = learning_rate(step, cfg.lr, effective_warmup(cfg))
+        group["lr"] = learning_rate(step, cfg.lr, effective_warmup(cfg), cfg.lr_schedule, cfg.steps)
     draw = draw_step(cfg, source.num_images, objective, step, accelerator.device)
     parts = micro_slices(cfg, accelerator.process_index, accelerator.num_processes)
     next_indices = [draw.indices[part] for part in parts[1:]] + [next_step_indices(cfg, source, step + 1, parts[0])]
@@ -367,7 +369,7 @@ def log_progress(run: Run, cfg, step: int, window: MetricsWindow, grad_norm, hea
     """One log line, metrics.jsonl row and status update for the steps since the last one."""
     stop_if_broken(health, step)
     figures = window.close(run.accelerator, cfg.batch_size * cfg.gradient_accumulation_steps)
-    lr = learning_rate(step - 1, cfg.lr, effective_warmup(cfg))
+    lr = learning_rate(step - 1, cfg.lr, effective_warmup(cfg), cfg.lr_schedule, cfg.steps)
     metrics = {**figures, "lr": lr, "grad_norm": float(grad_norm), "ema_decay": ema.current_decay()}
     eta_s = (cfg.steps - step) * figures["seconds_per_step"]
     run.logger.info(

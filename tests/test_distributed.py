@@ -32,6 +32,7 @@ from scripts.lib.images import load_or_build_cache
 from scripts.lib.classifier_validation import evaluate
 from scripts.lib.model_files import load_classifier
 from scripts.lib.runtime import make_accelerator
+from scripts.lib.schedule import learning_rate
 
 pytestmark = pytest.mark.slow
 
@@ -284,7 +285,7 @@ def test_logged_loss_is_the_mean_of_the_ranks_losses(launches, reference):
 @pytest.mark.parametrize("job", ["dit", "accumulation"])
 def test_step_counter_and_lr_advance_once_per_optimizer_step(launches, reference, job):
     metrics = launches[job].succeeded().metrics()
-    expected_lr = [train_dit.learning_rate(step, LR, WARMUP) for step in range(STEPS)]
+    expected_lr = [learning_rate(step, LR, WARMUP) for step in range(STEPS)]
     assert [record["step"] for record in metrics] == list(range(1, STEPS + 1))
     assert [record["lr"] for record in metrics] == expected_lr == [record["lr"] for record in reference["metrics"]]
     assert [record["ema_decay"] for record in metrics] == [record["ema_decay"] for record in reference["metrics"]]
@@ -345,7 +346,7 @@ def test_classifier_writes_once_and_logs_the_lr_of_the_last_step(launches):
     assert [record["epoch"] for record in metrics] == list(range(1, CLASSIFIER_EPOCHS + 1))
     total_steps = metrics[-1]["step"]
     warmup = round(train.TrainConfig().warmup_fraction * total_steps)
-    assert metrics[-1]["lr"] == train.learning_rate(total_steps - 1, total_steps, LR, warmup)
+    assert metrics[-1]["lr"] == learning_rate(total_steps - 1, LR, warmup, "cosine", total_steps)
 
 
 def test_classifier_validation_figures_are_those_of_the_saved_model(launches, toy_data):

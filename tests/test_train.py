@@ -19,7 +19,8 @@ from scripts.lib.images import scan_image_folder
 from scripts.make_toy_cats import generate_toy_cats
 from scripts.lib.model_files import load_classifier
 from scripts.lib.classifier_validation import format_confusion_matrix
-from scripts.train import TrainConfig, learning_rate, main, validate_config
+from scripts.lib.schedule import learning_rate
+from scripts.train import TrainConfig, main, validate_config
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,11 +116,11 @@ def test_global_batch_must_split_over_the_processes():
 
 
 def test_learning_rate_warms_up_then_decays_to_zero():
-    rates = [learning_rate(step, 100, 1e-3, 10) for step in range(100)]
+    rates = [learning_rate(step, 1e-3, 10, "cosine", 100) for step in range(100)]
     assert rates[0] == pytest.approx(1e-4) and rates[9] == pytest.approx(1e-3)
     assert all(a >= b for a, b in zip(rates[9:], rates[10:], strict=False))
     assert rates[-1] < 1e-6
-    assert learning_rate(0, 10, 1e-3, 0) == pytest.approx(1e-3)
+    assert learning_rate(0, 1e-3, 0, "cosine", 10) == pytest.approx(1e-3)
 
 
 def test_confusion_matrix_text_shows_counts_and_per_class_accuracy():

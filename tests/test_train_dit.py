@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,8 @@ from scripts.lib.checkpoints import COMPLETE_MARKER, list_complete_states, load_
 from scripts.lib.weights import load_weights
 from scripts.lib.cli import UserError, parse_config
 from scripts.lib.model_files import load_dit
-from scripts.train_dit import TrainDiTConfig, learning_rate, validate_config
+from scripts.lib.schedule import learning_rate
+from scripts.train_dit import TrainDiTConfig, validate_config
 from builders import TOY_CLASSES, make_toy_data, tiny_config
 
 
@@ -91,6 +93,15 @@ def test_learning_rate_warms_up_linearly_then_stays():
     assert learning_rate(9, 1e-3, 10) == pytest.approx(1e-3)
     assert learning_rate(5000, 1e-3, 10) == pytest.approx(1e-3)
     assert learning_rate(0, 1e-3, 0) == pytest.approx(1e-3)
+
+
+def test_cosine_learning_rate_warms_up_then_decays_to_zero_at_the_last_step():
+    assert learning_rate(4, 1e-3, 10, "cosine", 110) == pytest.approx(5e-4)  # the same warmup
+    assert learning_rate(10, 1e-3, 10, "cosine", 110) == pytest.approx(1e-3)
+    assert learning_rate(60, 1e-3, 10, "cosine", 110) == pytest.approx(5e-4)  # half way: half the peak
+    assert learning_rate(35, 1e-3, 10, "cosine", 110) == pytest.approx(1e-3 * (1 + math.cos(math.pi / 4)) / 2)
+    assert 0 < learning_rate(109, 1e-3, 10, "cosine", 110) < 1e-6
+    assert learning_rate(200, 1e-3, 10, "cosine", 110) == 0.0  # a run resumed beyond its planned end
 
 
 def test_short_run_writes_every_artefact_and_caps_the_warmup(toy_data, tmp_path):
