@@ -16,13 +16,14 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from models.tiny_dit import TinyDiT, build_dit, count_parameters
-from scripts.benchmark import (GPU_FULL, GPU_GOAL, GPU_QUICK, QUICK, BenchmarkConfig, GpuRun, MeasurementFailed,
-                               attempt, count_flops, forward_backward_flops, gpu_goal, gpu_goal_section, main,
-                               matmuls_only_call, measure_pipeline_throughput, resolve_suite, run_command, speed_bar,
-                               speed_bar_section, trainer_command, trainer_over_bare_loop, trainer_windows,
-                               training_figures)
+from scripts.benchmark import (QUICK, BenchmarkConfig, main, measure_pipeline_throughput, resolve_suite, speed_bar,
+                               speed_bar_section)
 from scripts.lib.cli import UserError, parse_config
+from scripts.lib.gpu_bench import (GPU_FULL, GPU_GOAL, GPU_QUICK, GpuRun, MeasurementFailed, attempt, gpu_goal,
+                                   gpu_goal_section, run_command, trainer_command, trainer_over_bare_loop,
+                                   trainer_windows, training_figures)
 from scripts.lib.images import synthetic_cache
+from scripts.lib.measuring import count_flops, forward_backward_flops, matmuls_only_call
 from scripts.make_toy_cats import TOY_CAT_CLASSES
 from scripts.train_dit import TrainDiTConfig
 
