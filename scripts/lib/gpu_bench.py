@@ -35,8 +35,15 @@ import torch
 
 from models.tiny_dit import TinyDiT, build_dit, count_parameters
 from scripts.lib.images import scan_image_folder
-from scripts.lib.measuring import (dit_train_step, forward_backward_flops, matmul_call, peak_memory_mb,
-                                   reset_peak_memory, sampling_call, timed_calls)
+from scripts.lib.measuring import (
+    dit_train_step,
+    forward_backward_flops,
+    matmul_call,
+    peak_memory_mb,
+    reset_peak_memory,
+    sampling_call,
+    timed_calls,
+)
 from scripts.lib.runtime import cpu_has_native_bf16, synchronize
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,8 +52,10 @@ TOY_CATS = "scripts/make_toy_cats.py"
 VARIANTS = {"eager": False, "compiled": True}  # each measurement without and with torch.compile
 # Issue 15's goal on an H100/H200-class GPU: the trainer (compiled, as --compile auto does on CUDA) within 3 % of
 # a bare loop of the same model, and the trainer's MFU against the bf16 matmul peak.
-GPU_GOAL = {"S/4": {"trainer_over_bare_loop": 0.97, "trainer_mfu": 0.30},
-            "S/2": {"trainer_over_bare_loop": 0.97, "trainer_mfu": 0.45}}
+GPU_GOAL = {
+    "S/4": {"trainer_over_bare_loop": 0.97, "trainer_mfu": 0.30},
+    "S/2": {"trainer_over_bare_loop": 0.97, "trainer_mfu": 0.45},
+}
 
 
 @dataclass(frozen=True)
@@ -80,12 +89,30 @@ class GpuBenchSpec:
 
 # Steps per window chosen so that each window lasts ~1-3 s at the throughputs measured on an H200 (S/4 ~3,500-
 # 6,500 img/s, S/2 ~1,000-1,800 img/s at batch 256) and the whole suite fits in about 8 minutes there.
-GPU_FULL = GpuBenchSpec(models=(GpuModelSpec("S/4", 20), GpuModelSpec("S/2", 10)), image_size=64, batch_size=256,
-                        windows=9, matmul_size=8192, matmul_calls=10, sample_steps=50, sample_repeats=2,
-                        cfg_scale=4.0, toy_cats_per_class=200)
-GPU_QUICK = GpuBenchSpec(models=(GpuModelSpec("T/8", 1),), image_size=16, batch_size=4, windows=2, matmul_size=128,
-                         matmul_calls=2, sample_steps=2, sample_repeats=1, cfg_scale=4.0, toy_cats_per_class=2)
-
+GPU_FULL = GpuBenchSpec(
+    models=(GpuModelSpec("S/4", 20), GpuModelSpec("S/2", 10)),
+    image_size=64,
+    batch_size=256,
+    windows=9,
+    matmul_size=8192,
+    matmul_calls=10,
+    sample_steps=50,
+    sample_repeats=2,
+    cfg_scale=4.0,
+    toy_cats_per_class=200,
+)
+GPU_QUICK = GpuBenchSpec(
+    models=(GpuModelSpec("T/8", 1),),
+    image_size=16,
+    batch_size=4,
+    windows=2,
+    matmul_size=128,
+    matmul_calls=2,
+    sample_steps=2,
+    sample_repeats=1,
+    cfg_scale=4.0,
+    toy_cats_per_class=2,
+)
 
 
 class MeasurementFailed(Exception):
@@ -147,16 +174,22 @@ def training_figures(run: GpuRun, img_per_s_windows: list[float], flops_per_step
     """img/s (the median of the windows), step time, achieved TFLOP/s and MFU of one training variant."""
     img_per_s = statistics.median(img_per_s_windows)
     achieved = flops_per_step * img_per_s / run.spec.batch_size
-    return {"img_per_s": img_per_s, "step_ms": run.spec.batch_size / img_per_s * 1e3, "tflop_per_s": achieved / 1e12,
-            "mfu": achieved / run.peak_flops, "img_per_s_windows": img_per_s_windows}
+    return {
+        "img_per_s": img_per_s,
+        "step_ms": run.spec.batch_size / img_per_s * 1e3,
+        "tflop_per_s": achieved / 1e12,
+        "mfu": achieved / run.peak_flops,
+        "img_per_s_windows": img_per_s_windows,
+    }
 
 
 def measure_bare_loop(run: GpuRun, model: GpuModelSpec, flops_per_step: int, compiled: bool) -> dict[str, Any]:
     """The bare loop, timed as the trainer logs: a warm-up window, then `windows` windows of `window_steps` steps."""
     network = build_gpu_dit(run, model).train()
     started = time.perf_counter()
-    step = dit_train_step(torch.compile(network) if compiled else network, run.spec.batch_size, run.device,
-                          run.precision)
+    step = dit_train_step(
+        torch.compile(network) if compiled else network, run.spec.batch_size, run.device, run.precision
+    )
     step()
     synchronize(run.device)
     first_step_seconds = time.perf_counter() - started  # the compile included, for a compiled model
@@ -171,13 +204,35 @@ def trainer_command(run: GpuRun, model: GpuModelSpec, run_name: str, compiled: b
     The run logs every `window_steps` steps, and saves and samples only once, at the end, after its last window.
     """
     steps = run.spec.trainer_steps(model)
-    return [sys.executable, TRAINER, str(run.data_dir), "--model", model.name,
-            "--image-size", str(run.spec.image_size), "--batch-size", str(run.spec.batch_size),
-            "--steps", str(steps), "--log-interval", str(model.window_steps), "--save-interval", str(steps),
-            "--sample-interval", str(steps), "--device", run.device.type,
-            "--mixed-precision", "bf16" if run.precision == torch.bfloat16 else "no",
-            "--run-name", run_name, "--output-dir", str(run.work_dir / "runs"),
-            "--compile", "on" if compiled else "off"]
+    return [
+        sys.executable,
+        TRAINER,
+        str(run.data_dir),
+        "--model",
+        model.name,
+        "--image-size",
+        str(run.spec.image_size),
+        "--batch-size",
+        str(run.spec.batch_size),
+        "--steps",
+        str(steps),
+        "--log-interval",
+        str(model.window_steps),
+        "--save-interval",
+        str(steps),
+        "--sample-interval",
+        str(steps),
+        "--device",
+        run.device.type,
+        "--mixed-precision",
+        "bf16" if run.precision == torch.bfloat16 else "no",
+        "--run-name",
+        run_name,
+        "--output-dir",
+        str(run.work_dir / "runs"),
+        "--compile",
+        "on" if compiled else "off",
+    ]
 
 
 def run_command(argv: list[str], log_path: Path) -> float:
@@ -197,8 +252,9 @@ def trainer_windows(metrics_path: Path) -> tuple[list[float], float | None]:
     the warm-up) and the peak memory its rows report (None where the trainer does not log it)."""
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     if len(rows) < 2:
-        raise MeasurementFailed(f"{metrics_path} has {len(rows)} row(s); the benchmark needs the warm-up row and "
-                                "at least one timed window")
+        raise MeasurementFailed(
+            f"{metrics_path} has {len(rows)} row(s); the benchmark needs the warm-up row and at least one timed window"
+        )
     memory = [row["memory_peak_mb"] for row in rows if row.get("memory_peak_mb") is not None]
     return [row["img_per_s"] for row in rows[1:]], max(memory, default=None)
 
@@ -209,8 +265,12 @@ def measure_trainer(run: GpuRun, model: GpuModelSpec, flops_per_step: int, compi
     argv = trainer_command(run, model, run_name, compiled)
     seconds = run_command(argv, run.work_dir / f"{run_name}.log")
     windows, memory = trainer_windows(run.work_dir / "runs" / run_name / "metrics.jsonl")
-    return {**training_figures(run, windows, flops_per_step), "memory_peak_mb": memory, "run_seconds": seconds,
-            "command": shlex.join(["python", *argv[1:]])}
+    return {
+        **training_figures(run, windows, flops_per_step),
+        "memory_peak_mb": memory,
+        "run_seconds": seconds,
+        "command": shlex.join(["python", *argv[1:]]),
+    }
 
 
 def measure_sampling(run: GpuRun, model: GpuModelSpec, compiled: bool) -> dict[str, Any]:
@@ -224,18 +284,37 @@ def measure_sampling(run: GpuRun, model: GpuModelSpec, compiled: bool) -> dict[s
     first_call_seconds = time.perf_counter() - started
     sample = sampling_call(runnable, spec.batch_size, spec.sample_steps, spec.cfg_scale, run.device, run.precision)
     seconds = [timed_calls(sample, run.device, 1) for _ in range(spec.sample_repeats)]
-    return {"img_per_s": spec.batch_size / statistics.median(seconds),
-            "img_per_s_repeats": [spec.batch_size / s for s in seconds], "first_call_seconds": first_call_seconds,
-            "memory_peak_mb": peak_memory_mb(run.device)}
+    return {
+        "img_per_s": spec.batch_size / statistics.median(seconds),
+        "img_per_s_repeats": [spec.batch_size / s for s in seconds],
+        "first_call_seconds": first_call_seconds,
+        "memory_peak_mb": peak_memory_mb(run.device),
+    }
 
 
 def make_toy_data(data_dir: Path, spec: GpuBenchSpec, work_dir: Path) -> dict[str, Any]:
     """Toy cats at the suite's image size, drawn by scripts/make_toy_cats.py (a command, so run as one)."""
-    seconds = run_command([sys.executable, TOY_CATS, "--out", str(data_dir), "--per-class",
-                           str(spec.toy_cats_per_class), "--size", str(spec.image_size), "--seed", "0"],
-                          work_dir / "make_toy_cats.log")
-    return {"classes": len(scan_image_folder(data_dir).class_names), "per_class": spec.toy_cats_per_class,
-            "image_size": spec.image_size, "seconds": seconds}
+    seconds = run_command(
+        [
+            sys.executable,
+            TOY_CATS,
+            "--out",
+            str(data_dir),
+            "--per-class",
+            str(spec.toy_cats_per_class),
+            "--size",
+            str(spec.image_size),
+            "--seed",
+            "0",
+        ],
+        work_dir / "make_toy_cats.log",
+    )
+    return {
+        "classes": len(scan_image_folder(data_dir).class_names),
+        "per_class": spec.toy_cats_per_class,
+        "image_size": spec.image_size,
+        "seconds": seconds,
+    }
 
 
 def trainer_over_bare_loop(entry: dict[str, Any]) -> dict[str, float | None]:
@@ -248,32 +327,42 @@ def trainer_over_bare_loop(entry: dict[str, Any]) -> dict[str, float | None]:
     return ratios
 
 
-def measure_gpu_model(run: GpuRun, model: GpuModelSpec, skip_compile: bool, entry: dict[str, Any],
-                      publish: Callable[[], None]) -> None:
+def measure_gpu_model(
+    run: GpuRun, model: GpuModelSpec, skip_compile: bool, entry: dict[str, Any], publish: Callable[[], None]
+) -> None:
     """Fill `entry` with one model's figures: FLOPs, bare loop, trainer and sampling, eager and compiled."""
     network = build_gpu_dit(run, model)
     flops, flops_by_op = forward_backward_flops(network, run.spec.batch_size, run.device, run.precision)
-    entry.update(parameters=count_parameters(network), gflop_per_step=flops / 1e9,
-                 gflop_per_image=flops / run.spec.batch_size / 1e9,
-                 gflop_per_step_by_op={op: op_flops / 1e9 for op, op_flops in flops_by_op.items()})
+    entry.update(
+        parameters=count_parameters(network),
+        gflop_per_step=flops / 1e9,
+        gflop_per_image=flops / run.spec.batch_size / 1e9,
+        gflop_per_step_by_op={op: op_flops / 1e9 for op, op_flops in flops_by_op.items()},
+    )
     del network
-    measurements = {"bare_loop": functools.partial(measure_bare_loop, run, model, flops),
-                    "trainer": functools.partial(measure_trainer, run, model, flops),
-                    "sampling": functools.partial(measure_sampling, run, model)}
+    measurements = {
+        "bare_loop": functools.partial(measure_bare_loop, run, model, flops),
+        "trainer": functools.partial(measure_trainer, run, model, flops),
+        "sampling": functools.partial(measure_sampling, run, model),
+    }
     for kind, measure in measurements.items():
         entry[kind] = {}
         for variant, compiled in VARIANTS.items():
             if compiled and skip_compile:
                 entry[kind][variant] = {"skipped": "--skip-compile"}
             else:
-                entry[kind][variant] = attempt(f"{model.name} {kind.replace('_', ' ')} {variant}",
-                                               functools.partial(measure, compiled=compiled), run.device)
+                entry[kind][variant] = attempt(
+                    f"{model.name} {kind.replace('_', ' ')} {variant}",
+                    functools.partial(measure, compiled=compiled),
+                    run.device,
+                )
             publish()
     entry["trainer_over_bare_loop"] = trainer_over_bare_loop(entry)
 
 
-def measure_gpu_suite(skip_compile: bool, spec: GpuBenchSpec, device: torch.device, report: dict[str, Any],
-                      publish: Callable[[], None]) -> None:
+def measure_gpu_suite(
+    skip_compile: bool, spec: GpuBenchSpec, device: torch.device, report: dict[str, Any], publish: Callable[[], None]
+) -> None:
     """Fill `report` with the GPU suite's figures, publishing it after every measurement."""
     precision = gpu_suite_precision(device)
     if device.type == "cuda":  # as the trainer sets them (scripts/lib/runtime.make_accelerator)
@@ -286,8 +375,11 @@ def measure_gpu_suite(skip_compile: bool, spec: GpuBenchSpec, device: torch.devi
         report["data"] = make_toy_data(work_dir / "toy-cats", spec, work_dir)
         matmul_dtype = precision or torch.float32
         peak_flops = measure_matmul_peak(spec, matmul_dtype, device)
-        report["matmul_peak"] = {"dtype": str(matmul_dtype).removeprefix("torch."), "size": spec.matmul_size,
-                                 "tflop_per_s": peak_flops / 1e12}
+        report["matmul_peak"] = {
+            "dtype": str(matmul_dtype).removeprefix("torch."),
+            "size": spec.matmul_size,
+            "tflop_per_s": peak_flops / 1e12,
+        }
         report["models"] = {}
         publish()
         run = GpuRun(spec, device, precision, work_dir / "toy-cats", work_dir, report["data"]["classes"], peak_flops)
@@ -303,11 +395,18 @@ def gpu_goal(models: dict[str, Any]) -> dict[str, Any]:
     goal: dict[str, Any] = {}
     for name, thresholds in GPU_GOAL.items():
         entry = models.get(name, {})
-        figures = {"trainer_over_bare_loop": entry.get("trainer_over_bare_loop", {}).get("compiled"),
-                   "trainer_mfu": entry.get("trainer", {}).get("compiled", {}).get("mfu")}
-        goal[name] = {figure: {"value": value, "threshold": thresholds[figure],
-                               "met": value is not None and value >= thresholds[figure]}
-                      for figure, value in figures.items()}
+        figures = {
+            "trainer_over_bare_loop": entry.get("trainer_over_bare_loop", {}).get("compiled"),
+            "trainer_mfu": entry.get("trainer", {}).get("compiled", {}).get("mfu"),
+        }
+        goal[name] = {
+            figure: {
+                "value": value,
+                "threshold": thresholds[figure],
+                "met": value is not None and value >= thresholds[figure],
+            }
+            for figure, value in figures.items()
+        }
     goal["all_met"] = all(check["met"] for name in GPU_GOAL for check in goal[name].values())
     return goal
 

@@ -1,10 +1,11 @@
-"""Counting and timing for scripts/benchmark.py: FLOPs, side-by-side timing, peak memory, and the DiT steps timed.
+"""Counting and timing for scripts/benchmark.py, shared by its CPU and GPU suites.
 
 - FLOPs: `torch.utils.flop_counter.FlopCounterMode` plus the CPU flash-attention kernels it has no formula for
   (registered here), so attention is not silently counted as zero on a CPU.
 - Timing: `timed_calls` (queued GPU work included) and `SideBySide`, which visits named measurements in turn
   for several rounds so that a burst of other load hits them all alike.
 - The matrix products of a step replayed alone (`matmuls_only_call`): the ceiling for these layers.
+- Peak GPU memory per variant (`reset_peak_memory`, `peak_memory_mb`).
 - The DiT training step and guided sampling call both suites time, and their forward + backward FLOPs.
 """
 
@@ -37,8 +38,9 @@ def attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, 
     return 2 * batch * heads * queries * keys * (head_dim + value_dim)
 
 
-def attention_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None,
-                             **kwargs) -> int:
+def attention_backward_flops(
+    grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs
+) -> int:
     """Gradients of both matmuls w.r.t. both operands: twice the forward (the kernel's recompute not counted)."""
     return 2 * attention_flops(query_shape, key_shape, value_shape)
 
@@ -80,8 +82,10 @@ def matmuls_only_call(fn: Callable[[], Any], device: torch.device) -> Callable[[
     """
     with MatmulRecorder() as recorder:
         fn()
-    replay = [(func, [random_strided(*arg, device) if isinstance(arg, tuple) else arg for arg in args])
-              for func, args in recorder.calls]
+    replay = [
+        (func, [random_strided(*arg, device) if isinstance(arg, tuple) else arg for arg in args])
+        for func, args in recorder.calls
+    ]
 
     def run() -> None:
         for func, args in replay:
@@ -161,6 +165,7 @@ def matmul_call(size: int, dtype: torch.dtype, device: torch.device) -> Callable
 # The DiT workloads both suites time
 # ------------------------------------------------------------------------------------------------------
 
+
 def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
     # Fused AdamW: one kernel over all parameters instead of a dozen elementwise passes (CPU and CUDA).
     return torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
@@ -170,8 +175,9 @@ def image_shape(model: TinyDiT, batch_size: int) -> tuple[int, int, int, int]:
     return (batch_size, model.in_channels, model.image_size, model.image_size)
 
 
-def dit_train_step(model: nn.Module, batch_size: int, device: torch.device,
-                   precision: torch.dtype | None) -> Callable[[], None]:
+def dit_train_step(
+    model: nn.Module, batch_size: int, device: torch.device, precision: torch.dtype | None
+) -> Callable[[], None]:
     """One DiT optimizer step on a fixed batch (data loading excluded; see the pipeline figure).
 
     `model` is a TinyDiT, possibly compiled. The noise is drawn on `device`, so on a GPU the loop has no host
@@ -194,8 +200,9 @@ def dit_train_step(model: nn.Module, batch_size: int, device: torch.device,
     return step
 
 
-def forward_backward_flops(model: TinyDiT, batch_size: int, device: torch.device,
-                           precision: torch.dtype | None = None) -> tuple[int, dict[str, int]]:
+def forward_backward_flops(
+    model: TinyDiT, batch_size: int, device: torch.device, precision: torch.dtype | None = None
+) -> tuple[int, dict[str, int]]:
     """FLOPs of the forward + backward of one training step (the optimizer's elementwise work is not counted)."""
     x = torch.randn(image_shape(model, batch_size), device=device)
     t = torch.rand(batch_size, device=device) * 1000
@@ -209,8 +216,14 @@ def forward_backward_flops(model: TinyDiT, batch_size: int, device: torch.device
     return count_flops(step)
 
 
-def sampling_call(model: nn.Module, batch_size: int, steps: int, cfg_scale: float, device: torch.device,
-                  precision: torch.dtype | None = None) -> Callable[[], torch.Tensor]:
+def sampling_call(
+    model: nn.Module,
+    batch_size: int,
+    steps: int,
+    cfg_scale: float,
+    device: torch.device,
+    precision: torch.dtype | None = None,
+) -> Callable[[], torch.Tensor]:
     """Guided flow sampling of one batch (one label per image, cycling through the classes) from fixed noise."""
     objective = build_objective("flow")
     noise = torch.randn(image_shape(model, batch_size), device=device)
