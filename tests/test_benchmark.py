@@ -16,13 +16,33 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from models.tiny_dit import TinyDiT, build_dit, count_parameters
-from scripts.benchmark import (GPU_FULL, GPU_GOAL, GPU_QUICK, QUICK, BenchmarkConfig, GpuRun, MeasurementFailed,
-                               attempt, count_flops, forward_backward_flops, gpu_goal, gpu_goal_section, main,
-                               matmuls_only_call, measure_pipeline_throughput, resolve_suite, run_command, speed_bar,
-                               speed_bar_section, trainer_command, trainer_over_bare_loop, trainer_windows,
-                               training_figures)
+from scripts.benchmark import (
+    QUICK,
+    BenchmarkConfig,
+    main,
+    measure_pipeline_throughput,
+    resolve_suite,
+    speed_bar,
+    speed_bar_section,
+)
 from scripts.lib.cli import UserError, parse_config
+from scripts.lib.gpu_bench import (
+    GPU_FULL,
+    GPU_GOAL,
+    GPU_QUICK,
+    GpuRun,
+    MeasurementFailed,
+    attempt,
+    gpu_goal,
+    gpu_goal_section,
+    run_command,
+    trainer_command,
+    trainer_over_bare_loop,
+    trainer_windows,
+    training_figures,
+)
 from scripts.lib.images import synthetic_cache
+from scripts.lib.measuring import count_flops, forward_backward_flops, matmuls_only_call
 from scripts.make_toy_cats import TOY_CAT_CLASSES
 from scripts.train_dit import TrainDiTConfig
 
@@ -80,11 +100,11 @@ def test_quick_benchmark_emits_every_figure(tmp_path):
     for variant in ("fp32", "bf16_autocast"):
         entry = training[variant]
         assert entry["img_per_s"] > 0 and 0 < entry["mfu_vs_fp32_matmul_peak"]
-        assert entry["gflop_per_s"] * 1e9 * entry["step_ms"] / 1e3 == \
-            pytest.approx(training["gflop_per_step"] * 1e9)
+        assert entry["gflop_per_s"] * 1e9 * entry["step_ms"] / 1e3 == pytest.approx(training["gflop_per_step"] * 1e9)
     assert training["fp32"]["matmuls_only_ms"] > 0 and training["fp32"]["mfu_if_only_matmuls_took_time"] > 0
     assert training["fp32"]["matmul_share_of_step"] == pytest.approx(
-        training["fp32"]["matmuls_only_ms"] / training["fp32"]["step_ms"])
+        training["fp32"]["matmuls_only_ms"] / training["fp32"]["step_ms"]
+    )
     assert training["compile"] == {"skipped": "--skip-compile"}
     assert training["gflop_per_step_by_op"][FORWARD_OP] > 0
     assert report["matmul_peak_gflop_per_s"]["fp32"] > 0
@@ -97,12 +117,18 @@ def test_quick_benchmark_emits_every_figure(tmp_path):
 
 
 def test_speed_bar_compares_each_figure_with_its_threshold():
-    report = {"dit_training": {"fp32": {"mfu_vs_fp32_matmul_peak": 0.75}, "bf16_autocast": {"speedup_vs_fp32": 1.2}},
-              "data_pipeline": {"ratio_to_fastest_training": 25.0},
-              "onnx_runtime": {"dit_step": {"ort_speedup_vs_eager": 1.0}}}
+    report = {
+        "dit_training": {"fp32": {"mfu_vs_fp32_matmul_peak": 0.75}, "bf16_autocast": {"speedup_vs_fp32": 1.2}},
+        "data_pipeline": {"ratio_to_fastest_training": 25.0},
+        "onnx_runtime": {"dit_step": {"ort_speedup_vs_eager": 1.0}},
+    }
     bar = speed_bar(report)
     assert {name: entry["met"] for name, entry in bar.items()} == {
-        "fp32_mfu": True, "bf16_speedup": False, "pipeline_over_training": True, "onnx_dit_step_speedup": True}
+        "fp32_mfu": True,
+        "bf16_speedup": False,
+        "pipeline_over_training": True,
+        "onnx_dit_step_speedup": True,
+    }
 
 
 def test_pipeline_throughput_is_measured():
@@ -111,9 +137,11 @@ def test_pipeline_throughput_is_measured():
 
 
 def test_the_speed_bar_is_judged_on_a_cpu_only():
-    report = {"dit_training": {"fp32": {"mfu_vs_fp32_matmul_peak": 0.5}, "bf16_autocast": {"speedup_vs_fp32": 1.7}},
-              "data_pipeline": {"ratio_to_fastest_training": 250.0},
-              "onnx_runtime": {"dit_step": {"ort_speedup_vs_eager": 1.02}}}
+    report = {
+        "dit_training": {"fp32": {"mfu_vs_fp32_matmul_peak": 0.5}, "bf16_autocast": {"speedup_vs_fp32": 1.7}},
+        "data_pipeline": {"ratio_to_fastest_training": 250.0},
+        "onnx_runtime": {"dit_step": {"ort_speedup_vs_eager": 1.02}},
+    }
     assert speed_bar_section(report, torch.device("cpu"), quick=False)["fp32_mfu"]["met"] is False
     assert set(speed_bar_section(report, torch.device("cuda"), quick=False)) == {"not_evaluated"}
     assert set(speed_bar_section(report, torch.device("cpu"), quick=True)) == {"not_evaluated"}
@@ -133,6 +161,7 @@ def test_the_suite_follows_the_device():
 # GPU suite
 # ------------------------------------------------------------------------------------------------------
 
+
 def failures(report) -> list[str]:
     """Every {"failed": ...} entry anywhere in the report."""
     if not isinstance(report, dict):
@@ -146,27 +175,48 @@ def test_quick_gpu_suite_runs_the_trainer_beside_a_bare_loop(tmp_path):
     report = main(BenchmarkConfig(suite="gpu", quick=True, skip_compile=True, device="cpu", out=str(out)))
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
     assert failures(report) == []
-    assert set(report) == {"suite", "machine", "quick", "spec", "complete", "precision", "data", "matmul_peak",
-                           "models", "gpu_goal", "seconds"}
+    assert set(report) == {
+        "suite",
+        "machine",
+        "quick",
+        "spec",
+        "complete",
+        "precision",
+        "data",
+        "matmul_peak",
+        "models",
+        "gpu_goal",
+        "seconds",
+    }
     assert report["suite"] == "gpu" and report["complete"] is True
     assert set(report["gpu_goal"]) == {"not_evaluated"}
     data = dict(report["data"])
     assert data.pop("seconds") > 0
-    assert data == {"classes": len(TOY_CAT_CLASSES), "per_class": GPU_QUICK.toy_cats_per_class,
-                    "image_size": GPU_QUICK.image_size}
+    assert data == {
+        "classes": len(TOY_CAT_CLASSES),
+        "per_class": GPU_QUICK.toy_cats_per_class,
+        "image_size": GPU_QUICK.image_size,
+    }
     assert report["matmul_peak"]["dtype"] == {"bf16": "bfloat16", "fp32": "float32"}[report["precision"]]
     assert report["matmul_peak"]["size"] == GPU_QUICK.matmul_size
     peak = report["matmul_peak"]["tflop_per_s"] * 1e12
     assert peak > 0
-    (name, model), = report["models"].items()
+    ((name, model),) = report["models"].items()
     assert name == GPU_QUICK.models[0].name
-    assert set(model) == {"parameters", "gflop_per_step", "gflop_per_image", "gflop_per_step_by_op", "bare_loop",
-                          "trainer", "sampling", "trainer_over_bare_loop"}
+    assert set(model) == {
+        "parameters",
+        "gflop_per_step",
+        "gflop_per_image",
+        "gflop_per_step_by_op",
+        "bare_loop",
+        "trainer",
+        "sampling",
+        "trainer_over_bare_loop",
+    }
     figures = {"img_per_s", "step_ms", "tflop_per_s", "mfu", "img_per_s_windows", "memory_peak_mb"}
     assert set(model["bare_loop"]["eager"]) == figures | {"first_step_seconds"}
     assert set(model["trainer"]["eager"]) == figures | {"run_seconds", "command"}
-    assert set(model["sampling"]["eager"]) == {"img_per_s", "img_per_s_repeats", "first_call_seconds",
-                                               "memory_peak_mb"}
+    assert set(model["sampling"]["eager"]) == {"img_per_s", "img_per_s_repeats", "first_call_seconds", "memory_peak_mb"}
     assert model["parameters"] == count_parameters(build_dit(name, GPU_QUICK.image_size, len(TOY_CAT_CLASSES)))
     assert model["gflop_per_image"] * GPU_QUICK.batch_size == pytest.approx(model["gflop_per_step"])
     assert model["gflop_per_step_by_op"][FORWARD_OP] > 0  # attention counted
@@ -187,7 +237,9 @@ def test_quick_gpu_suite_runs_the_trainer_beside_a_bare_loop(tmp_path):
     for kind in ("bare_loop", "trainer", "sampling"):
         assert model[kind]["compiled"] == {"skipped": "--skip-compile"}
     assert model["trainer_over_bare_loop"] == {
-        "eager": pytest.approx(trainer["img_per_s"] / model["bare_loop"]["eager"]["img_per_s"]), "compiled": None}
+        "eager": pytest.approx(trainer["img_per_s"] / model["bare_loop"]["eager"]["img_per_s"]),
+        "compiled": None,
+    }
 
 
 def goal_models(over_bare_loop: float, mfu: dict[str, float]) -> dict:
@@ -197,28 +249,42 @@ def goal_models(over_bare_loop: float, mfu: dict[str, float]) -> dict:
     models = {}
     for name, target in mfu.items():
         trainer_img_per_s = target * run.peak_flops * batch / flops
-        entry = {"trainer": {"eager": {"failed": "not part of the goal"},
-                             "compiled": training_figures(run, [trainer_img_per_s], flops)},
-                 "bare_loop": {"eager": {"skipped": "--skip-compile"},
-                               "compiled": training_figures(run, [trainer_img_per_s / over_bare_loop], flops)}}
+        entry = {
+            "trainer": {
+                "eager": {"failed": "not part of the goal"},
+                "compiled": training_figures(run, [trainer_img_per_s], flops),
+            },
+            "bare_loop": {
+                "eager": {"skipped": "--skip-compile"},
+                "compiled": training_figures(run, [trainer_img_per_s / over_bare_loop], flops),
+            },
+        }
         entry["trainer_over_bare_loop"] = trainer_over_bare_loop(entry)
         models[name] = entry
     return models
 
 
-@pytest.mark.parametrize("over_bare_loop, mfu, met", [
-    (0.98, {"S/4": 0.31, "S/2": 0.46}, {"S/4": (True, True), "S/2": (True, True)}),
-    (0.96, {"S/4": 0.29, "S/2": 0.44}, {"S/4": (False, False), "S/2": (False, False)}),
-    (1.05, {"S/4": 0.44, "S/2": 0.31}, {"S/4": (True, True), "S/2": (True, False)}),  # each model its own bar
-])
+@pytest.mark.parametrize(
+    "over_bare_loop, mfu, met",
+    [
+        (0.98, {"S/4": 0.31, "S/2": 0.46}, {"S/4": (True, True), "S/2": (True, True)}),
+        (0.96, {"S/4": 0.29, "S/2": 0.44}, {"S/4": (False, False), "S/2": (False, False)}),
+        (1.05, {"S/4": 0.44, "S/2": 0.31}, {"S/4": (True, True), "S/2": (True, False)}),  # each model its own bar
+    ],
+)
 def test_gpu_goal_compares_each_figure_with_its_threshold(over_bare_loop, mfu, met):
     goal = gpu_goal(goal_models(over_bare_loop, mfu))
     for name, (ratio_met, mfu_met) in met.items():
         assert goal[name]["trainer_over_bare_loop"] == {
-            "value": pytest.approx(over_bare_loop), "threshold": GPU_GOAL[name]["trainer_over_bare_loop"],
-            "met": ratio_met}
-        assert goal[name]["trainer_mfu"] == {"value": pytest.approx(mfu[name]),
-                                             "threshold": GPU_GOAL[name]["trainer_mfu"], "met": mfu_met}
+            "value": pytest.approx(over_bare_loop),
+            "threshold": GPU_GOAL[name]["trainer_over_bare_loop"],
+            "met": ratio_met,
+        }
+        assert goal[name]["trainer_mfu"] == {
+            "value": pytest.approx(mfu[name]),
+            "threshold": GPU_GOAL[name]["trainer_mfu"],
+            "met": mfu_met,
+        }
     assert goal["all_met"] is all(all(pair) for pair in met.values())
 
 
@@ -266,8 +332,11 @@ def test_the_trainer_logs_every_window_of_the_full_suite():
 
 def test_trainer_windows_skip_the_warm_up_row(tmp_path):
     metrics = tmp_path / "metrics.jsonl"
-    rows = [{"step": 10, "img_per_s": 100.0, "memory_peak_mb": 900.0}, {"step": 20, "img_per_s": 1500.0},
-            {"step": 30, "img_per_s": 1400.0, "memory_peak_mb": 1200.0}]
+    rows = [
+        {"step": 10, "img_per_s": 100.0, "memory_peak_mb": 900.0},
+        {"step": 20, "img_per_s": 1500.0},
+        {"step": 30, "img_per_s": 1400.0, "memory_peak_mb": 1200.0},
+    ]
     metrics.write_text("".join(json.dumps(row) + "\n" for row in rows))
     assert trainer_windows(metrics) == ([1500.0, 1400.0], 1200.0)
     metrics.write_text("".join(json.dumps({"step": row["step"], "img_per_s": 7.0}) + "\n" for row in rows))
@@ -282,7 +351,8 @@ def test_a_failing_measurement_is_recorded_and_the_others_go_on():
         raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore details")
 
     assert attempt("S/2 trainer compiled", out_of_memory, torch.device("cpu")) == {
-        "failed": "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"}
+        "failed": "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    }
     assert attempt("S/2 bare loop eager", lambda: {"img_per_s": 1.0}, torch.device("cpu")) == {"img_per_s": 1.0}
 
 
