@@ -39,6 +39,7 @@ def test_cli_defaults_are_the_documented_ones():
         gradient_accumulation_steps=1,
         augmentation_level="full",
         warmup_steps=10000,
+        lr_schedule="constant",
         save_interval=10000,
         sample_interval=5000,
         model="S/4",
