@@ -378,7 +378,7 @@ def train_classifier_remote(cfg: train.TrainConfig, chain: Chain) -> dict[str, A
 @app.function(volumes=VOLUMES, timeout=2 * 60 * 60, retries=RETRIES)
 def prepare_data_remote() -> dict[str, dict[str, int]]:
     """Download Oxford-IIIT Pet on Modal and write the ImageFolder data sets onto the data volume."""
-    cfg = prepare_data_script.Config(root=str(DATA_ROOT / OXFORD_DIR), out_dir=str(DATA_ROOT))
+    cfg = prepare_data_script.PrepareDataConfig(root=str(DATA_ROOT / OXFORD_DIR), out_dir=str(DATA_ROOT))
     try:
         counts = prepare_data_script.main(cfg)
     finally:

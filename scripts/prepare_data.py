@@ -180,7 +180,7 @@ def import_folder(source: Path, out: Path, link: bool) -> dict[str, Counter[str]
 
 
 @dataclass
-class Config:
+class PrepareDataConfig:
     root: str = option("data/oxford-pets", "where Oxford-IIIT Pet is (or is downloaded to): ROOT/oxford-iiit-pet/")
     out_dir: str = option("data", "output folder for the ImageFolder data sets")
     download: bool = option(True, "download Oxford-IIIT Pet with torchvision when it is not under --root")
@@ -191,7 +191,7 @@ class Config:
     link: bool = option(True, "hard-link files instead of copying them (--no-link copies)")
 
 
-def main(cfg: Config) -> dict[str, Counter[str]]:
+def main(cfg: PrepareDataConfig) -> dict[str, Counter[str]]:
     out_dir = Path(cfg.out_dir)
     if cfg.from_folder:
         source = Path(cfg.from_folder).expanduser()
@@ -207,4 +207,6 @@ def main(cfg: Config) -> dict[str, Counter[str]]:
 
 
 if __name__ == "__main__":
-    run_main(main, Config, "Prepare ImageFolder data sets from Oxford-IIIT Pet or any folder of class subfolders.")
+    run_main(
+        main, PrepareDataConfig, "Prepare ImageFolder data sets from Oxford-IIIT Pet or any folder of class subfolders."
+    )

@@ -11,7 +11,7 @@ import torchvision.datasets
 from PIL import Image
 
 from scripts.lib.cli import EXIT_USER_ERROR, UserError, run_main
-from scripts.prepare_data import Config, main
+from scripts.prepare_data import PrepareDataConfig, main
 
 OXFORD_FILES = (
     "Abyssinian_1",
@@ -51,7 +51,7 @@ def _tree(root: Path) -> list[str]:
 
 def test_oxford_becomes_breed_and_cat_vs_other_folders(tmp_path: Path) -> None:
     root, out = _fake_oxford(tmp_path / "oxford"), tmp_path / "data"
-    counts = main(Config(root=str(root), out_dir=str(out), download=False))
+    counts = main(PrepareDataConfig(root=str(root), out_dir=str(out), download=False))
     assert counts["cats"] == {"Abyssinian": 2, "British_Shorthair": 1, "Siamese": 1}
     assert counts["cat-vs-other"] == {"cat": 4, "other": 2}
     assert _tree(out) == sorted(
@@ -73,7 +73,7 @@ def test_oxford_becomes_breed_and_cat_vs_other_folders(tmp_path: Path) -> None:
 
 
 def test_rerun_is_idempotent(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    cfg = Config(root=str(_fake_oxford(tmp_path / "oxford")), out_dir=str(tmp_path / "data"), download=False)
+    cfg = PrepareDataConfig(root=str(_fake_oxford(tmp_path / "oxford")), out_dir=str(tmp_path / "data"), download=False)
     first = main(cfg)
     before = _tree(tmp_path / "data")
     capsys.readouterr()
@@ -85,8 +85,8 @@ def test_rerun_is_idempotent(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 def test_link_shares_the_file_and_no_link_copies(tmp_path: Path) -> None:
     root = _fake_oxford(tmp_path / "oxford")
     source = root / "oxford-iiit-pet/images/beagle_3.jpg"
-    main(Config(root=str(root), out_dir=str(tmp_path / "linked"), download=False, link=True))
-    main(Config(root=str(root), out_dir=str(tmp_path / "copied"), download=False, link=False))
+    main(PrepareDataConfig(root=str(root), out_dir=str(tmp_path / "linked"), download=False, link=True))
+    main(PrepareDataConfig(root=str(root), out_dir=str(tmp_path / "copied"), download=False, link=False))
     assert (tmp_path / "linked/cat-vs-other/other/beagle_3.jpg").samefile(source)
     copied = tmp_path / "copied/cat-vs-other/other/beagle_3.jpg"
     assert not copied.samefile(source) and copied.read_bytes() == source.read_bytes()
@@ -116,7 +116,7 @@ def test_reimport_replaces_a_source_that_changed_at_the_same_size(
     source = tmp_path / "pets"
     for name in ("a", "b"):
         _tiny_jpeg(source / "tabby" / f"{name}.jpg")
-    cfg = Config(from_folder=str(source), out_dir=str(tmp_path / "data"), link=link)
+    cfg = PrepareDataConfig(from_folder=str(source), out_dir=str(tmp_path / "data"), link=link)
     main(cfg)
     changed = _rewrite_same_size(source / "tabby" / "a.jpg", replace_file)
     capsys.readouterr()
@@ -128,7 +128,7 @@ def test_reimport_replaces_a_source_that_changed_at_the_same_size(
 def test_a_touched_but_unchanged_source_is_not_copied_again(tmp_path: Path, capsys) -> None:
     source = tmp_path / "pets"
     _tiny_jpeg(source / "tabby" / "a.jpg")
-    cfg = Config(from_folder=str(source), out_dir=str(tmp_path / "data"), link=False)
+    cfg = PrepareDataConfig(from_folder=str(source), out_dir=str(tmp_path / "data"), link=False)
     main(cfg)
     os.utime(source / "tabby" / "a.jpg", ns=(1, 1))  # only the time changed: the bytes are compared
     capsys.readouterr()
@@ -138,7 +138,7 @@ def test_a_touched_but_unchanged_source_is_not_copied_again(tmp_path: Path, caps
 
 def test_missing_oxford_without_download_says_what_to_do(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="run with --download on a machine with internet, or pass --from-folder"):
-        main(Config(root=str(tmp_path / "nothing"), out_dir=str(tmp_path / "data"), download=False))
+        main(PrepareDataConfig(root=str(tmp_path / "nothing"), out_dir=str(tmp_path / "data"), download=False))
 
 
 def test_download_failure_is_a_clear_user_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -147,7 +147,7 @@ def test_download_failure_is_a_clear_user_error(tmp_path: Path, monkeypatch: pyt
 
     monkeypatch.setattr(torchvision.datasets, "OxfordIIITPet", offline)
     with pytest.raises(UserError, match="downloading Oxford-IIIT Pet .* failed .*name resolution.*internet"):
-        main(Config(root=str(tmp_path / "oxford"), out_dir=str(tmp_path / "data"), download=True))
+        main(PrepareDataConfig(root=str(tmp_path / "oxford"), out_dir=str(tmp_path / "data"), download=True))
 
 
 def test_download_puts_oxford_where_the_conversion_reads_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -158,7 +158,7 @@ def test_download_puts_oxford_where_the_conversion_reads_it(tmp_path: Path, monk
         _fake_oxford(Path(root))
 
     monkeypatch.setattr(torchvision.datasets, "OxfordIIITPet", fake_download)
-    counts = main(Config(root=str(tmp_path / "oxford"), out_dir=str(tmp_path / "data"), download=True))
+    counts = main(PrepareDataConfig(root=str(tmp_path / "oxford"), out_dir=str(tmp_path / "data"), download=True))
     assert calls == [("trainval", True)]
     assert sum(counts["cats"].values()) == 4
 
@@ -166,7 +166,11 @@ def test_download_puts_oxford_where_the_conversion_reads_it(tmp_path: Path, monk
 def test_refuses_to_mix_with_other_classes(tmp_path: Path) -> None:
     (tmp_path / "data/cats/orange_tabby").mkdir(parents=True)
     with pytest.raises(UserError, match="already holds other classes \\(orange_tabby\\)"):
-        main(Config(root=str(_fake_oxford(tmp_path / "oxford")), out_dir=str(tmp_path / "data"), download=False))
+        main(
+            PrepareDataConfig(
+                root=str(_fake_oxford(tmp_path / "oxford")), out_dir=str(tmp_path / "data"), download=False
+            )
+        )
 
 
 def test_from_folder_imports_class_tree_skipping_hidden_and_non_images(tmp_path: Path) -> None:
@@ -181,7 +185,7 @@ def test_from_folder_imports_class_tree_skipping_hidden_and_non_images(tmp_path:
     _tiny_jpeg(source / "loose.jpg")
     (source / "ginger" / "notes.txt").write_text("not an image")
 
-    counts = main(Config(from_folder=str(source), out_dir=str(tmp_path / "data")))
+    counts = main(PrepareDataConfig(from_folder=str(source), out_dir=str(tmp_path / "data")))
     assert counts == {"my-pets": {"tabby": 3, "ginger": 1}}
     assert _tree(tmp_path / "data") == [
         "my-pets/ginger/c.jpeg",
@@ -189,16 +193,16 @@ def test_from_folder_imports_class_tree_skipping_hidden_and_non_images(tmp_path:
         "my-pets/tabby/a.jpg",
         "my-pets/tabby/b.PNG",
     ]
-    main(Config(from_folder=str(source), out_dir=str(tmp_path / "data"), name="renamed", link=False))
+    main(PrepareDataConfig(from_folder=str(source), out_dir=str(tmp_path / "data"), name="renamed", link=False))
     assert len(_tree(tmp_path / "data/renamed")) == 4
 
 
 def test_from_folder_without_images_or_folder_is_a_user_error(tmp_path: Path) -> None:
     (tmp_path / "empty" / "cats").mkdir(parents=True)
     with pytest.raises(UserError, match="no images found under .*empty"):
-        main(Config(from_folder=str(tmp_path / "empty"), out_dir=str(tmp_path / "data")))
+        main(PrepareDataConfig(from_folder=str(tmp_path / "empty"), out_dir=str(tmp_path / "data")))
     with pytest.raises(UserError, match="is not a folder"):
-        main(Config(from_folder=str(tmp_path / "missing"), out_dir=str(tmp_path / "data")))
+        main(PrepareDataConfig(from_folder=str(tmp_path / "missing"), out_dir=str(tmp_path / "data")))
 
 
 def test_command_line_turns_the_error_into_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -216,7 +220,7 @@ def test_command_line_turns_the_error_into_one_line(tmp_path: Path, capsys: pyte
 def test_folder_names_are_escaped_in_what_it_prints(tmp_path: Path, capsys) -> None:
     source = tmp_path / "pets\n\x1b[2J"
     _tiny_jpeg(source / "tabby" / "a.jpg")
-    main(Config(from_folder=str(source), out_dir=str(tmp_path / "data")))
+    main(PrepareDataConfig(from_folder=str(source), out_dir=str(tmp_path / "data")))
     out = capsys.readouterr().out
     assert "\x1b" not in out and "pets\\n\\x1b[2J: 1 images in 1 classes (tabby 1)" in out
     assert len(out.splitlines()) == 2  # "N new files" and the summary: the name split no line
@@ -226,5 +230,5 @@ def test_a_class_name_the_trainers_would_refuse_is_refused_before_copying(tmp_pa
     source = tmp_path / "pets"
     _tiny_jpeg(source / "tab\nby" / "a.jpg")
     with pytest.raises(UserError, match="tab\\\\nby: the name holds a control") as refused:
-        main(Config(from_folder=str(source), out_dir=str(tmp_path / "data")))
+        main(PrepareDataConfig(from_folder=str(source), out_dir=str(tmp_path / "data")))
     assert "\n" not in str(refused.value) and not (tmp_path / "data").exists()
