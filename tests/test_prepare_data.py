@@ -209,7 +209,7 @@ def test_command_line_turns_the_error_into_one_line(tmp_path: Path, capsys: pyte
     with pytest.raises(SystemExit) as exit_info:
         run_main(
             main,
-            Config,
+            PrepareDataConfig,
             "prepare",
             argv=["--root", str(tmp_path / "none"), "--no-download", "--out-dir", str(tmp_path / "data")],
         )
