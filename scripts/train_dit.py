@@ -14,8 +14,6 @@ loop and its boundaries) -> `optimizer_step` (one step).
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +28,7 @@ from models.ema import EMA
 from models.tiny_dit import DIT_SIZES, build_dit, count_parameters
 from scripts.lib import batches
 from scripts.lib.cli import UserError, option, parse_duration, run_main
+from scripts.lib.files import copy_file_atomic
 from scripts.lib.guard import FirstBadStep, apply_update_only_if_finite, verdict_after_update
 from scripts.lib.model_files import MAX_IMAGE_SIZE, dit_metadata, save_model, unit_to_dit
 from scripts.lib.progress import MetricsWindow, next_boundary
@@ -108,7 +107,7 @@ def validate_config(cfg: TrainDiTConfig, num_processes: int = 1) -> None:
     except UserError as error:
         problems.append(f"--time-limit: {error}")
     if cfg.report_to != "none" and not _tracker_installed(cfg.report_to):
-        problems.append(f"--report-to {cfg.report_to}: the package is not installed — pip install it, or use none")
+        problems.append(f"--report-to {cfg.report_to}: the {cfg.report_to} package is not installed — pip install it")
     problems += common_problems(cfg.data_dir, cfg.batch_size, num_processes, cfg.resume)
     if problems:
         raise UserError("; ".join(problems))
@@ -388,9 +387,7 @@ def write_final_weights(
         architecture = dict(model_name=cfg.model, image_size=cfg.image_size, in_channels=3, class_names=class_names)
         training = dict(objective_name=cfg.objective, objective_options=objective.options(), step=step)
         save_model(path, model, dit_metadata(config_dict(cfg), **architecture, **training, weights=weights))
-    shared = Path(cfg.output_dir) / FINAL_NAME
-    shutil.copyfile(final, shared.with_name(shared.name + ".tmp"))
-    os.replace(shared.with_name(shared.name + ".tmp"), shared)
+    copy_file_atomic(final, Path(cfg.output_dir) / FINAL_NAME)
 
 
 if __name__ == "__main__":

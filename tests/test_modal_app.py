@@ -408,18 +408,18 @@ def test_a_time_limited_run_chains_attempts_to_the_end_bitwise_equal_to_one_loca
     summary = modal_app.follow("fc-1")
 
     assert summary["outcome"] == attempts.FINISHED
-    # Four attempts stop at their time limit after one step each; the last one finds step 4 saved and finishes.
-    assert [(s.call_id, s.chain.index) for s in modal.spawns] == [(f"fc-{i}", i) for i in range(1, 6)]
+    # Three attempts stop at their time limit after one step each; the fourth trains the last step and finishes
+    # (at the last step the trainer finishes rather than stopping).
+    assert [(s.call_id, s.chain.index) for s in modal.spawns] == [(f"fc-{i}", i) for i in range(1, 5)]
     assert len({s.chain.owner for s in modal.spawns}) == 1 and all(s.args == (cfg,) for s in modal.spawns)
     ends = [entry for entry in journal(modal) if entry["event"] == "end"]
     assert [(e["attempt"], e["steps"], e["outcome"]) for e in ends] == [
         (1, [0, 1], "continued"),
         (2, [1, 2], "continued"),
         (3, [2, 3], "continued"),
-        (4, [3, 4], "continued"),
-        (5, [4, 4], "finished"),
+        (4, [3, 4], "finished"),
     ]
-    assert modal.reloads == 5
+    assert modal.reloads == 4
     # Each attempt committed its lease (before training), every checkpoint, and its end.
     assert modal.committed_steps()[-1] == [1, 2, 3, 4]
     assert "attempt 3 (fc-3 on A10G) covered steps 2-3: continued" in (run_dir(modal) / "training.log").read_text()
@@ -435,7 +435,7 @@ def test_a_time_limited_run_chains_attempts_to_the_end_bitwise_equal_to_one_loca
     capsys.readouterr()
     modal_app.status(run=RUN)
     out = capsys.readouterr().out
-    assert f"run {RUN}: attempt 5 (fc-5 on A10G) finished" in out
+    assert f"run {RUN}: attempt 4 (fc-4 on A10G) finished" in out
     assert "trainer: finished at step 4/4" in out
     assert "newest checkpoint: state/step_0000004; newest sample grid: samples/step_0000004.png" in out
     assert "attempt 2 fc-2: steps 1-2, continued" in out

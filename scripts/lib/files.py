@@ -7,6 +7,7 @@ import errno
 import os
 import re
 import shutil
+import uuid
 from pathlib import Path
 
 from scripts.lib.cli import UserError, printable
@@ -49,6 +50,22 @@ def write_text_atomic(path: Path, text: str) -> None:
     try:
         tmp.write_text(text)
         os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+def copy_file_atomic(source: Path, target: Path) -> None:
+    """Copy `source` over `target` so that a reader sees the old file or the new one, never half of one.
+
+    The temporary name is unique to this process: several runs may copy into one folder at once (every DiT run
+    puts its final weights at <output-dir>/tinydit_final.safetensors).
+    """
+    tmp = target.with_name(f".{target.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
     except OSError:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
