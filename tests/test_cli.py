@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 
@@ -100,3 +101,48 @@ def test_durations_read_as_seconds(text, seconds):
 def test_unreadable_durations_say_how_to_write_them(text):
     with pytest.raises(UserError, match="23h30m"):
         parse_duration(text)
+
+
+def test_a_preset_file_supplies_defaults_that_the_command_line_still_overrides(tmp_path):
+    preset = tmp_path / "small.json"
+    preset.write_text(json.dumps({"batch_size": 8, "mode": "slow", "classes": ["a"], "scale": 0.5}))
+    cfg = parse_config(_Config, ["data", "--preset", str(preset), "--mode", "fast"], "")
+    assert (cfg.batch_size, cfg.mode, cfg.classes, cfg.scale) == (8, "fast", ["a"], 0.5)
+    assert parse_config(_Config, ["data"], "").batch_size == 32  # no preset, no change
+    assert "--preset FILE.json" in build_parser(_Config, "").format_help()
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"batch_sise": 8}', "'batch_sise' is not an option"),
+        ('{"batch_size": "8"}', "batch_size must be of type int"),
+        ('{"batch_size": true}', "batch_size must be of type int"),
+        ('{"mode": "medium"}', "mode must be one of fast, slow"),
+        ('{"classes": "a"}', "classes must be a list of str"),
+        ("[1, 2]", "expected a JSON object"),
+        ("{not json", "not a readable JSON file"),
+    ],
+)
+def test_a_bad_preset_is_one_line_naming_the_option(tmp_path, capsys, content, message):
+    preset = tmp_path / "bad.json"
+    preset.write_text(content)
+    with pytest.raises(SystemExit) as stop:
+        run_main(lambda cfg: None, _Config, "", ["data", "--preset", str(preset)])
+    assert stop.value.code == EXIT_USER_ERROR
+    assert message in capsys.readouterr().err
+
+
+def test_a_runs_config_json_is_a_preset_that_gives_back_its_config(tmp_path):
+    from scripts.lib.runlog import config_dict
+
+    cfg = dataclasses.replace(
+        parse_config(train_dit.TrainDiTConfig, ["data/glyphs"], ""),
+        lr=3e-4,
+        model="T/4",
+        augmentation_level="none",
+        time_limit="23h30m",
+    )
+    preset = tmp_path / "config.json"
+    preset.write_text(json.dumps(config_dict(cfg)))
+    assert parse_config(train_dit.TrainDiTConfig, ["data/glyphs", "--preset", str(preset)], "") == cfg

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import re
 import signal
 import sys
 import typing
 import unicodedata
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 from scripts.lib.host_memory import reuse_freed_memory
@@ -32,6 +34,7 @@ ConfigT = TypeVar("ConfigT")
 EXIT_USER_ERROR = 2
 EXIT_TIME_LIMIT = 75  # EX_TEMPFAIL: not finished, resumable
 EXIT_SIGNAL_BASE = 128
+PRESET_FLAG = "--preset"
 
 
 class UserError(Exception):
@@ -110,13 +113,61 @@ def build_parser(config_cls: type, description: str) -> argparse.ArgumentParser:
                 kwargs["choices"] = list(meta["choices"])
         kwargs["default"] = default
         parser.add_argument(*names, **kwargs)
+    parser.add_argument(
+        PRESET_FLAG,
+        metavar="FILE.json",
+        help="settings kept in a file: a JSON object of option values, keyed as in a run's config.json, used "
+        "instead of the defaults (options given on the command line still win)",
+    )
     return parser
 
 
 def parse_config(config_cls: type[ConfigT], argv: Sequence[str] | None, description: str) -> ConfigT:
-    """Parse argv (None = sys.argv[1:]) into a config instance."""
-    namespace = build_parser(config_cls, description).parse_args(argv)
-    return config_cls(**vars(namespace))
+    """Parse argv (None = sys.argv[1:]) into a config instance, over the defaults of a --preset file if given."""
+    parser = build_parser(config_cls, description)
+    first_pass = argparse.ArgumentParser(add_help=False)
+    first_pass.add_argument(PRESET_FLAG)
+    preset = first_pass.parse_known_args(argv)[0].preset
+    if preset:
+        parser.set_defaults(**read_preset(Path(preset), config_cls))
+    values = vars(parser.parse_args(argv))
+    values.pop("preset")
+    return config_cls(**values)
+
+
+def read_preset(path: Path, config_cls: type) -> dict[str, Any]:
+    """The option values of a preset file, each checked against its config field (UserError otherwise)."""
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise UserError(f"--preset {path}: not a readable JSON file ({error})") from error
+    if not isinstance(values, dict):
+        raise UserError(f"--preset {path}: expected a JSON object of option values, like a run's config.json")
+    fields = {field.name: field for field in dataclasses.fields(config_cls)}
+    hints = typing.get_type_hints(config_cls)
+    for key, value in values.items():
+        field = fields.get(key)
+        if field is None:
+            raise UserError(f"--preset {path}: {key!r} is not an option of this command (see --help)")
+        problem = _value_problem(value, hints[key], field.metadata.get("choices"))
+        if problem:
+            raise UserError(f"--preset {path}: {key} {problem}")
+    return values
+
+
+def _value_problem(value: Any, annotation: Any, choices: Sequence[Any] | None) -> str | None:
+    if value is None:
+        return None if type(None) in typing.get_args(annotation) else "may not be null"
+    expected = _scalar_type(annotation)
+    items = value if typing.get_origin(annotation) is list else [value]
+    if typing.get_origin(annotation) is list and not isinstance(value, list):
+        return f"must be a list of {expected.__name__}"
+    accepted = (int, float) if expected is float else expected
+    if any(isinstance(item, bool) != (expected is bool) or not isinstance(item, accepted) for item in items):
+        return f"must be of type {expected.__name__} (got {value!r})"
+    if choices is not None and any(item not in choices for item in items):
+        return f"must be one of {', '.join(map(str, choices))} (got {value!r})"
+    return None
 
 
 def config_to_argv(cfg: Any) -> list[str]:
@@ -155,10 +206,9 @@ def parse_duration(text: str) -> float:
 
 def run_main(main: Callable[[Any], Any], config_cls: type, description: str, argv: Sequence[str] | None = None) -> None:
     """Parse the command line, run main(cfg), and turn a UserError into one line and exit status 2."""
-    cfg = parse_config(config_cls, argv, description)
     reuse_freed_memory()  # every script of the kit runs its tensors on a heap that keeps freed pages
     try:
-        main(cfg)
+        main(parse_config(config_cls, argv, description))
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
