@@ -319,14 +319,10 @@ def open_run(
     cfg: Any, spec: RunSpec, on_checkpoint: Callable[[Path], None] | None = None, keep_states: int = 1
 ) -> Iterator[Run]:
     """Open (or continue) the run of `cfg` for a trainer; see the module docstring for the order."""
-    accelerator = make_accelerator(
-        cfg.device,
-        cfg.mixed_precision,
-        spec.accumulation,
-        log_with=spec.log_with,
-        project_dir=str(Path(cfg.output_dir) / cfg.run_name),
-    )
     run_dir = Path(cfg.output_dir) / cfg.run_name
+    accelerator = make_accelerator(
+        cfg.device, cfg.mixed_precision, spec.accumulation, log_with=spec.log_with, project_dir=str(run_dir)
+    )
     try:
         _agree(accelerator, _start_problems(cfg, spec, run_dir, accelerator.num_processes))
     except UserError as error:
@@ -338,58 +334,14 @@ def open_run(
     logger = setup_logger(run_dir / "training.log", accelerator.is_main_process)
     status = StatusFile(run_dir / "status.json", enabled=accelerator.is_main_process, run=cfg.run_name, kind=spec.kind)
     try:
-        log_run_header(logger, cfg, str(accelerator.device), accelerator.mixed_precision, accelerator.num_processes)
-        warning = precision_warning(accelerator.mixed_precision, accelerator.device.type)
-        if warning:
-            logger.warning(warning)
-        state_root = run_dir / STATE_DIR
-        resume_from = _resume_choice(cfg, state_root, accelerator)
-        if accelerator.is_main_process:
-            removed = remove_unfinished_writes(state_root)
-            if removed:
-                logger.info("removed %d unfinished checkpoint write(s) left by a killed run", removed)
-        with accelerator.local_main_process_first():  # one process per machine builds the cache
-            cache = load_or_build_cache(
-                cfg.data_dir, cfg.image_size, log=logger, show_progress=accelerator.is_main_process
-            )
-        logger.info(
-            "data: %d images, %d classes (%s) from %s",
-            len(cache),
-            cache.num_classes,
-            ", ".join(cache.class_names),
-            cfg.data_dir,
-        )
-        if spec.log_with:
-            accelerator.init_trackers(
-                f"tiny-cats-{spec.kind}", config={k: v for k, v in config_dict(cfg).items() if v is not None}
-            )
-        yield Run(
-            cfg,
-            accelerator,
-            run_dir,
-            logger,
-            status,
-            MetricsWriter(run_dir / "metrics.jsonl", enabled=accelerator.is_main_process),
-            cache,
-            resume_from,
-            lock,
-            keep_states,
-            tracking=spec.log_with is not None,
-            on_checkpoint=on_checkpoint,
-        )
+        yield _prepare_run(cfg, spec, accelerator, run_dir, logger, status, lock, keep_states, on_checkpoint)
         status.update(state="finished", message=None)
     except (SystemExit, KeyboardInterrupt) as stop:  # a signal or --time-limit (after saving), or a second Ctrl-C
         code = stop.code if isinstance(stop, SystemExit) else "interrupted"
         status.update(state="stopped", message=f"{code}; run the same command to continue")
         raise
     except BaseException as error:
-        user_error = as_user_error(error)
-        message = str(user_error) if user_error else f"{type(error).__name__}: {error}"
-        if user_error:
-            logger.error("error: %s", message)
-        else:
-            logger.exception("crashed")
-        status.update(state="failed", message=message)
+        user_error = _record_failure(error, logger, status)
         if user_error is not None and user_error is not error:
             raise user_error from error
         raise
@@ -398,3 +350,51 @@ def open_run(
             accelerator.end_training()
         if accelerator.is_main_process:
             lock.release()
+
+
+def _prepare_run(
+    cfg, spec: RunSpec, accelerator, run_dir: Path, logger, status, lock, keep_states, on_checkpoint
+) -> Run:
+    """Steps 4-6 of the module docstring, once the lock is held: log header, resume choice, leftovers, cache."""
+    log_run_header(logger, cfg, str(accelerator.device), accelerator.mixed_precision, accelerator.num_processes)
+    warning = precision_warning(accelerator.mixed_precision, accelerator.device.type)
+    if warning:
+        logger.warning(warning)
+    resume_from = _resume_choice(cfg, run_dir / STATE_DIR, accelerator)
+    if accelerator.is_main_process and (removed := remove_unfinished_writes(run_dir / STATE_DIR)):
+        logger.info("removed %d unfinished checkpoint write(s) left by a killed run", removed)
+    with accelerator.local_main_process_first():  # one process per machine builds the cache
+        cache = load_or_build_cache(cfg.data_dir, cfg.image_size, log=logger, show_progress=accelerator.is_main_process)
+    classes = ", ".join(cache.class_names)
+    logger.info("data: %d images, %d classes (%s) from %s", len(cache), cache.num_classes, classes, cfg.data_dir)
+    if spec.log_with:
+        tracked = {key: value for key, value in config_dict(cfg).items() if value is not None}
+        accelerator.init_trackers(f"tiny-cats-{spec.kind}", config=tracked)
+    metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=accelerator.is_main_process)
+    tracking = spec.log_with is not None
+    return Run(
+        cfg,
+        accelerator,
+        run_dir,
+        logger,
+        status,
+        metrics,
+        cache,
+        resume_from,
+        lock,
+        keep_states,
+        tracking,
+        on_checkpoint,
+    )
+
+
+def _record_failure(error: BaseException, logger: logging.Logger, status: StatusFile) -> UserError | None:
+    """Log a failure (one line for a user's, the traceback for a crash), mark the status; the user's error, if any."""
+    user_error = as_user_error(error)
+    message = str(user_error) if user_error else f"{type(error).__name__}: {error}"
+    if user_error:
+        logger.error("error: %s", message)
+    else:
+        logger.exception("crashed")
+    status.update(state="failed", message=message)
+    return user_error
