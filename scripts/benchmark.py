@@ -244,7 +244,18 @@ def speed_bar_section(report: dict[str, Any], device: torch.device, quick: bool)
     return {"applies_to": "cpu", **speed_bar(report)}
 
 
-def measure_cpu_suite(cfg: BenchmarkConfig, spec: BenchSpec, device: torch.device) -> dict[str, Any]:
+@dataclass
+class CpuTimings:
+    """What one CPU-suite measurement session gives: each measurement's best seconds per call, and extras."""
+
+    best: dict[str, float]
+    variants: tuple[str, ...]  # the DiT training variants measured (fp32, bf16_autocast, compile)
+    compile_seconds: float | None
+    memory_mb: dict[str, float]
+
+
+def time_cpu_suite(cfg: BenchmarkConfig, spec: BenchSpec, device: torch.device) -> CpuTimings:
+    """Every measurement of the CPU suite, side by side for `cfg.rounds` rounds."""
     bench = SideBySide(device, spec.window_s)
     bench.add("matmul_fp32", matmul_call(spec.matmul_size, torch.float32, device))
     bench.add("matmul_bf16", matmul_call(spec.matmul_size, torch.bfloat16, device))
@@ -254,8 +265,7 @@ def measure_cpu_suite(cfg: BenchmarkConfig, spec: BenchSpec, device: torch.devic
     }
     if not cfg.skip_compile:
         variants["compile"] = (None, True)
-    compile_seconds = None
-    memory_mb = {}
+    compile_seconds, memory_mb = None, {}
     for name, (precision, compiled) in variants.items():
         model = build_bench_dit(spec, device).train()
         reset_peak_memory(device)
@@ -280,64 +290,73 @@ def measure_cpu_suite(cfg: BenchmarkConfig, spec: BenchSpec, device: torch.devic
             bench.add(f"onnx_{name}_eager", eager)
             bench.add(f"onnx_{name}_ort", runtime)
         best = bench.run(cfg.rounds)
+    return CpuTimings(best, tuple(variants), compile_seconds, memory_mb)
 
+
+def training_report(timings: CpuTimings, spec: BenchSpec, device: torch.device) -> dict[str, Any]:
+    """The matmul peaks and the DiT training figures (img/s, MFU, speed-ups, the matmuls-only ceiling)."""
+    best = timings.best
     flops, flops_by_op = forward_backward_flops(build_bench_dit(spec, device), spec.batch_size, device)
     peak = 2 * spec.matmul_size**3 / best["matmul_fp32"]
     peak_bf16 = 2 * spec.matmul_size**3 / best["matmul_bf16"]
-    training = {name: training_entry(best[f"train_{name}"], spec, flops, peak) for name in variants}
+    training = {name: training_entry(best[f"train_{name}"], spec, flops, peak) for name in timings.variants}
     for name, entry in training.items():
         entry["speedup_vs_fp32"] = best["train_fp32"] / best[f"train_{name}"]
-        if name in memory_mb:
-            entry["memory_peak_mb"] = memory_mb[name]
+        if name in timings.memory_mb:
+            entry["memory_peak_mb"] = timings.memory_mb[name]
     matmuls_only = best["train_fp32_matmuls_only"]
     training["fp32"].update(
-        {
-            "matmuls_only_ms": matmuls_only * 1e3,
-            "matmul_share_of_step": matmuls_only / best["train_fp32"],
-            "mfu_if_only_matmuls_took_time": flops / matmuls_only / peak,
-        }
+        matmuls_only_ms=matmuls_only * 1e3,
+        matmul_share_of_step=matmuls_only / best["train_fp32"],
+        mfu_if_only_matmuls_took_time=flops / matmuls_only / peak,
     )
     training["bf16_autocast"]["mfu_vs_bf16_matmul_peak"] = flops / best["train_bf16_autocast"] / peak_bf16
-    if compile_seconds is not None:
-        training["compile"]["compile_seconds"] = compile_seconds
-    fastest_training = max(entry["img_per_s"] for entry in training.values())
-    pipeline_img_s = spec.pipeline_steps * spec.batch_size / best["pipeline"]
-    report = {
+    if timings.compile_seconds is not None:
+        training["compile"]["compile_seconds"] = timings.compile_seconds
+    by_op = {op: op_flops / 1e9 for op, op_flops in flops_by_op.items()}
+    parameters = count_parameters(build_bench_dit(spec, device))
+    return {
         "matmul_peak_gflop_per_s": {"fp32": peak / 1e9, "bf16": peak_bf16 / 1e9, "size": spec.matmul_size},
         "dit_training": {
             "gflop_per_step": flops / 1e9,
-            "gflop_per_step_by_op": {k: v / 1e9 for k, v in flops_by_op.items()},
-            "parameters": count_parameters(build_bench_dit(spec, device)),
+            "gflop_per_step_by_op": by_op,
+            "parameters": parameters,
             **training,
         },
-        "dit_sampling": {
-            "img_per_s": spec.batch_size / best["sampling"],
-            "steps": spec.sample_steps,
-            "cfg_scale": spec.cfg_scale,
-            "batch_size": spec.batch_size,
-            "precision": "fp32",
-        },
-        "data_pipeline": {
-            "img_per_s": pipeline_img_s,
-            "augmentation": "full",
-            "fastest_training_img_per_s": fastest_training,
-            "ratio_to_fastest_training": pipeline_img_s / fastest_training,
-        },
-        "classifier_training": {
-            "img_per_s": spec.batch_size / best["classifier_train"],
-            "backbone": spec.classifier_backbone,
-            "image_size": spec.image_size,
-        },
-        "onnx_runtime": {
-            name: {
-                "eager_ms": best[f"onnx_{name}_eager"] * 1e3,
-                "ort_ms": best[f"onnx_{name}_ort"] * 1e3,
-                "ort_speedup_vs_eager": best[f"onnx_{name}_eager"] / best[f"onnx_{name}_ort"],
-                "batch_size": 2 * spec.batch_size if name == "dit_step" else spec.batch_size,
-                "device": "cpu",
-            }
-            for name in ("dit_step", "classifier")
-        },
+    }
+
+
+def measure_cpu_suite(cfg: BenchmarkConfig, spec: BenchSpec, device: torch.device) -> dict[str, Any]:
+    timings = time_cpu_suite(cfg, spec, device)
+    best, report = timings.best, training_report(timings, spec, device)
+    fastest_training = max(
+        entry["img_per_s"] for name, entry in report["dit_training"].items() if name in timings.variants
+    )
+    pipeline_img_s = spec.pipeline_steps * spec.batch_size / best["pipeline"]
+    sampling = {
+        "steps": spec.sample_steps,
+        "cfg_scale": spec.cfg_scale,
+        "batch_size": spec.batch_size,
+        "precision": "fp32",
+    }
+    report["dit_sampling"] = {"img_per_s": spec.batch_size / best["sampling"], **sampling}
+    report["data_pipeline"] = {
+        "img_per_s": pipeline_img_s,
+        "augmentation": "full",
+        "fastest_training_img_per_s": fastest_training,
+        "ratio_to_fastest_training": pipeline_img_s / fastest_training,
+    }
+    classifier = {"backbone": spec.classifier_backbone, "image_size": spec.image_size}
+    report["classifier_training"] = {"img_per_s": spec.batch_size / best["classifier_train"], **classifier}
+    report["onnx_runtime"] = {
+        name: {
+            "eager_ms": best[f"onnx_{name}_eager"] * 1e3,
+            "ort_ms": best[f"onnx_{name}_ort"] * 1e3,
+            "ort_speedup_vs_eager": best[f"onnx_{name}_eager"] / best[f"onnx_{name}_ort"],
+            "batch_size": 2 * spec.batch_size if name == "dit_step" else spec.batch_size,
+            "device": "cpu",
+        }
+        for name in ("dit_step", "classifier")
     }
     if cfg.skip_compile:
         report["dit_training"]["compile"] = {"skipped": "--skip-compile"}
