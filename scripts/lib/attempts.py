@@ -110,8 +110,8 @@ def stale_after_s() -> float:
 def lease(run_dir: Path, owner: str) -> Iterator[None]:
     """Hold the run's lock for a moment (bookkeeping between trainers), or raise a UserError naming its holder.
 
-    RunLock also calls a lock stale when its pid is gone on the same host name; containers may share host names, so
-    a lock of another chain with a recent heartbeat is refused here first, whatever its pid.
+    A lock of another chain with a recent heartbeat is refused here first, in the words of a Modal run (RunLock
+    would refuse it too: it judges pids only on its own machine, so containers sharing a host name go by heartbeat).
     """
     holder = read_lock_holder(run_dir)
     if holder is not None and holder.owner != owner and time.time() - holder.heartbeat < stale_after_s():
