@@ -42,18 +42,22 @@ from models.classifier import features_and_logits
 from scripts.lib.cli import UserError, option, run_main
 from scripts.lib.batches import stratified_split, to_unit_float
 from scripts.lib.images import ImageCache, load_or_build_cache
-from scripts.lib.metrics import (class_fidelity, fid, kid, memorisation_ratio, nearest_neighbour_distances)
+from scripts.lib.metrics import class_fidelity, fid, kid, memorisation_ratio, nearest_neighbour_distances
 from scripts.lib.model_files import classifier_normalize, load_classifier, load_dit
 from scripts.lib.runtime import DEVICES, resolve_device_type
 from scripts.lib.sampling import SAMPLE_CHUNK, class_grid_labels, sample_images, save_grid
 
 GRID_COLUMNS = 8
 KID_SUBSET_SIZE = 1000  # the usual KID subset size, when there are enough images
-FEATURE_FID_NOTE = ("classifier-feature FID: Fréchet distance in the project classifier's penultimate feature "
-                    "space, NOT Inception FID; compare it only with real_vs_real_baseline in this report")
-MEMORISATION_NOTE = ("ratio = median NN distance (sample -> training set) / median NN distance (held-out real -> "
-                     "training set); > 1: samples are not closer to the training images than unseen real images "
-                     "are (no copying); near or below 1: possible memorisation")
+FEATURE_FID_NOTE = (
+    "classifier-feature FID: Fréchet distance in the project classifier's penultimate feature "
+    "space, NOT Inception FID; compare it only with real_vs_real_baseline in this report"
+)
+MEMORISATION_NOTE = (
+    "ratio = median NN distance (sample -> training set) / median NN distance (held-out real -> "
+    "training set); > 1: samples are not closer to the training images than unseen real images "
+    "are (no copying); near or below 1: possible memorisation"
+)
 
 
 @dataclass
@@ -61,8 +65,11 @@ class EvaluateConfig:
     dit: str = option("checkpoints/tinydit_final.safetensors", "TinyDiT weights file to evaluate")
     classifier: str = option("checkpoints/cats_model.safetensors", "the project's classifier weights file")
     data: str = option("data/cats", "image folder the DiT was trained on (the memorisation reference)")
-    heldout_data: str = option("", "image folder neither model saw (same classes); default: the classifier's "
-                                   "validation split of --data (then not clean for the DiT)")
+    heldout_data: str = option(
+        "",
+        "image folder neither model saw (same classes); default: the classifier's "
+        "validation split of --data (then not clean for the DiT)",
+    )
     num_per_class: int = option(50, "samples per class")
     cfg_scale: float = option(4.0, "classifier-free guidance scale (1 = no guidance)")
     steps: int = option(50, "sampling steps")
@@ -75,9 +82,11 @@ class EvaluateConfig:
 
 
 def validate_config(cfg: EvaluateConfig) -> None:
-    problems = [f"--{name.replace('_', '-')} must be positive (got {value})"
-                for name, value in (("num_per_class", cfg.num_per_class), ("steps", cfg.steps),
-                                    ("batch_size", cfg.batch_size)) if value < 1]
+    problems = [
+        f"--{name.replace('_', '-')} must be positive (got {value})"
+        for name, value in (("num_per_class", cfg.num_per_class), ("steps", cfg.steps), ("batch_size", cfg.batch_size))
+        if value < 1
+    ]
     if cfg.num_per_class < 2:
         problems.append("--num-per-class must be >= 2 to fit FID/KID statistics")
     if cfg.cfg_scale < 0:
@@ -98,6 +107,7 @@ def default_output(dit_path: str, suffix: str) -> Path:
 # Real images: the training reference and the held-out set
 # ------------------------------------------------------------------------------------------------------
 
+
 @dataclass
 class RealImages:
     """Unit-range images at the DiT's resolution with labels, for the training reference and held-out set."""
@@ -113,8 +123,10 @@ class RealImages:
 def _cache_for(data_dir: str, image_size: int, class_names: list[str], what: str) -> ImageCache:
     cache = load_or_build_cache(data_dir, image_size, show_progress=True)
     if list(cache.class_names) != list(class_names):
-        raise UserError(f"{what} {data_dir} has classes {cache.class_names} but the checkpoints know "
-                        f"{class_names} — evaluate on a folder with the same class subfolders")
+        raise UserError(
+            f"{what} {data_dir} has classes {cache.class_names} but the checkpoints know "
+            f"{class_names} — evaluate on a folder with the same class subfolders"
+        )
     return cache
 
 
@@ -122,24 +134,38 @@ def _unit(cache: ImageCache, indices: np.ndarray) -> torch.Tensor:
     return to_unit_float(torch.from_numpy(np.ascontiguousarray(cache.images[indices])))
 
 
-def load_real_images(cfg: EvaluateConfig, image_size: int, class_names: list[str],
-                     classifier_config: dict[str, Any]) -> RealImages:
+def load_real_images(
+    cfg: EvaluateConfig, image_size: int, class_names: list[str], classifier_config: dict[str, Any]
+) -> RealImages:
     """Training reference = all of --data (what the DiT saw); held-out from --heldout-data or the val split."""
     cache = _cache_for(cfg.data, image_size, class_names, "--data")
     if cfg.heldout_data:
         heldout = _cache_for(cfg.heldout_data, image_size, class_names, "--heldout-data")
         everything = np.arange(len(cache))
-        return RealImages(_unit(cache, everything), cache.labels[everything],
-                          _unit(heldout, np.arange(len(heldout))), np.asarray(heldout.labels),
-                          f"folder {cfg.heldout_data}", clean_for_dit=True)
+        return RealImages(
+            _unit(cache, everything),
+            cache.labels[everything],
+            _unit(heldout, np.arange(len(heldout))),
+            np.asarray(heldout.labels),
+            f"folder {cfg.heldout_data}",
+            clean_for_dit=True,
+        )
     val_fraction = float(classifier_config.get("val_split") or 0.0)
     if val_fraction <= 0:
-        raise UserError("the classifier checkpoint records no validation split, so there are no held-out images "
-                        "in --data — pass --heldout-data DIR (e.g. toy cats drawn with another --seed)")
+        raise UserError(
+            "the classifier checkpoint records no validation split, so there are no held-out images "
+            "in --data — pass --heldout-data DIR (e.g. toy cats drawn with another --seed)"
+        )
     # The same split the classifier trainer drew (sorted indices), so held-out was never trained on by it.
     train_idx, val_idx = stratified_split(cache.labels, val_fraction, int(classifier_config.get("seed", 0)))
-    return RealImages(_unit(cache, train_idx), cache.labels[train_idx], _unit(cache, val_idx), cache.labels[val_idx],
-                      f"classifier validation split of {cfg.data} (fraction {val_fraction})", clean_for_dit=False)
+    return RealImages(
+        _unit(cache, train_idx),
+        cache.labels[train_idx],
+        _unit(cache, val_idx),
+        cache.labels[val_idx],
+        f"classifier validation split of {cfg.data} (fraction {val_fraction})",
+        clean_for_dit=False,
+    )
 
 
 def balanced_subset(labels: np.ndarray, per_class: int, num_classes: int, seed: int) -> np.ndarray:
@@ -153,9 +179,16 @@ def balanced_subset(labels: np.ndarray, per_class: int, num_classes: int, seed: 
 # Features
 # ------------------------------------------------------------------------------------------------------
 
+
 @torch.no_grad()
-def classify(model: nn.Module, metadata: dict[str, Any], images_unit: torch.Tensor, batch_size: int,
-             device: torch.device, desc: str) -> tuple[np.ndarray, np.ndarray]:
+def classify(
+    model: nn.Module,
+    metadata: dict[str, Any],
+    images_unit: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+    desc: str,
+) -> tuple[np.ndarray, np.ndarray]:
     """(predicted labels (N,), penultimate features (N, D)) at the classifier's own input size."""
     size = int(metadata["image_size"])
     predictions, features = [], []
@@ -190,12 +223,18 @@ def load_inception(device: torch.device) -> nn.Module:
 
 
 @torch.no_grad()
-def inception_features(model: nn.Module, images_unit: torch.Tensor, batch_size: int,
-                       device: torch.device) -> np.ndarray:
+def inception_features(
+    model: nn.Module, images_unit: torch.Tensor, batch_size: int, device: torch.device
+) -> np.ndarray:
     features = []
     for batch in tqdm(images_unit.split(batch_size), desc="inception features", unit="batch", leave=False):
-        batch = F.interpolate(batch.to(device), size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear",
-                              antialias=True, align_corners=False)
+        batch = F.interpolate(
+            batch.to(device),
+            size=(INCEPTION_SIZE, INCEPTION_SIZE),
+            mode="bilinear",
+            antialias=True,
+            align_corners=False,
+        )
         features.append(model(classifier_normalize(batch)).cpu())
     return torch.cat(features).double().numpy()
 
@@ -204,8 +243,10 @@ def inception_features(model: nn.Module, images_unit: torch.Tensor, batch_size: 
 # Report pieces
 # ------------------------------------------------------------------------------------------------------
 
-def distance_report(sample_features: np.ndarray, heldout_features: np.ndarray, baseline_features: np.ndarray,
-                    seed: int) -> dict[str, Any]:
+
+def distance_report(
+    sample_features: np.ndarray, heldout_features: np.ndarray, baseline_features: np.ndarray, seed: int
+) -> dict[str, Any]:
     """FID and KID of samples vs held-out, beside the same for real (training) images vs held-out."""
     # Subsets of half the smaller set: with subsets as big as the sets every draw is identical and the
     # spread over subsets (kid_std) would always read 0.
@@ -213,36 +254,54 @@ def distance_report(sample_features: np.ndarray, heldout_features: np.ndarray, b
     subset = max(2, min(KID_SUBSET_SIZE, smallest // 2))
     sample_kid = kid(sample_features, heldout_features, subset_size=subset, seed=seed)
     baseline_kid = kid(baseline_features, heldout_features, subset_size=subset, seed=seed)
-    return {"fid": fid(sample_features, heldout_features),
-            "fid_real_vs_real_baseline": fid(baseline_features, heldout_features),
-            "kid": sample_kid.mean, "kid_std": sample_kid.std,
-            "kid_real_vs_real_baseline": baseline_kid.mean, "kid_real_vs_real_baseline_std": baseline_kid.std,
-            "kid_subset_size": sample_kid.subset_size, "kid_subsets": sample_kid.num_subsets,
-            "num_samples": len(sample_features), "num_baseline_real": len(baseline_features),
-            "num_heldout": len(heldout_features), "feature_dim": int(sample_features.shape[1])}
+    return {
+        "fid": fid(sample_features, heldout_features),
+        "fid_real_vs_real_baseline": fid(baseline_features, heldout_features),
+        "kid": sample_kid.mean,
+        "kid_std": sample_kid.std,
+        "kid_real_vs_real_baseline": baseline_kid.mean,
+        "kid_real_vs_real_baseline_std": baseline_kid.std,
+        "kid_subset_size": sample_kid.subset_size,
+        "kid_subsets": sample_kid.num_subsets,
+        "num_samples": len(sample_features),
+        "num_baseline_real": len(baseline_features),
+        "num_heldout": len(heldout_features),
+        "feature_dim": int(sample_features.shape[1]),
+    }
 
 
 def memorisation_report(samples: np.ndarray, heldout: np.ndarray, train: np.ndarray) -> dict[str, float]:
     sample_nn = nearest_neighbour_distances(samples, train)
     heldout_nn = nearest_neighbour_distances(heldout, train)
-    return {"ratio": memorisation_ratio(sample_nn, heldout_nn),
-            "sample_nn_median": float(np.median(sample_nn)), "heldout_nn_median": float(np.median(heldout_nn)),
-            "sample_nn_min": float(sample_nn.min())}
+    return {
+        "ratio": memorisation_ratio(sample_nn, heldout_nn),
+        "sample_nn_median": float(np.median(sample_nn)),
+        "heldout_nn_median": float(np.median(heldout_nn)),
+        "sample_nn_min": float(sample_nn.min()),
+    }
 
 
-def inception_report(samples: torch.Tensor, heldout: torch.Tensor, baseline: torch.Tensor, batch_size: int,
-                     device: torch.device) -> dict[str, Any]:
+def inception_report(
+    samples: torch.Tensor, heldout: torch.Tensor, baseline: torch.Tensor, batch_size: int, device: torch.device
+) -> dict[str, Any]:
     weights = inception_weights_file()
     if not weights.is_file():
-        return {"available": False,
-                "reason": f"no torchvision Inception-v3 weights at {weights} (this tool never downloads); put "
-                          f"{weights.name} there (or set TORCH_HOME) to get Inception FID"}
+        return {
+            "available": False,
+            "reason": f"no torchvision Inception-v3 weights at {weights} (this tool never downloads); put "
+            f"{weights.name} there (or set TORCH_HOME) to get Inception FID",
+        }
     model = load_inception(device)
-    sample_f, heldout_f, baseline_f = (inception_features(model, images, batch_size, device)
-                                       for images in (samples, heldout, baseline))
-    return {"available": True, "fid": fid(sample_f, heldout_f), "fid_real_vs_real_baseline": fid(baseline_f, heldout_f),
-            "note": "torchvision Inception-v3 pool features (2048-d); close to, not identical with, the TF "
-                    f"Inception of published FIDs, and biased upward at {len(samples)} samples"}
+    sample_f, heldout_f, baseline_f = (
+        inception_features(model, images, batch_size, device) for images in (samples, heldout, baseline)
+    )
+    return {
+        "available": True,
+        "fid": fid(sample_f, heldout_f),
+        "fid_real_vs_real_baseline": fid(baseline_f, heldout_f),
+        "note": "torchvision Inception-v3 pool features (2048-d); close to, not identical with, the TF "
+        f"Inception of published FIDs, and biased upward at {len(samples)} samples",
+    }
 
 
 def _finite(value: Any) -> Any:
@@ -258,37 +317,62 @@ def _finite(value: Any) -> Any:
 
 def print_summary(report: dict[str, Any]) -> None:
     fidelity, features, pixel = report["class_fidelity"], report["classifier_feature_fid"], report["memorisation"]
-    print(f"class fidelity (mean over classes): {fidelity['mean']:.1%}   "
-          f"[classifier on held-out real images: {fidelity['classifier_heldout_accuracy']:.1%}]")
+    print(
+        f"class fidelity (mean over classes): {fidelity['mean']:.1%}   "
+        f"[classifier on held-out real images: {fidelity['classifier_heldout_accuracy']:.1%}]"
+    )
     for name, accuracy in fidelity["per_class"].items():
         print(f"  {name:>16}: {accuracy:.1%}")
-    print(f"classifier-feature FID (not Inception FID): {features['fid']:.2f}   "
-          f"real-vs-real baseline: {features['fid_real_vs_real_baseline']:.2f}")
-    print(f"classifier-feature KID: {features['kid']:.4f} ± {features['kid_std']:.4f}   "
-          f"baseline: {features['kid_real_vs_real_baseline']:.4f}")
+    print(
+        f"classifier-feature FID (not Inception FID): {features['fid']:.2f}   "
+        f"real-vs-real baseline: {features['fid_real_vs_real_baseline']:.2f}"
+    )
+    print(
+        f"classifier-feature KID: {features['kid']:.4f} ± {features['kid_std']:.4f}   "
+        f"baseline: {features['kid_real_vs_real_baseline']:.4f}"
+    )
     inception = report["inception_fid"]
-    print(f"Inception FID: {inception['fid']:.2f} (baseline {inception['fid_real_vs_real_baseline']:.2f})"
-          if inception["available"] else f"Inception FID: unavailable — {inception['reason']}")
-    print(f"memorisation ratio (>1 = not copying): pixel {pixel['pixel']['ratio']:.2f}, "
-          f"classifier features {pixel['classifier_features']['ratio']:.2f}")
+    print(
+        f"Inception FID: {inception['fid']:.2f} (baseline {inception['fid_real_vs_real_baseline']:.2f})"
+        if inception["available"]
+        else f"Inception FID: unavailable — {inception['reason']}"
+    )
+    print(
+        f"memorisation ratio (>1 = not copying): pixel {pixel['pixel']['ratio']:.2f}, "
+        f"classifier features {pixel['classifier_features']['ratio']:.2f}"
+    )
     if not report["heldout"]["clean_for_dit"]:
-        print("warning: held-out images come from the DiT's own data folder — pass --heldout-data for a clean "
-              "memorisation and FID check")
+        print(
+            "warning: held-out images come from the DiT's own data folder — pass --heldout-data for a clean "
+            "memorisation and FID check"
+        )
 
 
 # ------------------------------------------------------------------------------------------------------
 # main
 # ------------------------------------------------------------------------------------------------------
 
-def generate_samples(model: nn.Module, objective, metadata: dict[str, Any], cfg: EvaluateConfig, sampler: str,
-                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+
+def generate_samples(
+    model: nn.Module, objective, metadata: dict[str, Any], cfg: EvaluateConfig, sampler: str, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(unit images (C*N, 3, H, W) on CPU, requested labels), class by class, with a progress bar."""
     labels = class_grid_labels(list(range(metadata["num_classes"])), cfg.num_per_class, device)
     chunks = []
     for index, chunk in enumerate(tqdm(labels.split(SAMPLE_CHUNK), desc="sampling", unit="batch")):
-        chunks.append(sample_images(model, objective, chunk, steps=cfg.steps, cfg_scale=cfg.cfg_scale,
-                                    sampler=sampler, seed=cfg.seed + index, image_size=metadata["image_size"],
-                                    in_channels=metadata["in_channels"]).cpu())
+        chunks.append(
+            sample_images(
+                model,
+                objective,
+                chunk,
+                steps=cfg.steps,
+                cfg_scale=cfg.cfg_scale,
+                sampler=sampler,
+                seed=cfg.seed + index,
+                image_size=metadata["image_size"],
+                in_channels=metadata["in_channels"],
+            ).cpu()
+        )
     return torch.cat(chunks), labels.cpu()
 
 
@@ -301,8 +385,10 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
     classifier, classifier_meta = load_classifier(cfg.classifier, device=device)
     class_names = list(dit_meta["class_names"])
     if list(classifier_meta["class_names"]) != class_names:
-        raise UserError(f"the DiT knows classes {class_names} but the classifier {classifier_meta['class_names']} "
-                        "— evaluate with a classifier trained on the same classes")
+        raise UserError(
+            f"the DiT knows classes {class_names} but the classifier {classifier_meta['class_names']} "
+            "— evaluate with a classifier trained on the same classes"
+        )
     sampler = cfg.sampler or objective.default_sampler
     if sampler not in objective.samplers:
         raise UserError(f"unknown --sampler {sampler!r} — choose one of {', '.join(objective.samplers)}")
@@ -318,31 +404,55 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
 
     baseline_idx = balanced_subset(real.train_labels, cfg.num_per_class, len(class_names), cfg.seed)
     sample_pred, sample_f = classify(classifier, classifier_meta, samples, cfg.batch_size, device, "classify samples")
-    heldout_pred, heldout_f = classify(classifier, classifier_meta, real.heldout, cfg.batch_size, device,
-                                       "classify held-out")
+    heldout_pred, heldout_f = classify(
+        classifier, classifier_meta, real.heldout, cfg.batch_size, device, "classify held-out"
+    )
     _, train_f = classify(classifier, classifier_meta, real.train, cfg.batch_size, device, "training features")
     fidelity = class_fidelity(sample_pred, requested, len(class_names))
     heldout_accuracy = float((heldout_pred == real.heldout_labels).mean())
 
     report = {
-        "dit": cfg.dit, "classifier": cfg.classifier, "data": cfg.data, "grid": str(grid),
-        "dit_step": dit_meta.get("step"), "dit_model": dit_meta.get("model"), "image_size": dit_meta["image_size"],
-        "classifier_backbone": classifier_meta.get("backbone"), "classifier_image_size": classifier_meta["image_size"],
-        "sampling": {"num_per_class": cfg.num_per_class, "cfg_scale": cfg.cfg_scale, "steps": cfg.steps,
-                     "sampler": sampler, "seed": cfg.seed, "seconds": sampling_seconds,
-                     "images_per_second": len(samples) / sampling_seconds},
-        "heldout": {"source": real.heldout_source, "count": len(real.heldout), "clean_for_dit": real.clean_for_dit,
-                    "training_reference_count": len(real.train)},
-        "class_fidelity": {**{k: v for k, v in asdict(fidelity).items() if k not in ("per_class", "counts")},
-                           "per_class": dict(zip(class_names, fidelity.per_class, strict=True)),
-                           "classifier_heldout_accuracy": heldout_accuracy},
-        "classifier_feature_fid": {"note": FEATURE_FID_NOTE,
-                                   **distance_report(sample_f, heldout_f, train_f[baseline_idx], cfg.seed)},
+        "dit": cfg.dit,
+        "classifier": cfg.classifier,
+        "data": cfg.data,
+        "grid": str(grid),
+        "dit_step": dit_meta.get("step"),
+        "dit_model": dit_meta.get("model"),
+        "image_size": dit_meta["image_size"],
+        "classifier_backbone": classifier_meta.get("backbone"),
+        "classifier_image_size": classifier_meta["image_size"],
+        "sampling": {
+            "num_per_class": cfg.num_per_class,
+            "cfg_scale": cfg.cfg_scale,
+            "steps": cfg.steps,
+            "sampler": sampler,
+            "seed": cfg.seed,
+            "seconds": sampling_seconds,
+            "images_per_second": len(samples) / sampling_seconds,
+        },
+        "heldout": {
+            "source": real.heldout_source,
+            "count": len(real.heldout),
+            "clean_for_dit": real.clean_for_dit,
+            "training_reference_count": len(real.train),
+        },
+        "class_fidelity": {
+            **{k: v for k, v in asdict(fidelity).items() if k not in ("per_class", "counts")},
+            "per_class": dict(zip(class_names, fidelity.per_class, strict=True)),
+            "classifier_heldout_accuracy": heldout_accuracy,
+        },
+        "classifier_feature_fid": {
+            "note": FEATURE_FID_NOTE,
+            **distance_report(sample_f, heldout_f, train_f[baseline_idx], cfg.seed),
+        },
         "inception_fid": inception_report(samples, real.heldout, real.train[baseline_idx], cfg.batch_size, device),
-        "memorisation": {"note": MEMORISATION_NOTE,
-                         "pixel": memorisation_report(samples.flatten(1).numpy(), real.heldout.flatten(1).numpy(),
-                                                      real.train.flatten(1).numpy()),
-                         "classifier_features": memorisation_report(sample_f, heldout_f, train_f)},
+        "memorisation": {
+            "note": MEMORISATION_NOTE,
+            "pixel": memorisation_report(
+                samples.flatten(1).numpy(), real.heldout.flatten(1).numpy(), real.train.flatten(1).numpy()
+            ),
+            "classifier_features": memorisation_report(sample_f, heldout_f, train_f),
+        },
     }
     report["seconds"] = time.perf_counter() - started
     out = Path(cfg.out) if cfg.out else default_output(cfg.dit, "_eval.json")
@@ -354,5 +464,9 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    run_main(main, EvaluateConfig, "Evaluate a TinyDiT: class fidelity, classifier-feature FID/KID vs a "
-                                    "real-vs-real baseline, and a memorisation check.")
+    run_main(
+        main,
+        EvaluateConfig,
+        "Evaluate a TinyDiT: class fidelity, classifier-feature FID/KID vs a "
+        "real-vs-real baseline, and a memorisation check.",
+    )

@@ -136,9 +136,7 @@ class HeadFrame:
         corners = [(bx - px, by - py), (tx, ty), (bx + px, by + py)]
         if inset:
             mx, my = sum(c[0] for c in corners) / 3, sum(c[1] for c in corners) / 3
-            corners = [
-                (mx + (x - mx) * (1 - inset), my + (y - my) * (1 - inset) + inset * 0.15) for x, y in corners
-            ]
+            corners = [(mx + (x - mx) * (1 - inset), my + (y - my) * (1 - inset) + inset * 0.15) for x, y in corners]
         return [self.pt(x, y) for x, y in corners]
 
 
@@ -166,15 +164,12 @@ def _body_for(pose: Pose, rng: np.random.Generator) -> Body:
     tail = [_bezier(start, control, end, t) for t in np.linspace(0.0, 1.0, 12)]
     paw_y, paw_r = cy + 0.92 * ry, 0.26 * r
     paws = [
-        (cx + dx * rx - paw_r, paw_y - paw_r * 0.8, cx + dx * rx + paw_r, paw_y + paw_r * 0.8)
-        for dx in (-0.4, 0.4)
+        (cx + dx * rx - paw_r, paw_y - paw_r * 0.8, cx + dx * rx + paw_r, paw_y + paw_r * 0.8) for dx in (-0.4, 0.4)
     ]
     return Body(cx, cy, rx, ry, tail, max(2, int(rng.uniform(0.24, 0.32) * r)), paws)
 
 
-def _bezier(
-    a: tuple[float, float], b: tuple[float, float], c: tuple[float, float], t: float
-) -> tuple[float, float]:
+def _bezier(a: tuple[float, float], b: tuple[float, float], c: tuple[float, float], t: float) -> tuple[float, float]:
     return (
         (1 - t) ** 2 * a[0] + 2 * (1 - t) * t * b[0] + t**2 * c[0],
         (1 - t) ** 2 * a[1] + 2 * (1 - t) * t * b[1] + t**2 * c[1],
@@ -194,8 +189,7 @@ def _background(rng: np.random.Generator, size: int, canvas: int) -> Image.Image
     downscale averages back to exactly these pixels: far cheaper than a full-size ramp.
     """
     colours = [
-        np.array(colorsys.hsv_to_rgb(rng.uniform(0, 1), rng.uniform(0.1, 0.55), rng.uniform(0.35, 0.85)))
-        * 255
+        np.array(colorsys.hsv_to_rgb(rng.uniform(0, 1), rng.uniform(0.1, 0.55), rng.uniform(0.35, 0.85))) * 255
         for _ in range(2)
     ]
     angle = rng.uniform(0, 2 * math.pi)
@@ -205,9 +199,7 @@ def _background(rng: np.random.Generator, size: int, canvas: int) -> Image.Image
     return Image.fromarray(pixels.astype(np.uint8), "RGB").resize((canvas, canvas), Image.Resampling.NEAREST)
 
 
-def _stripes(
-    draw: ImageDraw.ImageDraw, lines: list[list[tuple[float, float]]], colour: RGB, width: int
-) -> None:
+def _stripes(draw: ImageDraw.ImageDraw, lines: list[list[tuple[float, float]]], colour: RGB, width: int) -> None:
     for line in lines:
         draw.line(line, fill=colour, width=width, joint="curve")
 
@@ -223,9 +215,7 @@ def _head_markings(draw: ImageDraw.ImageDraw, head: HeadFrame, coat: Coat, rng: 
         # One big patch over an eye/ear and one smaller elsewhere: a calico head is never plain white.
         side = rng.choice((-1, 1))
         big, small = _calico_colours(rng)[:2]
-        draw.polygon(
-            head.ellipse(side * 0.55, -0.5, rng.uniform(0.5, 0.7), rng.uniform(0.45, 0.65)), fill=big
-        )
+        draw.polygon(head.ellipse(side * 0.55, -0.5, rng.uniform(0.5, 0.7), rng.uniform(0.45, 0.65)), fill=big)
         draw.polygon(
             head.ellipse(-side * 0.6, rng.uniform(-0.7, 0.1), rng.uniform(0.3, 0.45), rng.uniform(0.3, 0.45)),
             fill=small,
@@ -309,9 +299,7 @@ def _draw_face(draw: ImageDraw.ImageDraw, head: HeadFrame, coat: Coat, rng: np.r
         ex = side * rng.uniform(0.36, 0.42)
         draw.polygon(head.ellipse(ex, eye_y, eye_w + 0.03, eye_w * pose.eye_open + 0.03), fill=(20, 18, 20))
         draw.polygon(head.ellipse(ex, eye_y, eye_w, eye_w * pose.eye_open), fill=iris)
-        draw.polygon(
-            head.ellipse(ex, eye_y, pose.pupil, eye_w * pose.eye_open * 0.9, n=16), fill=(10, 10, 12)
-        )
+        draw.polygon(head.ellipse(ex, eye_y, pose.pupil, eye_w * pose.eye_open * 0.9, n=16), fill=(10, 10, 12))
         draw.polygon(head.ellipse(ex + 0.06, eye_y - 0.06, 0.045, 0.045, n=10), fill=(250, 250, 250))
     draw.polygon([head.pt(-0.13, 0.22), head.pt(0.13, 0.22), head.pt(0.0, 0.36)], fill=coat.nose)
     mouth_width = max(1, int(r * 0.04))

@@ -30,20 +30,50 @@ def setup(tmp_path_factory):
     generate_toy_cats(root / "heldout", per_class=4, size=DIT_SIZE, seed=1, classes=CLASSES)
     torch.manual_seed(0)
     dit = build_dit("T/4", DIT_SIZE, len(CLASSES))
-    save_model(root / "dit.safetensors", dit,
-               dit_metadata({}, model_name="T/4", image_size=DIT_SIZE, in_channels=3, class_names=CLASSES,
-                            objective_name="flow", objective_options={}, step=0, weights="ema"))
+    save_model(
+        root / "dit.safetensors",
+        dit,
+        dit_metadata(
+            {},
+            model_name="T/4",
+            image_size=DIT_SIZE,
+            in_channels=3,
+            class_names=CLASSES,
+            objective_name="flow",
+            objective_options={},
+            step=0,
+            weights="ema",
+        ),
+    )
     classifier = build_classifier("resnet18", len(CLASSES))
-    save_model(root / "classifier.safetensors", classifier,
-               classifier_metadata({"val_split": 0.5, "seed": 3}, backbone="resnet18",
-                                   image_size=CLASSIFIER_SIZE, class_names=CLASSES, metrics={}, epoch=0))
+    save_model(
+        root / "classifier.safetensors",
+        classifier,
+        classifier_metadata(
+            {"val_split": 0.5, "seed": 3},
+            backbone="resnet18",
+            image_size=CLASSIFIER_SIZE,
+            class_names=CLASSES,
+            metrics={},
+            epoch=0,
+        ),
+    )
     return root
 
 
 def _config(root, **overrides) -> EvaluateConfig:
-    options = dict(dit=str(root / "dit.safetensors"), classifier=str(root / "classifier.safetensors"),
-                   data=str(root / "train"), heldout_data=str(root / "heldout"), num_per_class=3, steps=2,
-                   out=str(root / "report.json"), grid=str(root / "grid.png"), device="cpu", batch_size=4)
+    options = dict(
+        dit=str(root / "dit.safetensors"),
+        classifier=str(root / "classifier.safetensors"),
+        data=str(root / "train"),
+        heldout_data=str(root / "heldout"),
+        num_per_class=3,
+        steps=2,
+        out=str(root / "report.json"),
+        grid=str(root / "grid.png"),
+        device="cpu",
+        batch_size=4,
+    )
     options.update(overrides)
     return EvaluateConfig(**options)
 
@@ -68,8 +98,12 @@ def test_evaluate_end_to_end_writes_report_and_grid(setup, monkeypatch, tmp_path
     # An untrained DiT returns its noise: far from every real image, so nowhere near copying.
     assert report["memorisation"]["pixel"]["ratio"] > 1
     assert math.isfinite(report["memorisation"]["classifier_features"]["ratio"])
-    assert report["heldout"] == {"source": f"folder {setup / 'heldout'}", "count": 8, "clean_for_dit": True,
-                                 "training_reference_count": 12}
+    assert report["heldout"] == {
+        "source": f"folder {setup / 'heldout'}",
+        "count": 8,
+        "clean_for_dit": True,
+        "training_reference_count": 12,
+    }
     assert report["inception_fid"]["available"] is False
     assert str(inception_weights_file()) in report["inception_fid"]["reason"]
     assert report["sampling"]["steps"] == 2 and report["sampling"]["sampler"]

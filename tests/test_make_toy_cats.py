@@ -41,9 +41,7 @@ def test_same_seed_same_bytes_other_seed_differs(toy_set: Path, tmp_path: Path) 
     generate_toy_cats(tmp_path / "again", per_class=12, size=32, seed=0)
     assert _files(tmp_path / "again") == _files(toy_set)
     generate_toy_cats(tmp_path / "other", per_class=2, size=32, seed=1)
-    assert (tmp_path / "other/black/black_00000.png").read_bytes() != (
-        toy_set / "black/black_00000.png"
-    ).read_bytes()
+    assert (tmp_path / "other/black/black_00000.png").read_bytes() != (toy_set / "black/black_00000.png").read_bytes()
 
 
 def test_subset_and_count_leave_other_images_unchanged(toy_set: Path, tmp_path: Path) -> None:
