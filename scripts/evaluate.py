@@ -42,6 +42,7 @@ from models.classifier import features_and_logits
 from scripts.lib.cli import UserError, option, run_main
 from scripts.lib.batches import stratified_split, to_unit_float
 from scripts.lib.images import ImageCache, load_or_build_cache
+from scripts.lib.inception import inception_report
 from scripts.lib.metrics import class_fidelity, fid, kid, memorisation_ratio, nearest_neighbour_distances
 from scripts.lib.model_files import classifier_normalize, load_classifier, load_dit
 from scripts.lib.runtime import DEVICES, resolve_device_type
@@ -202,43 +203,6 @@ def classify(
     return torch.cat(predictions).numpy(), torch.cat(features).double().numpy()
 
 
-INCEPTION_SIZE = 299
-
-
-def inception_weights_file() -> Path:
-    """Where torchvision keeps Inception-v3 ImageNet weights in the torch hub cache ($TORCH_HOME)."""
-    from torchvision.models import Inception_V3_Weights
-
-    return Path(torch.hub.get_dir()) / "checkpoints" / Path(Inception_V3_Weights.IMAGENET1K_V1.url).name
-
-
-def load_inception(device: torch.device) -> nn.Module:
-    """torchvision Inception-v3 returning 2048-d pool features, from the LOCAL weights file only."""
-    from torchvision.models import inception_v3
-
-    model = inception_v3(weights=None, aux_logits=True, init_weights=False)
-    model.load_state_dict(torch.load(inception_weights_file(), map_location="cpu", weights_only=True))
-    model.fc = nn.Identity()
-    return model.to(device).eval()
-
-
-@torch.no_grad()
-def inception_features(
-    model: nn.Module, images_unit: torch.Tensor, batch_size: int, device: torch.device
-) -> np.ndarray:
-    features = []
-    for batch in tqdm(images_unit.split(batch_size), desc="inception features", unit="batch", leave=False):
-        batch = F.interpolate(
-            batch.to(device),
-            size=(INCEPTION_SIZE, INCEPTION_SIZE),
-            mode="bilinear",
-            antialias=True,
-            align_corners=False,
-        )
-        features.append(model(classifier_normalize(batch)).cpu())
-    return torch.cat(features).double().numpy()
-
-
 # ------------------------------------------------------------------------------------------------------
 # Report pieces
 # ------------------------------------------------------------------------------------------------------
@@ -278,29 +242,6 @@ def memorisation_report(samples: np.ndarray, heldout: np.ndarray, train: np.ndar
         "sample_nn_median": float(np.median(sample_nn)),
         "heldout_nn_median": float(np.median(heldout_nn)),
         "sample_nn_min": float(sample_nn.min()),
-    }
-
-
-def inception_report(
-    samples: torch.Tensor, heldout: torch.Tensor, baseline: torch.Tensor, batch_size: int, device: torch.device
-) -> dict[str, Any]:
-    weights = inception_weights_file()
-    if not weights.is_file():
-        return {
-            "available": False,
-            "reason": f"no torchvision Inception-v3 weights at {weights} (this tool never downloads); put "
-            f"{weights.name} there (or set TORCH_HOME) to get Inception FID",
-        }
-    model = load_inception(device)
-    sample_f, heldout_f, baseline_f = (
-        inception_features(model, images, batch_size, device) for images in (samples, heldout, baseline)
-    )
-    return {
-        "available": True,
-        "fid": fid(sample_f, heldout_f),
-        "fid_real_vs_real_baseline": fid(baseline_f, heldout_f),
-        "note": "torchvision Inception-v3 pool features (2048-d); close to, not identical with, the TF "
-        f"Inception of published FIDs, and biased upward at {len(samples)} samples",
     }
 
 

@@ -14,7 +14,8 @@ from models.tiny_dit import build_dit
 from scripts.lib.cli import UserError
 from scripts.lib.batches import stratified_split
 from scripts.lib.images import load_or_build_cache
-from scripts.evaluate import EvaluateConfig, balanced_subset, inception_weights_file, load_real_images, main
+from scripts.evaluate import EvaluateConfig, balanced_subset, load_real_images, main
+from scripts.lib.inception import inception_weights_file
 from scripts.make_toy_cats import generate_toy_cats
 from scripts.lib.model_files import classifier_metadata, dit_metadata, save_model
 
