@@ -12,23 +12,27 @@ image unchanged.
 
 from __future__ import annotations
 
-import colorsys
 import dataclasses
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from scripts.lib.cli import UserError, option, run_main
-from scripts.lib.images import refuse_foreign_classes
+from scripts.lib.cli import option, run_main
+from scripts.lib.toy_sets import (
+    RGB,
+    SUPERSAMPLE,
+    ToySet,
+    ToySetConfig,
+    finish,
+    generate,
+    generate_and_report,
+    gradient_background,
+)
 
 TOY_CAT_CLASSES = ("black", "white", "orange_tabby", "grey_tabby", "calico", "siamese")
-
-SUPERSAMPLE = 4
-RGB = tuple[int, int, int]
 
 
 @dataclass(frozen=True)
@@ -182,23 +186,6 @@ def _jitter(colour: RGB, rng: np.random.Generator, amount: float) -> RGB:
     return tuple(int(np.clip(c * scale + rng.normal(0, 4), 0, 255)) for c in colour)  # type: ignore[return-value]
 
 
-def _background(rng: np.random.Generator, size: int, canvas: int) -> Image.Image:
-    """A two-colour linear gradient in a random direction (muted colours, as in a room).
-
-    Computed at the output size and blown up into SUPERSAMPLE-wide blocks, which the final box
-    downscale averages back to exactly these pixels: far cheaper than a full-size ramp.
-    """
-    colours = [
-        np.array(colorsys.hsv_to_rgb(rng.uniform(0, 1), rng.uniform(0.1, 0.55), rng.uniform(0.35, 0.85))) * 255
-        for _ in range(2)
-    ]
-    angle = rng.uniform(0, 2 * math.pi)
-    ys, xs = np.mgrid[0:size, 0:size] / size - 0.5
-    ramp = np.clip((xs * math.cos(angle) + ys * math.sin(angle)) * 1.4 + 0.5, 0, 1)[..., None]
-    pixels = colours[0] * (1 - ramp) + colours[1] * ramp
-    return Image.fromarray(pixels.astype(np.uint8), "RGB").resize((canvas, canvas), Image.Resampling.NEAREST)
-
-
 def _stripes(draw: ImageDraw.ImageDraw, lines: list[list[tuple[float, float]]], colour: RGB, width: int) -> None:
     for line in lines:
         draw.line(line, fill=colour, width=width, joint="curve")
@@ -319,84 +306,37 @@ def _draw_face(draw: ImageDraw.ImageDraw, head: HeadFrame, coat: Coat, rng: np.r
             )
 
 
-def _light(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Overall brightness, a soft directional light, and a little sensor noise."""
-    size = pixels.shape[0]
-    angle = rng.uniform(0, 2 * math.pi)
-    ys, xs = np.mgrid[0:size, 0:size] / size - 0.5
-    shade = rng.uniform(0.88, 1.12) + rng.uniform(0.0, 0.25) * (xs * math.cos(angle) + ys * math.sin(angle))
-    noisy = pixels * shade[..., None] + rng.normal(0.0, 3.0, pixels.shape)
-    return np.clip(noisy, 0, 255).astype(np.uint8)
-
-
 def draw_toy_cat(class_name: str, rng: np.random.Generator, size: int) -> Image.Image:
     """One size x size RGB picture of a cat of `class_name`, all randomness drawn from `rng`."""
     coat = COATS[class_name]
     canvas = size * SUPERSAMPLE
     pose = _sample_pose(rng, canvas)
     head, body = HeadFrame(pose), _body_for(pose, rng)
-    image = _background(rng, size, canvas)
+    image = gradient_background(rng, size, canvas)
     fur, silhouette = _draw_coat(canvas, head, body, coat, rng)
     image.paste(fur, mask=silhouette)
     _draw_face(ImageDraw.Draw(image), head, coat, rng)
-    small = image.resize((size, size), Image.Resampling.BOX)  # supersampling = area average
-    return Image.fromarray(_light(np.asarray(small, dtype=np.float32), rng), "RGB")
+    return finish(image, size, rng)
 
 
-def _image_rng(seed: int, class_index: int, image_index: int) -> np.random.Generator:
-    return np.random.default_rng([seed, class_index, image_index])
-
-
-def _remove_stale_images(class_dir: Path, class_name: str, keep: int) -> None:
-    """Delete our own numbered images beyond `keep`, left by an earlier run with a larger --per-class."""
-    for path in class_dir.glob(f"{class_name}_*.png"):
-        index = path.stem[len(class_name) + 1 :]
-        if index.isdigit() and int(index) >= keep:
-            path.unlink()
+TOY_CATS = ToySet("toy cat", TOY_CAT_CLASSES, draw_toy_cat)
 
 
 def generate_toy_cats(
     out: Path, per_class: int, size: int, seed: int, classes: list[str] | tuple[str, ...] | None = None
 ) -> dict[str, int]:
     """Write `out/<class>/<class>_00000.png` ... and return the number of images per class."""
-    chosen = list(classes) if classes else list(TOY_CAT_CLASSES)
-    unknown = sorted(set(chosen) - set(TOY_CAT_CLASSES))
-    if unknown:
-        raise UserError(f"unknown toy cat class(es) {unknown} — choose from {', '.join(TOY_CAT_CLASSES)}")
-    if per_class < 1 or size < 8:
-        raise UserError(f"--per-class must be >= 1 and --size >= 8 (got {per_class}, {size})")
-    out = Path(out)
-    refuse_foreign_classes(out, TOY_CAT_CLASSES)
-    counts: dict[str, int] = {}
-    for name in chosen:
-        class_index = TOY_CAT_CLASSES.index(name)
-        class_dir = out / name
-        class_dir.mkdir(parents=True, exist_ok=True)
-        _remove_stale_images(class_dir, name, per_class)
-        for index in range(per_class):
-            image = draw_toy_cat(name, _image_rng(seed, class_index, index), size)
-            image.save(class_dir / f"{name}_{index:05d}.png", optimize=False)
-        counts[name] = per_class
-    return counts
+    return generate(TOY_CATS, out, per_class, size, seed, classes)
 
 
 @dataclass
-class Config:
+class Config(ToySetConfig):
     out: str = option("data/cats", "output folder (ImageFolder layout: OUT/<class>/*.png)")
-    per_class: int = option(200, "images per class")
-    size: int = option(64, "image side in pixels")
-    seed: int = option(0, "random seed; the same seed gives byte-identical images")
     classes: list[str] = option([], f"classes to draw; empty = all of {', '.join(TOY_CAT_CLASSES)}")
 
 
 def main(cfg: Config) -> dict[str, int]:
-    start = time.perf_counter()
-    counts = generate_toy_cats(Path(cfg.out), cfg.per_class, cfg.size, cfg.seed, cfg.classes or None)
-    print(
-        f"toy cats: {sum(counts.values())} images ({len(counts)} classes x {cfg.per_class}, {cfg.size}px, "
-        f"seed {cfg.seed}) -> {cfg.out} in {time.perf_counter() - start:.1f}s"
-    )
-    return counts
+    return generate_and_report(TOY_CATS, cfg)
 
 
 if __name__ == "__main__":
