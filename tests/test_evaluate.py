@@ -79,10 +79,16 @@ def _config(root, **overrides) -> EvaluateConfig:
     return EvaluateConfig(**options)
 
 
-def test_evaluate_end_to_end_writes_report_and_grid(setup, monkeypatch, tmp_path):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))  # no Inception weights there
-    report = main(_config(setup))
+@pytest.fixture(scope="module")
+def evaluated(setup):
+    """One evaluation of the untrained DiT (report at setup/report.json), without Inception weights."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TORCH_HOME", str(setup / "empty_torch_home"))
+        return main(_config(setup))
 
+
+def test_evaluate_end_to_end_writes_report_and_grid(setup, evaluated):
+    report = evaluated
     written = json.loads((setup / "report.json").read_text())
     assert written["class_fidelity"]["per_class"].keys() == set(CLASSES)
     assert (setup / "grid.png").stat().st_size > 0
@@ -106,7 +112,8 @@ def test_evaluate_end_to_end_writes_report_and_grid(setup, monkeypatch, tmp_path
         "training_reference_count": 12,
     }
     assert report["inception_fid"]["available"] is False
-    assert str(inception_weights_file()) in report["inception_fid"]["reason"]
+    reason = report["inception_fid"]["reason"]  # names where the weights were looked for: $TORCH_HOME
+    assert "empty_torch_home" in reason and inception_weights_file().name in reason
     assert report["sampling"]["steps"] == 2 and report["sampling"]["sampler"]
 
 
@@ -140,3 +147,47 @@ def test_balanced_subset_takes_up_to_n_per_class():
     chosen = balanced_subset(labels, per_class=2, num_classes=3, seed=0)
     assert np.bincount(labels[chosen], minlength=3).tolist() == [2, 2, 1]
     assert len(set(chosen.tolist())) == len(chosen)
+
+
+def _report_copy(source, folder, **fidelity_changes):
+    report = json.loads(source.read_text())
+    report["class_fidelity"].update(fidelity_changes)
+    folder.mkdir(parents=True)
+    (folder / "report.json").write_text(json.dumps(report))
+    return str(folder / "report.json")
+
+
+def test_summary_combines_reports_by_folder_and_judges_each_against_the_bar(setup, evaluated, tmp_path, capsys):
+    good = _report_copy(setup / "report.json", tmp_path / "cats", mean=0.95, per_class={"black": 1.0, "white": 0.9})
+    poor = _report_copy(setup / "report.json", tmp_path / "glyphs", mean=0.5, per_class={"black": 0.2, "white": 0.8})
+    out = tmp_path / "summary.json"
+    summary = main(EvaluateConfig(summarize=[good, poor], out=str(out), fidelity_bar=0.9))
+
+    assert json.loads(out.read_text()) == json.loads(json.dumps(summary))
+    assert list(summary["data_sets"]) == ["cats", "glyphs"]
+    cats, glyphs = summary["data_sets"]["cats"], summary["data_sets"]["glyphs"]
+    assert cats["mean_class_fidelity"] == 0.95 and (cats["worst_class"], cats["worst_class_fidelity"]) == ("white", 0.9)
+    assert (glyphs["worst_class"], glyphs["worst_class_fidelity"]) == ("black", 0.2)
+    assert cats["feature_fid"] == evaluated["classifier_feature_fid"]["fid"]
+    assert cats["memorisation_ratio"]["pixel"] == evaluated["memorisation"]["pixel"]["ratio"] > 1
+    features_ratio = evaluated["memorisation"]["classifier_features"]["ratio"]
+    assert cats["meets_bar"] is (features_ratio > 1)  # fidelity is enough; copying decides
+    assert glyphs["meets_bar"] is False and summary["all_meet_bar"] is False
+    printed = capsys.readouterr().out
+    assert "glyphs" in printed and "NOT MET" in printed and "white 90%" in printed
+
+
+def test_summary_errors_are_user_errors(setup, evaluated, tmp_path):
+    report = str(setup / "report.json")
+    with pytest.raises(UserError, match="needs --out"):
+        main(EvaluateConfig(summarize=[report]))
+    with pytest.raises(UserError, match="fidelity-bar"):
+        main(EvaluateConfig(summarize=[report], out=str(tmp_path / "s.json"), fidelity_bar=90))
+    with pytest.raises(UserError, match="no such report"):
+        main(EvaluateConfig(summarize=[str(tmp_path / "missing.json")], out=str(tmp_path / "s.json")))
+    (tmp_path / "other.json").write_text("{}")
+    with pytest.raises(UserError, match="not an evaluate.py report"):
+        main(EvaluateConfig(summarize=[str(tmp_path / "other.json")], out=str(tmp_path / "s.json")))
+    twin = _report_copy(setup / "report.json", tmp_path / "x" / setup.name)
+    with pytest.raises(UserError, match="two reports are named"):
+        main(EvaluateConfig(summarize=[report, twin], out=str(tmp_path / "s.json")))
