@@ -330,14 +330,14 @@ def generate_toy_cats(
 
 
 @dataclass
-class Config(ToySetConfig):
+class ToyCatsConfig(ToySetConfig):
     out: str = option("data/cats", "output folder (ImageFolder layout: OUT/<class>/*.png)")
     classes: list[str] = option([], f"classes to draw; empty = all of {', '.join(TOY_CAT_CLASSES)}")
 
 
-def main(cfg: Config) -> dict[str, int]:
+def main(cfg: ToyCatsConfig) -> dict[str, int]:
     return generate_and_report(TOY_CATS, cfg)
 
 
 if __name__ == "__main__":
-    run_main(main, Config, "Draw the built-in toy cats data set (offline, deterministic).")
+    run_main(main, ToyCatsConfig, "Draw the built-in toy cats data set (offline, deterministic).")

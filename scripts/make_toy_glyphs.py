@@ -23,13 +23,31 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from scripts.lib.cli import option, run_main
-from scripts.lib.toy_sets import (RGB, SUPERSAMPLE, ToySet, ToySetConfig, finish, generate, generate_and_report,
-                                  gradient_background)
+from scripts.lib.toy_sets import (
+    RGB,
+    SUPERSAMPLE,
+    ToySet,
+    ToySetConfig,
+    finish,
+    generate,
+    generate_and_report,
+    gradient_background,
+)
 
 TOY_GLYPH_CLASSES = ("b", "d", "p", "q", "arrow_left", "arrow_right", "L", "J", "S", "Z")
 # What a left-right mirror turns each class into (None: into no class at all).
-MIRROR_OF = {"b": "d", "d": "b", "p": "q", "q": "p", "arrow_left": "arrow_right", "arrow_right": "arrow_left",
-             "L": None, "J": None, "S": None, "Z": None}
+MIRROR_OF = {
+    "b": "d",
+    "d": "b",
+    "p": "q",
+    "q": "p",
+    "arrow_left": "arrow_right",
+    "arrow_right": "arrow_left",
+    "L": None,
+    "J": None,
+    "S": None,
+    "Z": None,
+}
 
 Point = tuple[float, float]
 Stroke = list[Point]
@@ -56,8 +74,10 @@ def _arrow(direction: int, rng: np.random.Generator) -> list[Stroke]:
     """A shaft and an open head pointing left (-1) or right (+1)."""
     head, spread = rng.uniform(0.4, 0.6), rng.uniform(0.35, 0.55)
     tip = 0.95 * direction
-    return [[(-tip, 0.0), (tip, 0.0)],
-            [(tip - direction * head, -spread), (tip, 0.0), (tip - direction * head, spread)]]
+    return [
+        [(-tip, 0.0), (tip, 0.0)],
+        [(tip - direction * head, -spread), (tip, 0.0), (tip - direction * head, spread)],
+    ]
 
 
 def _letter_l(rng: np.random.Generator) -> list[Stroke]:
@@ -69,8 +89,10 @@ def _letter_j(rng: np.random.Generator) -> list[Stroke]:
     """A top bar, a stem on the right and a hook curling to the left (mirrored: a hook to the right)."""
     hook_rx, hook_ry = rng.uniform(0.35, 0.5), rng.uniform(0.35, 0.5)
     stem_x, hook_y = 0.4, 1 - hook_ry
-    return [[(stem_x - rng.uniform(0.45, 0.6), -1.0), (stem_x + rng.uniform(0.3, 0.45), -1.0)],
-            [(stem_x, -1.0), (stem_x, hook_y), *_arc(stem_x - hook_rx, hook_y, hook_rx, hook_ry, 0, 170)]]
+    return [
+        [(stem_x - rng.uniform(0.45, 0.6), -1.0), (stem_x + rng.uniform(0.3, 0.45), -1.0)],
+        [(stem_x, -1.0), (stem_x, hook_y), *_arc(stem_x - hook_rx, hook_y, hook_rx, hook_ry, 0, 170)],
+    ]
 
 
 def _letter_s(rng: np.random.Generator) -> list[Stroke]:
@@ -88,11 +110,18 @@ def _letter_z(rng: np.random.Generator) -> list[Stroke]:
 
 def glyph_strokes(class_name: str, rng: np.random.Generator) -> list[Stroke]:
     """The class's strokes in glyph units: x and y within about [-1, 1], y pointing down."""
-    shapes = {"b": lambda: _stem_and_bowl(-1, True, rng), "d": lambda: _stem_and_bowl(1, True, rng),
-              "p": lambda: _stem_and_bowl(-1, False, rng), "q": lambda: _stem_and_bowl(1, False, rng),
-              "arrow_left": lambda: _arrow(-1, rng), "arrow_right": lambda: _arrow(1, rng),
-              "L": lambda: _letter_l(rng), "J": lambda: _letter_j(rng), "S": lambda: _letter_s(rng),
-              "Z": lambda: _letter_z(rng)}
+    shapes = {
+        "b": lambda: _stem_and_bowl(-1, True, rng),
+        "d": lambda: _stem_and_bowl(1, True, rng),
+        "p": lambda: _stem_and_bowl(-1, False, rng),
+        "q": lambda: _stem_and_bowl(1, False, rng),
+        "arrow_left": lambda: _arrow(-1, rng),
+        "arrow_right": lambda: _arrow(1, rng),
+        "L": lambda: _letter_l(rng),
+        "J": lambda: _letter_j(rng),
+        "S": lambda: _letter_s(rng),
+        "Z": lambda: _letter_z(rng),
+    }
     return shapes[class_name]()
 
 
@@ -115,8 +144,9 @@ class Placement:
 def _place(strokes: list[Stroke], rng: np.random.Generator, canvas: int, margin: float) -> list[Stroke]:
     """Scale, stretch and tilt the glyph, then put it anywhere it fits inside the picture."""
     scale = rng.uniform(0.24, 0.38) * canvas
-    shape = Placement(0.0, 0.0, scale, rng.uniform(0.85, 1.15), float(np.clip(rng.normal(0.0, 0.1), -MAX_ROTATION,
-                                                                                MAX_ROTATION)))
+    shape = Placement(
+        0.0, 0.0, scale, rng.uniform(0.85, 1.15), float(np.clip(rng.normal(0.0, 0.1), -MAX_ROTATION, MAX_ROTATION))
+    )
     placed = [[shape.transform(x, y) for x, y in stroke] for stroke in strokes]
     xs, ys = np.array([p[0] for s in placed for p in s]), np.array([p[1] for s in placed for p in s])
     dx = rng.uniform(margin - xs.min(), max(margin - xs.min(), canvas - margin - xs.max()))
@@ -160,22 +190,26 @@ def draw_toy_glyph(class_name: str, rng: np.random.Generator, size: int) -> Imag
 TOY_GLYPHS = ToySet("toy glyph", TOY_GLYPH_CLASSES, draw_toy_glyph)
 
 
-def generate_toy_glyphs(out: Path, per_class: int, size: int, seed: int,
-                        classes: list[str] | tuple[str, ...] | None = None) -> dict[str, int]:
+def generate_toy_glyphs(
+    out: Path, per_class: int, size: int, seed: int, classes: list[str] | tuple[str, ...] | None = None
+) -> dict[str, int]:
     """Write `out/<class>/<class>_00000.png` ... and return the number of images per class."""
     return generate(TOY_GLYPHS, out, per_class, size, seed, classes)
 
 
 @dataclass
-class Config(ToySetConfig):
+class ToyGlyphsConfig(ToySetConfig):
     out: str = option("data/glyphs", "output folder (ImageFolder layout: OUT/<class>/*.png)")
     classes: list[str] = option([], f"classes to draw; empty = all of {', '.join(TOY_GLYPH_CLASSES)}")
 
 
-def main(cfg: Config) -> dict[str, int]:
+def main(cfg: ToyGlyphsConfig) -> dict[str, int]:
     return generate_and_report(TOY_GLYPHS, cfg)
 
 
 if __name__ == "__main__":
-    run_main(main, Config, "Draw the built-in toy glyphs data set (offline, deterministic): ten classes told apart "
-                           "only by orientation.")
+    run_main(
+        main,
+        ToyGlyphsConfig,
+        "Draw the built-in toy glyphs data set (offline, deterministic): ten classes told apart only by orientation.",
+    )

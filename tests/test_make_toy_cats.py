@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from scripts.lib.cli import UserError
-from scripts.make_toy_cats import TOY_CAT_CLASSES, Config, generate_toy_cats, main
+from scripts.make_toy_cats import TOY_CAT_CLASSES, ToyCatsConfig, generate_toy_cats, main
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -119,6 +119,6 @@ def test_unknown_class_and_foreign_folders_are_user_errors(tmp_path: Path) -> No
 
 
 def test_main_prints_a_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    counts = main(Config(out=str(tmp_path), per_class=2, size=16, seed=3, classes=["black"]))
+    counts = main(ToyCatsConfig(out=str(tmp_path), per_class=2, size=16, seed=3, classes=["black"]))
     assert counts == {"black": 2}
     assert "2 images" in capsys.readouterr().out

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from scripts.lib.cli import UserError
-from scripts.make_toy_glyphs import MIRROR_OF, TOY_GLYPH_CLASSES, Config, generate_toy_glyphs, main
+from scripts.make_toy_glyphs import MIRROR_OF, TOY_GLYPH_CLASSES, ToyGlyphsConfig, generate_toy_glyphs, main
 
 PER_CLASS = 30
 
@@ -49,9 +49,10 @@ def _shape_features(images: np.ndarray, side: int = 12) -> np.ndarray:
     for picture in ink:
         picture = picture / picture.max()
         rows, cols = np.nonzero(picture > 0.5)
-        crop = torch.from_numpy(picture[rows.min():rows.max() + 1, cols.min():cols.max() + 1])
-        shape = F.interpolate(crop[None, None], size=(side, side), mode="bilinear", antialias=True,
-                              align_corners=False)[0, 0].numpy()
+        crop = torch.from_numpy(picture[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1])
+        shape = F.interpolate(
+            crop[None, None], size=(side, side), mode="bilinear", antialias=True, align_corners=False
+        )[0, 0].numpy()
         features.append(shape.ravel() - shape.mean())
     return np.stack(features)
 
@@ -135,5 +136,5 @@ def test_unknown_class_and_foreign_folders_are_user_errors(tmp_path: Path) -> No
 
 
 def test_main_prints_a_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(Config(out=str(tmp_path), per_class=2, size=16, seed=3, classes=["d"])) == {"d": 2}
+    assert main(ToyGlyphsConfig(out=str(tmp_path), per_class=2, size=16, seed=3, classes=["d"])) == {"d": 2}
     assert "toy glyphs: 2 images" in capsys.readouterr().out
