@@ -21,8 +21,15 @@ STEPS ?= 300000
 SMOKE_DATA ?= data/toy-smoke
 QUALITY_DATA ?= data/quality
 QUALITY_OUT ?= checkpoints/quality
-QUALITY_STEPS ?= 1500
-.PHONY: help install test lint data train train-dit sample verify export local-smoke quality bench clean
+# The CPU recipe of `make quality` (README "make quality"): TinyDiT T/4 at 32 px, QUALITY_STEPS steps per data set.
+QUALITY_STEPS ?= 3000
+QUALITY_CATS_LR ?= 1e-3
+QUALITY_GLYPHS_LR ?= 2e-3
+QUALITY_DIT = --model T/4 --image-size 32 --steps $(QUALITY_STEPS) --batch-size 64 --warmup-steps 100 \
+	--ema-decay 0.998 --mixed-precision auto --save-interval 1000 --sample-interval 1000 --sample-steps 20
+QUALITY_SAMPLING = --num-per-class 50 --steps 20 --cfg-scale 4
+.PHONY: help install test lint data train train-dit sample verify export local-smoke quality quality-cats \
+	quality-glyphs bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## (.*)/  \1\t\2/' | expand -t 18
@@ -84,19 +91,33 @@ local-smoke: $(SETUP) ## the whole chain offline on toy cats: data, classifier, 
 		$(CKPT)/*.png $(CKPT)/smoke-dit/sample_grid.png $(CKPT)/smoke-dit/training.log \
 		$(CKPT)/smoke-classifier/training.log
 
-quality: $(SETUP) ## CPU quality check: toy cats 32 px, classifier, T/4 DiT, evaluate (~10 min on 2 cores)
-	rm -rf $(QUALITY_OUT)
-	$(PY) scripts/make_toy_cats.py --out $(QUALITY_DATA)/train --per-class 200 --size 32 --seed 0
-	$(PY) scripts/make_toy_cats.py --out $(QUALITY_DATA)/heldout --per-class 50 --size 32 --seed 1
-	$(PY) scripts/train.py $(QUALITY_DATA)/train --no-pretrained --image-size 32 --epochs 8 --batch-size 64 \
-		--lr 2e-3 --output $(QUALITY_OUT)/classifier.safetensors --output-dir $(QUALITY_OUT) --run-name classifier
-	$(PY) scripts/train_dit.py $(QUALITY_DATA)/train --model T/4 --image-size 32 --steps $(QUALITY_STEPS) \
-		--batch-size 64 --lr 1e-3 --warmup-steps 100 --ema-decay 0.998 --augmentation-level basic \
-		--save-interval 500 --sample-interval 500 --sample-steps 20 --output-dir $(QUALITY_OUT) --run-name dit
-	$(PY) scripts/evaluate.py --dit $(QUALITY_OUT)/tinydit_final.safetensors \
-		--classifier $(QUALITY_OUT)/classifier.safetensors --data $(QUALITY_DATA)/train \
-		--heldout-data $(QUALITY_DATA)/heldout --num-per-class 50 --steps 20 \
-		--out $(QUALITY_OUT)/report.json --grid $(QUALITY_OUT)/grid.png
+# $(call quality_set,NAME,GENERATOR,DIT_AUGMENTATION,CLASSIFIER_AUGMENTATION,DIT_LR): one built-in data set end to
+# end: training images (seed 0) and held-out images (seed 1, never seen by the DiT), its own judge classifier, the
+# DiT, and evaluate.py's report in $(QUALITY_OUT)/NAME/report.json. Augmentation is the data set's own, by flag.
+define quality_set
+	rm -rf $(QUALITY_OUT)/$(1)
+	$(PY) scripts/$(2) --out $(QUALITY_DATA)/$(1)/train --per-class 200 --size 32 --seed 0
+	$(PY) scripts/$(2) --out $(QUALITY_DATA)/$(1)/heldout --per-class 50 --size 32 --seed 1
+	$(PY) scripts/train.py $(QUALITY_DATA)/$(1)/train --no-pretrained --image-size 32 --epochs 8 --batch-size 64 \
+		--lr 2e-3 --augmentation-level $(4) --output $(QUALITY_OUT)/$(1)/classifier.safetensors \
+		--output-dir $(QUALITY_OUT)/$(1) --run-name classifier
+	$(PY) scripts/train_dit.py $(QUALITY_DATA)/$(1)/train $(QUALITY_DIT) --lr $(5) --augmentation-level $(3) \
+		--output-dir $(QUALITY_OUT)/$(1) --run-name dit
+	$(PY) scripts/evaluate.py --dit $(QUALITY_OUT)/$(1)/tinydit_final.safetensors \
+		--classifier $(QUALITY_OUT)/$(1)/classifier.safetensors --data $(QUALITY_DATA)/$(1)/train \
+		--heldout-data $(QUALITY_DATA)/$(1)/heldout $(QUALITY_SAMPLING) \
+		--out $(QUALITY_OUT)/$(1)/report.json --grid $(QUALITY_OUT)/$(1)/grid.png
+endef
+
+quality-cats: $(SETUP) ## toy cats only: data, judge classifier, CPU-recipe DiT, evaluate (~12 min on 2 cores)
+	$(call quality_set,cats,make_toy_cats.py,basic,medium,$(QUALITY_CATS_LR))
+
+quality-glyphs: $(SETUP) ## toy glyphs only (orientation is the class: no flips anywhere) (~12 min on 2 cores)
+	$(call quality_set,glyphs,make_toy_glyphs.py,none,none,$(QUALITY_GLYPHS_LR))
+
+quality: quality-cats quality-glyphs ## CPU quality check on both built-in data sets + one summary (~24 min on 2 cores)
+	$(PY) scripts/evaluate.py --summarize $(QUALITY_OUT)/cats/report.json $(QUALITY_OUT)/glyphs/report.json \
+		--out $(QUALITY_OUT)/summary.json
 
 bench: $(SETUP) ## speed report (JSON): the CPU suite on a CPU, the GPU suite (S/4, S/2: trainer vs bare loop) on CUDA
 	$(PY) scripts/benchmark.py --out $(CKPT)/bench.json
