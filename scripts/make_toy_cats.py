@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from pathlib import Path
+from functools import partial
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -322,11 +322,8 @@ def draw_toy_cat(class_name: str, rng: np.random.Generator, size: int) -> Image.
 TOY_CATS = ToySet("toy cat", TOY_CAT_CLASSES, draw_toy_cat)
 
 
-def generate_toy_cats(
-    out: Path, per_class: int, size: int, seed: int, classes: list[str] | tuple[str, ...] | None = None
-) -> dict[str, int]:
-    """Write `out/<class>/<class>_00000.png` ... and return the number of images per class."""
-    return generate(TOY_CATS, out, per_class, size, seed, classes)
+# generate_toy_cats(out, per_class, size, seed, classes=None) -> images per class, as toy_sets.generate
+generate_toy_cats = partial(generate, TOY_CATS)
 
 
 @dataclass

@@ -17,7 +17,7 @@ from __future__ import annotations
 import colorsys
 import math
 from dataclasses import dataclass
-from pathlib import Path
+from functools import partial
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -192,11 +192,8 @@ def draw_toy_glyph(class_name: str, rng: np.random.Generator, size: int) -> Imag
 TOY_GLYPHS = ToySet("toy glyph", TOY_GLYPH_CLASSES, draw_toy_glyph)
 
 
-def generate_toy_glyphs(
-    out: Path, per_class: int, size: int, seed: int, classes: list[str] | tuple[str, ...] | None = None
-) -> dict[str, int]:
-    """Write `out/<class>/<class>_00000.png` ... and return the number of images per class."""
-    return generate(TOY_GLYPHS, out, per_class, size, seed, classes)
+# generate_toy_glyphs(out, per_class, size, seed, classes=None) -> images per class, as toy_sets.generate
+generate_toy_glyphs = partial(generate, TOY_GLYPHS)
 
 
 @dataclass
