@@ -26,7 +26,6 @@ All images are compared at the DiT's resolution and resized to the classifier's 
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,14 +42,20 @@ from scripts.lib.cli import UserError, option, run_main
 from scripts.lib.batches import stratified_split, to_unit_float
 from scripts.lib.images import ImageCache, load_or_build_cache
 from scripts.lib.inception import inception_report
-from scripts.lib.quality_summary import print_combined_summary, summarize
-from scripts.lib.metrics import class_fidelity, fid, kid, memorisation_ratio, nearest_neighbour_distances
+from scripts.lib.evaluation_report import (
+    distance_report,
+    json_safe,
+    memorisation_report,
+    print_combined_summary,
+    print_summary,
+    summarize,
+)
+from scripts.lib.metrics import class_fidelity
 from scripts.lib.model_files import classifier_normalize, load_classifier, load_dit
 from scripts.lib.runtime import DEVICES, resolve_device_type
 from scripts.lib.sampling import SAMPLE_CHUNK, class_grid_labels, sample_images, save_grid
 
 GRID_COLUMNS = 8
-KID_SUBSET_SIZE = 1000  # the usual KID subset size, when there are enough images
 FEATURE_FID_NOTE = (
     "classifier-feature FID: Fréchet distance in the project classifier's penultimate feature "
     "space, NOT Inception FID; compare it only with real_vs_real_baseline in this report"
@@ -209,97 +214,6 @@ def classify(
     return torch.cat(predictions).numpy(), torch.cat(features).double().numpy()
 
 
-# ------------------------------------------------------------------------------------------------------
-# Report pieces
-# ------------------------------------------------------------------------------------------------------
-
-
-def distance_report(
-    sample_features: np.ndarray, heldout_features: np.ndarray, baseline_features: np.ndarray, seed: int
-) -> dict[str, Any]:
-    """FID and KID of samples vs held-out, beside the same for real (training) images vs held-out."""
-    # Subsets of half the smaller set: with subsets as big as the sets every draw is identical and the
-    # spread over subsets (kid_std) would always read 0.
-    smallest = min(len(sample_features), len(baseline_features), len(heldout_features))
-    subset = max(2, min(KID_SUBSET_SIZE, smallest // 2))
-    sample_kid = kid(sample_features, heldout_features, subset_size=subset, seed=seed)
-    baseline_kid = kid(baseline_features, heldout_features, subset_size=subset, seed=seed)
-    return {
-        "fid": fid(sample_features, heldout_features),
-        "fid_real_vs_real_baseline": fid(baseline_features, heldout_features),
-        "kid": sample_kid.mean,
-        "kid_std": sample_kid.std,
-        "kid_real_vs_real_baseline": baseline_kid.mean,
-        "kid_real_vs_real_baseline_std": baseline_kid.std,
-        "kid_subset_size": sample_kid.subset_size,
-        "kid_subsets": sample_kid.num_subsets,
-        "num_samples": len(sample_features),
-        "num_baseline_real": len(baseline_features),
-        "num_heldout": len(heldout_features),
-        "feature_dim": int(sample_features.shape[1]),
-    }
-
-
-def memorisation_report(samples: np.ndarray, heldout: np.ndarray, train: np.ndarray) -> dict[str, float]:
-    sample_nn = nearest_neighbour_distances(samples, train)
-    heldout_nn = nearest_neighbour_distances(heldout, train)
-    return {
-        "ratio": memorisation_ratio(sample_nn, heldout_nn),
-        "sample_nn_median": float(np.median(sample_nn)),
-        "heldout_nn_median": float(np.median(heldout_nn)),
-        "sample_nn_min": float(sample_nn.min()),
-    }
-
-
-def _finite(value: Any) -> Any:
-    """JSON has no NaN/inf: write them as null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_finite(item) for item in value]
-    return value
-
-
-def print_summary(report: dict[str, Any]) -> None:
-    fidelity, features, pixel = report["class_fidelity"], report["classifier_feature_fid"], report["memorisation"]
-    print(
-        f"class fidelity (mean over classes): {fidelity['mean']:.1%}   "
-        f"[classifier on held-out real images: {fidelity['classifier_heldout_accuracy']:.1%}]"
-    )
-    for name, accuracy in fidelity["per_class"].items():
-        print(f"  {name:>16}: {accuracy:.1%}")
-    print(
-        f"classifier-feature FID (not Inception FID): {features['fid']:.2f}   "
-        f"real-vs-real baseline: {features['fid_real_vs_real_baseline']:.2f}"
-    )
-    print(
-        f"classifier-feature KID: {features['kid']:.4f} ± {features['kid_std']:.4f}   "
-        f"baseline: {features['kid_real_vs_real_baseline']:.4f}"
-    )
-    inception = report["inception_fid"]
-    print(
-        f"Inception FID: {inception['fid']:.2f} (baseline {inception['fid_real_vs_real_baseline']:.2f})"
-        if inception["available"]
-        else f"Inception FID: unavailable — {inception['reason']}"
-    )
-    print(
-        f"memorisation ratio (>1 = not copying): pixel {pixel['pixel']['ratio']:.2f}, "
-        f"classifier features {pixel['classifier_features']['ratio']:.2f}"
-    )
-    if not report["heldout"]["clean_for_dit"]:
-        print(
-            "warning: held-out images come from the DiT's own data folder — pass --heldout-data for a clean "
-            "memorisation and FID check"
-        )
-
-
-# ------------------------------------------------------------------------------------------------------
-# main
-# ------------------------------------------------------------------------------------------------------
-
-
 def generate_samples(
     model: nn.Module, objective, metadata: dict[str, Any], cfg: EvaluateConfig, sampler: str, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -331,22 +245,25 @@ def write_summary(cfg: EvaluateConfig) -> dict[str, Any]:
     summary = summarize(cfg.summarize, cfg.fidelity_bar)
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(_finite(summary), indent=2) + "\n")
+    out.write_text(json.dumps(json_safe(summary), indent=2) + "\n")
     print_combined_summary(summary)
     print(f"summary -> {out}")
     return summary
 
 
-def main(cfg: EvaluateConfig) -> dict[str, Any]:
-    """Evaluate, write the JSON report and the grid, print a summary; returns the report.
+@dataclass
+class Models:
+    dit: nn.Module
+    objective: Any
+    dit_meta: dict[str, Any]
+    classifier: nn.Module
+    classifier_meta: dict[str, Any]
+    class_names: list[str]
+    sampler: str
 
-    With --summarize: combine existing reports into one summary instead (returns the summary).
-    """
-    if cfg.summarize:
-        return write_summary(cfg)
-    validate_config(cfg)
-    started = time.perf_counter()
-    device = torch.device(resolve_device_type(cfg.device))
+
+def load_models(cfg: EvaluateConfig, device: torch.device) -> Models:
+    """The DiT and the judge, strictly loaded, refused when they do not share their classes."""
     dit, objective, dit_meta = load_dit(cfg.dit, device=device)
     classifier, classifier_meta = load_classifier(cfg.classifier, device=device)
     class_names = list(dit_meta["class_names"])
@@ -358,54 +275,33 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
     sampler = cfg.sampler or objective.default_sampler
     if sampler not in objective.samplers:
         raise UserError(f"unknown --sampler {sampler!r} — choose one of {', '.join(objective.samplers)}")
+    return Models(dit, objective, dit_meta, classifier, classifier_meta, class_names, sampler)
 
-    real = load_real_images(cfg, int(dit_meta["image_size"]), class_names, classifier_meta.get("config", {}))
-    sampling_started = time.perf_counter()
-    samples, requested = generate_samples(dit, objective, dit_meta, cfg, sampler, device)
-    sampling_seconds = time.perf_counter() - sampling_started
-    grid = Path(cfg.grid) if cfg.grid else default_output(cfg.dit, "_eval_grid.png")
-    columns = min(GRID_COLUMNS, cfg.num_per_class)
-    picked = torch.arange(len(samples)).view(len(class_names), cfg.num_per_class)[:, :columns].flatten()
-    save_grid(samples[picked], grid, per_row=columns)
 
-    baseline_idx = balanced_subset(real.train_labels, cfg.num_per_class, len(class_names), cfg.seed)
-    sample_pred, sample_f = classify(classifier, classifier_meta, samples, cfg.batch_size, device, "classify samples")
-    heldout_pred, heldout_f = classify(
-        classifier, classifier_meta, real.heldout, cfg.batch_size, device, "classify held-out"
-    )
-    _, train_f = classify(classifier, classifier_meta, real.train, cfg.batch_size, device, "training features")
-    fidelity = class_fidelity(sample_pred, requested, len(class_names))
-    heldout_accuracy = float((heldout_pred == real.heldout_labels).mean())
+def judge(
+    models: Models,
+    samples: torch.Tensor,
+    requested: torch.Tensor,
+    real: RealImages,
+    cfg: EvaluateConfig,
+    device: torch.device,
+) -> dict[str, Any]:
+    """The report's quality sections: class fidelity, feature FID/KID, Inception FID, memorisation."""
+    num_classes = len(models.class_names)
 
-    report = {
-        "dit": cfg.dit,
-        "classifier": cfg.classifier,
-        "data": cfg.data,
-        "grid": str(grid),
-        "dit_step": dit_meta.get("step"),
-        "dit_model": dit_meta.get("model"),
-        "image_size": dit_meta["image_size"],
-        "classifier_backbone": classifier_meta.get("backbone"),
-        "classifier_image_size": classifier_meta["image_size"],
-        "sampling": {
-            "num_per_class": cfg.num_per_class,
-            "cfg_scale": cfg.cfg_scale,
-            "steps": cfg.steps,
-            "sampler": sampler,
-            "seed": cfg.seed,
-            "seconds": sampling_seconds,
-            "images_per_second": len(samples) / sampling_seconds,
-        },
-        "heldout": {
-            "source": real.heldout_source,
-            "count": len(real.heldout),
-            "clean_for_dit": real.clean_for_dit,
-            "training_reference_count": len(real.train),
-        },
+    def features(images: torch.Tensor, what: str) -> tuple[np.ndarray, np.ndarray]:
+        return classify(models.classifier, models.classifier_meta, images, cfg.batch_size, device, what)
+
+    baseline_idx = balanced_subset(real.train_labels, cfg.num_per_class, num_classes, cfg.seed)
+    sample_pred, sample_f = features(samples, "classify samples")
+    heldout_pred, heldout_f = features(real.heldout, "classify held-out")
+    _, train_f = features(real.train, "training features")
+    fidelity = class_fidelity(sample_pred, requested, num_classes)
+    return {
         "class_fidelity": {
             **{k: v for k, v in asdict(fidelity).items() if k not in ("per_class", "counts")},
-            "per_class": dict(zip(class_names, fidelity.per_class, strict=True)),
-            "classifier_heldout_accuracy": heldout_accuracy,
+            "per_class": dict(zip(models.class_names, fidelity.per_class, strict=True)),
+            "classifier_heldout_accuracy": float((heldout_pred == real.heldout_labels).mean()),
         },
         "classifier_feature_fid": {
             "note": FEATURE_FID_NOTE,
@@ -420,10 +316,60 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
             "classifier_features": memorisation_report(sample_f, heldout_f, train_f),
         },
     }
+
+
+def main(cfg: EvaluateConfig) -> dict[str, Any]:
+    """Evaluate, write the JSON report and the grid, print a summary; returns the report.
+
+    With --summarize: combine existing reports into one summary instead (returns the summary).
+    """
+    if cfg.summarize:
+        return write_summary(cfg)
+    validate_config(cfg)
+    started = time.perf_counter()
+    device = torch.device(resolve_device_type(cfg.device))
+    models = load_models(cfg, device)
+    meta, class_names = models.dit_meta, models.class_names
+    real = load_real_images(cfg, int(meta["image_size"]), class_names, models.classifier_meta.get("config", {}))
+    sampling_started = time.perf_counter()
+    samples, requested = generate_samples(models.dit, models.objective, meta, cfg, models.sampler, device)
+    sampling_seconds = time.perf_counter() - sampling_started
+    grid = Path(cfg.grid) if cfg.grid else default_output(cfg.dit, "_eval_grid.png")
+    columns = min(GRID_COLUMNS, cfg.num_per_class)
+    picked = torch.arange(len(samples)).view(len(class_names), cfg.num_per_class)[:, :columns].flatten()
+    save_grid(samples[picked], grid, per_row=columns)
+
+    report = {
+        "dit": cfg.dit,
+        "classifier": cfg.classifier,
+        "data": cfg.data,
+        "grid": str(grid),
+        "dit_step": meta.get("step"),
+        "dit_model": meta.get("model"),
+        "image_size": meta["image_size"],
+        "classifier_backbone": models.classifier_meta.get("backbone"),
+        "classifier_image_size": models.classifier_meta["image_size"],
+        "sampling": {
+            "num_per_class": cfg.num_per_class,
+            "cfg_scale": cfg.cfg_scale,
+            "steps": cfg.steps,
+            "sampler": models.sampler,
+            "seed": cfg.seed,
+            "seconds": sampling_seconds,
+            "images_per_second": len(samples) / sampling_seconds,
+        },
+        "heldout": {
+            "source": real.heldout_source,
+            "count": len(real.heldout),
+            "clean_for_dit": real.clean_for_dit,
+            "training_reference_count": len(real.train),
+        },
+        **judge(models, samples, requested, real, cfg, device),
+    }
     report["seconds"] = time.perf_counter() - started
     out = Path(cfg.out) if cfg.out else default_output(cfg.dit, "_eval.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(_finite(report), indent=2) + "\n")
+    out.write_text(json.dumps(json_safe(report), indent=2) + "\n")
     print_summary(report)
     print(f"report -> {out}   grid -> {grid}   ({report['seconds']:.0f}s)")
     return report
