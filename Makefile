@@ -117,13 +117,13 @@ define quality_set
 		--out $(QUALITY_OUT)/$(1)/report.json --grid $(QUALITY_OUT)/$(1)/grid.png
 endef
 
-quality-cats: $(SETUP) ## toy cats only: data, judge classifier, CPU-recipe DiT, evaluate (~12 min on 2 cores)
+quality-cats: $(SETUP) ## toy cats only: data, judge classifier, CPU-recipe DiT, evaluate (~10 min on 2 cores)
 	$(call quality_set,cats)
 
-quality-glyphs: $(SETUP) ## toy glyphs only (orientation is the class: no flips anywhere) (~12 min on 2 cores)
+quality-glyphs: $(SETUP) ## toy glyphs only (orientation is the class: no flips anywhere) (~10 min on 2 cores)
 	$(call quality_set,glyphs)
 
-quality: quality-cats quality-glyphs ## CPU quality check on both built-in data sets + one summary (~24 min on 2 cores)
+quality: quality-cats quality-glyphs ## CPU quality check on both built-in data sets + one summary (~21 min on 2 cores)
 	$(PY) scripts/evaluate.py --summarize $(QUALITY_OUT)/cats/report.json $(QUALITY_OUT)/glyphs/report.json \
 		--out $(QUALITY_OUT)/summary.json
 
