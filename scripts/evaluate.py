@@ -25,7 +25,6 @@ All images are compared at the DiT's resolution and resized to the classifier's 
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,11 +43,11 @@ from scripts.lib.images import ImageCache, load_or_build_cache
 from scripts.lib.inception import inception_report
 from scripts.lib.evaluation_report import (
     distance_report,
-    json_safe,
     memorisation_report,
     print_combined_summary,
     print_summary,
     summarize,
+    write_report_json,
 )
 from scripts.lib.metrics import class_fidelity
 from scripts.lib.model_files import classifier_normalize, load_classifier, load_dit
@@ -244,8 +243,7 @@ def write_summary(cfg: EvaluateConfig) -> dict[str, Any]:
         raise UserError(f"--fidelity-bar is a fraction in [0, 1] (got {cfg.fidelity_bar})")
     summary = summarize(cfg.summarize, cfg.fidelity_bar)
     out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(json_safe(summary), indent=2) + "\n")
+    write_report_json(out, summary)
     print_combined_summary(summary)
     print(f"summary -> {out}")
     return summary
@@ -368,8 +366,7 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
     }
     report["seconds"] = time.perf_counter() - started
     out = Path(cfg.out) if cfg.out else default_output(cfg.dit, "_eval.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(json_safe(report), indent=2) + "\n")
+    write_report_json(out, report)
     print_summary(report)
     print(f"report -> {out}   grid -> {grid}   ({report['seconds']:.0f}s)")
     return report

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from scripts.lib.cli import UserError
+from scripts.lib.files import write_text_atomic
 from scripts.lib.metrics import fid, kid, memorisation_ratio, nearest_neighbour_distances
 
 KID_SUBSET_SIZE = 1000  # the usual KID subset size, when there are enough images
@@ -55,15 +56,21 @@ def memorisation_report(samples: np.ndarray, heldout: np.ndarray, train: np.ndar
     }
 
 
-def json_safe(value: Any) -> Any:
+def _json_safe(value: Any) -> Any:
     """JSON has no NaN/inf: write them as null."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {key: json_safe(item) for key, item in value.items()}
+        return {key: _json_safe(item) for key, item in value.items()}
     if isinstance(value, list):
-        return [json_safe(item) for item in value]
+        return [_json_safe(item) for item in value]
     return value
+
+
+def write_report_json(path: Path, data: dict[str, Any]) -> None:
+    """A report or a summary as indented JSON (NaN/inf as null), written whole or not at all."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(_json_safe(data), indent=2) + "\n")
 
 
 def print_summary(report: dict[str, Any]) -> None:
@@ -100,7 +107,7 @@ def print_summary(report: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------
-# main
+# Several data sets: one summary of their reports
 # ------------------------------------------------------------------------------------------------------
 
 
