@@ -128,6 +128,11 @@ def effective_warmup(cfg: TrainDiTConfig) -> int:
     return cfg.warmup_steps if cfg.warmup_steps < cfg.steps else max(1, cfg.steps // 10)
 
 
+def step_lr(cfg: TrainDiTConfig, step: int) -> float:
+    """The LR of optimizer step `step` (0-based) under this run's warmup and --lr-schedule."""
+    return learning_rate(step, cfg.lr, effective_warmup(cfg), cfg.lr_schedule, cfg.steps)
+
+
 def build_training_objective(cfg: TrainDiTConfig):
     """The objective of --objective with its own option (the other objective's flag does not apply)."""
     if cfg.objective == "flow":
@@ -323,7 +328,7 @@ def optimizer_step(cfg: TrainDiTConfig, model, state: TrainingState, objective, 
     """One optimizer step over the effective global batch; returns (loss, grad norm, the guard's verdict), all
     device tensors (reading them would wait for the GPU)."""
     for group in state.optimizer.param_groups:  # the LR is a pure function of the step: no scheduler state
-        group["lr"] = learning_rate(step, cfg.lr, effective_warmup(cfg), cfg.lr_schedule, cfg.steps)
+        group["lr"] = step_lr(cfg, step)
     draw = draw_step(cfg, source.num_images, objective, step, accelerator.device)
     parts = micro_slices(cfg, accelerator.process_index, accelerator.num_processes)
     next_indices = [draw.indices[part] for part in parts[1:]] + [next_step_indices(cfg, source, step + 1, parts[0])]
@@ -368,7 +373,7 @@ def log_progress(run: Run, cfg, step: int, window: MetricsWindow, grad_norm, hea
     """One log line, metrics.jsonl row and status update for the steps since the last one."""
     stop_if_broken(health, step)
     figures = window.close(run.accelerator, cfg.batch_size * cfg.gradient_accumulation_steps)
-    lr = learning_rate(step - 1, cfg.lr, effective_warmup(cfg), cfg.lr_schedule, cfg.steps)
+    lr = step_lr(cfg, step - 1)
     metrics = {**figures, "lr": lr, "grad_norm": float(grad_norm), "ema_decay": ema.current_decay()}
     eta_s = (cfg.steps - step) * figures["seconds_per_step"]
     run.logger.info(
