@@ -54,10 +54,10 @@ from scripts import prepare_data as prepare_data_script
 from scripts import train, train_dit
 from scripts.lib import attempts
 from scripts.lib.attempts import Chain
-from scripts.lib.batches import AUGMENTATION_LEVELS
+from scripts.lib.data import AUGMENTATION_LEVELS
 from scripts.lib.cli import EXIT_USER_ERROR, UserError, config_to_argv, flag_name, parse_config, parse_duration
-from scripts.lib.run_lock import OWNER_ENV
-from scripts.lib.runlog import default_run_name
+from scripts.lib.run import OWNER_ENV
+from scripts.lib.run import default_run_name
 
 APP_NAME = "tiny-cats"
 PROJECT_DIR = Path(__file__).resolve().parent

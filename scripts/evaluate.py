@@ -1,7 +1,6 @@
 """How good is a trained TinyDiT? Class fidelity, feature-space FID/KID and a memorisation check.
 
-    python scripts/evaluate.py --dit checkpoints/tinydit_final.safetensors \
-        --classifier checkpoints/cats_model.safetensors --data data/cats --heldout-data data/cats_heldout
+    python scripts/evaluate.py --dit checkpoints/tinydit_final.safetensors         --classifier checkpoints/cats_model.safetensors --data data/cats --heldout-data data/cats_heldout
 
 - Class fidelity: N samples per class (classifier-free guidance), classified by the project's classifier;
   per-class and mean accuracy. The classifier's accuracy on held-out REAL images is reported beside it:
@@ -25,6 +24,8 @@ All images are compared at the DiT's resolution and resized to the classifier's 
 
 from __future__ import annotations
 
+import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,28 +38,396 @@ from torch import nn
 from tqdm import tqdm
 
 from models.classifier import features_and_logits
-from scripts.lib.cli import UserError, option, run_main
-from scripts.lib.batches import stratified_split, to_unit_float
-from scripts.lib.images import ImageCache, load_or_build_cache
-from scripts.lib.inception import inception_report
-from scripts.lib.evaluation_report import (
-    distance_report,
-    memorisation_report,
-    print_combined_summary,
-    print_summary,
-    summarize,
-    write_report_json,
-)
-from scripts.lib.metrics import class_fidelity
-from scripts.lib.model_files import classifier_normalize, load_classifier, load_dit
-from scripts.lib.runtime import DEVICES, resolve_device_type
+from scripts.lib.checkpoints import classifier_normalize, load_classifier, load_dit
+from scripts.lib.cli import DEVICES, UserError, option, resolve_device_type, run_main, write_text_atomic
+from scripts.lib.data import ImageCache, load_or_build_cache, stratified_split, to_unit_float
 from scripts.lib.sampling import SAMPLE_CHUNK, class_grid_labels, sample_images, save_grid
 
+# ====================================================================================================
+# Pure metric functions for judging generated images: FID, KID, memorisation and class fidelity.
+# ====================================================================================================
+
+
+ArrayLike = np.ndarray | torch.Tensor
+
+
+def _as_float64(features: ArrayLike) -> np.ndarray:
+    array = features.detach().cpu().numpy() if isinstance(features, torch.Tensor) else np.asarray(features)
+    array = array.astype(np.float64, copy=False)
+    if array.ndim != 2:
+        raise ValueError(f"features must be a 2-D (N, D) matrix, got shape {array.shape}")
+    return array
+
+
+def gaussian_fit(features: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """(mean (D,), covariance (D, D)) of an (N, D) feature matrix, N >= 2, unbiased covariance."""
+    array = _as_float64(features)
+    if len(array) < 2:
+        raise ValueError(f"need at least 2 feature vectors to fit a Gaussian, got {len(array)}")
+    return array.mean(axis=0), np.cov(array, rowvar=False).reshape(array.shape[1], array.shape[1])
+
+
+def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
+    """Square root of a symmetric PSD matrix; tiny negative eigenvalues (round-off) are clipped to 0."""
+    eigenvalues, eigenvectors = np.linalg.eigh((matrix + matrix.T) / 2)
+    return (eigenvectors * np.sqrt(np.clip(eigenvalues, 0, None))) @ eigenvectors.T
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2)."""
+    sqrt1 = _psd_sqrt(sigma1)
+    middle = sqrt1 @ sigma2 @ sqrt1
+    trace_sqrt_product = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0, None)).sum()
+    diff = mu1 - mu2
+    value = diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt_product
+    return float(max(value, 0.0))  # the true distance is >= 0; round-off can dip a hair below
+
+
+def fid(features_a: ArrayLike, features_b: ArrayLike) -> float:
+    """FID between two (N, D) feature sets (the same formula as Inception FID, in whatever feature space)."""
+    return frechet_distance(*gaussian_fit(features_a), *gaussian_fit(features_b))
+
+
+def _polynomial_kernel(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a @ b.T / a.shape[1] + 1.0) ** 3
+
+
+def mmd2_unbiased(features_a: np.ndarray, features_b: np.ndarray) -> float:
+    """Unbiased MMD^2 (cubic polynomial kernel) between two sets of >= 2 rows each."""
+    m, n = len(features_a), len(features_b)
+    k_aa = _polynomial_kernel(features_a, features_a)
+    k_bb = _polynomial_kernel(features_b, features_b)
+    k_ab = _polynomial_kernel(features_a, features_b)
+    within_a = (k_aa.sum() - np.trace(k_aa)) / (m * (m - 1))
+    within_b = (k_bb.sum() - np.trace(k_bb)) / (n * (n - 1))
+    return float(within_a + within_b - 2 * k_ab.mean())
+
+
+@dataclass(frozen=True)
+class KidResult:
+    mean: float
+    std: float
+    subset_size: int
+    num_subsets: int
+
+
+def kid(
+    features_a: ArrayLike, features_b: ArrayLike, num_subsets: int = 50, subset_size: int = 1000, seed: int = 0
+) -> KidResult:
+    """KID: unbiased MMD^2 averaged over `num_subsets` random subsets (size capped by the smaller set)."""
+    a, b = _as_float64(features_a), _as_float64(features_b)
+    size = min(subset_size, len(a), len(b))
+    if size < 2:
+        raise ValueError(f"KID needs at least 2 feature vectors per set, got {len(a)} and {len(b)}")
+    rng = np.random.default_rng(seed)
+    values = np.array(
+        [
+            mmd2_unbiased(a[rng.choice(len(a), size, replace=False)], b[rng.choice(len(b), size, replace=False)])
+            for _ in range(num_subsets)
+        ]
+    )
+    return KidResult(mean=float(values.mean()), std=float(values.std()), subset_size=size, num_subsets=num_subsets)
+
+
+def nearest_neighbour_distances(queries: ArrayLike, references: ArrayLike, chunk: int = 1024) -> np.ndarray:
+    """(Q,) Euclidean distance from each query row to its nearest reference row (flatten images first)."""
+    query = torch.from_numpy(_as_float64(queries))
+    reference = torch.from_numpy(_as_float64(references))
+    if query.shape[1] != reference.shape[1]:
+        raise ValueError(f"queries have {query.shape[1]} features but references {reference.shape[1]}")
+    # Chunks bound the (chunk, R) distance matrix; float64 keeps small distances exact enough to compare.
+    minima = [torch.cdist(part, reference).min(dim=1).values for part in query.split(chunk)]
+    return torch.cat(minima).numpy()
+
+
+def memorisation_ratio(sample_nn: np.ndarray, heldout_nn: np.ndarray) -> float:
+    """median(sample NN distance) / median(held-out NN distance); > 1 means samples are not copies."""
+    heldout_median = float(np.median(heldout_nn))
+    if heldout_median == 0.0:
+        return float("inf") if float(np.median(sample_nn)) > 0 else float("nan")
+    return float(np.median(sample_nn)) / heldout_median
+
+
+@dataclass(frozen=True)
+class ClassFidelity:
+    per_class: list[float]  # accuracy for each requested class (NaN when no sample asked for it)
+    counts: list[int]  # samples requested per class
+    mean: float  # mean of the per-class accuracies (classes with samples)
+    overall: float  # fraction of all samples recognised as their requested class
+
+
+def class_fidelity(predicted: ArrayLike, requested: ArrayLike, num_classes: int) -> ClassFidelity:
+    """How often the classifier recognises each sample as the class it was generated for."""
+    predicted = np.asarray(predicted.cpu() if isinstance(predicted, torch.Tensor) else predicted).reshape(-1)
+    requested = np.asarray(requested.cpu() if isinstance(requested, torch.Tensor) else requested).reshape(-1)
+    if predicted.shape != requested.shape:
+        raise ValueError(f"{len(predicted)} predictions for {len(requested)} requested labels")
+    correct = predicted == requested
+    counts = np.bincount(requested, minlength=num_classes)[:num_classes]
+    hits = np.bincount(requested, weights=correct, minlength=num_classes)[:num_classes]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per_class = hits / counts
+    present = counts > 0
+    return ClassFidelity(
+        per_class=[float(value) for value in per_class],
+        counts=[int(c) for c in counts],
+        mean=float(per_class[present].mean()) if present.any() else float("nan"),
+        overall=float(correct.mean()) if len(correct) else float("nan"),
+    )
+
+
+# ====================================================================================================
+# Inception-v3 FID for `evaluate`: torchvision's ImageNet Inception, from a local weights file only.
+# ====================================================================================================
+
+
+INCEPTION_SIZE = 299
+
+
+def inception_weights_file() -> Path:
+    """Where torchvision keeps Inception-v3 ImageNet weights in the torch hub cache ($TORCH_HOME)."""
+    from torchvision.models import Inception_V3_Weights
+
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(Inception_V3_Weights.IMAGENET1K_V1.url).name
+
+
+def load_inception(device: torch.device) -> nn.Module:
+    """torchvision Inception-v3 returning 2048-d pool features, from the LOCAL weights file only."""
+    from torchvision.models import inception_v3
+
+    model = inception_v3(weights=None, aux_logits=True, init_weights=False)
+    model.load_state_dict(torch.load(inception_weights_file(), map_location="cpu", weights_only=True))
+    model.fc = nn.Identity()
+    return model.to(device).eval()
+
+
+@torch.no_grad()
+def inception_features(
+    model: nn.Module, images_unit: torch.Tensor, batch_size: int, device: torch.device
+) -> np.ndarray:
+    features = []
+    for batch in tqdm(images_unit.split(batch_size), desc="inception features", unit="batch", leave=False):
+        batch = F.interpolate(
+            batch.to(device),
+            size=(INCEPTION_SIZE, INCEPTION_SIZE),
+            mode="bilinear",
+            antialias=True,
+            align_corners=False,
+        )
+        features.append(model(classifier_normalize(batch)).cpu())
+    return torch.cat(features).double().numpy()
+
+
+def inception_report(
+    samples: torch.Tensor, heldout: torch.Tensor, baseline: torch.Tensor, batch_size: int, device: torch.device
+) -> dict[str, Any]:
+    weights = inception_weights_file()
+    if not weights.is_file():
+        return {
+            "available": False,
+            "reason": f"no torchvision Inception-v3 weights at {weights} (this tool never downloads); put "
+            f"{weights.name} there (or set TORCH_HOME) to get Inception FID",
+        }
+    model = load_inception(device)
+    sample_f, heldout_f, baseline_f = (
+        inception_features(model, images, batch_size, device) for images in (samples, heldout, baseline)
+    )
+    return {
+        "available": True,
+        "fid": fid(sample_f, heldout_f),
+        "fid_real_vs_real_baseline": fid(baseline_f, heldout_f),
+        "note": "torchvision Inception-v3 pool features (2048-d); close to, not identical with, the TF "
+        f"Inception of published FIDs, and biased upward at {len(samples)} samples",
+    }
+
+
+# ====================================================================================================
+# evaluate.py's report: its distance and memorisation sections, its printed summary, and the summary of
+# ====================================================================================================
+
+
+KID_SUBSET_SIZE = 1000  # the usual KID subset size, when there are enough images
+
+
+def distance_report(
+    sample_features: np.ndarray, heldout_features: np.ndarray, baseline_features: np.ndarray, seed: int
+) -> dict[str, Any]:
+    """FID and KID of samples vs held-out, beside the same for real (training) images vs held-out."""
+    # Subsets of half the smaller set: with subsets as big as the sets every draw is identical and the
+    # spread over subsets (kid_std) would always read 0.
+    smallest = min(len(sample_features), len(baseline_features), len(heldout_features))
+    subset = max(2, min(KID_SUBSET_SIZE, smallest // 2))
+    sample_kid = kid(sample_features, heldout_features, subset_size=subset, seed=seed)
+    baseline_kid = kid(baseline_features, heldout_features, subset_size=subset, seed=seed)
+    return {
+        "fid": fid(sample_features, heldout_features),
+        "fid_real_vs_real_baseline": fid(baseline_features, heldout_features),
+        "kid": sample_kid.mean,
+        "kid_std": sample_kid.std,
+        "kid_real_vs_real_baseline": baseline_kid.mean,
+        "kid_real_vs_real_baseline_std": baseline_kid.std,
+        "kid_subset_size": sample_kid.subset_size,
+        "kid_subsets": sample_kid.num_subsets,
+        "num_samples": len(sample_features),
+        "num_baseline_real": len(baseline_features),
+        "num_heldout": len(heldout_features),
+        "feature_dim": int(sample_features.shape[1]),
+    }
+
+
+def memorisation_report(samples: np.ndarray, heldout: np.ndarray, train: np.ndarray) -> dict[str, float]:
+    sample_nn = nearest_neighbour_distances(samples, train)
+    heldout_nn = nearest_neighbour_distances(heldout, train)
+    return {
+        "ratio": memorisation_ratio(sample_nn, heldout_nn),
+        "sample_nn_median": float(np.median(sample_nn)),
+        "heldout_nn_median": float(np.median(heldout_nn)),
+        "sample_nn_min": float(sample_nn.min()),
+    }
+
+
+def _json_safe(value: Any) -> Any:
+    """JSON has no NaN/inf: write them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(item) for item in value]
+    return value
+
+
+def write_report_json(path: Path, data: dict[str, Any]) -> None:
+    """A report or a summary as indented JSON (NaN/inf as null), written whole or not at all."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(_json_safe(data), indent=2) + "\n")
+
+
+def print_summary(report: dict[str, Any]) -> None:
+    fidelity, features, pixel = report["class_fidelity"], report["classifier_feature_fid"], report["memorisation"]
+    print(
+        f"class fidelity (mean over classes): {fidelity['mean']:.1%}   "
+        f"[classifier on held-out real images: {fidelity['classifier_heldout_accuracy']:.1%}]"
+    )
+    for name, accuracy in fidelity["per_class"].items():
+        print(f"  {name:>16}: {accuracy:.1%}")
+    print(
+        f"classifier-feature FID (not Inception FID): {features['fid']:.2f}   "
+        f"real-vs-real baseline: {features['fid_real_vs_real_baseline']:.2f}"
+    )
+    print(
+        f"classifier-feature KID: {features['kid']:.4f} ± {features['kid_std']:.4f}   "
+        f"baseline: {features['kid_real_vs_real_baseline']:.4f}"
+    )
+    inception = report["inception_fid"]
+    print(
+        f"Inception FID: {inception['fid']:.2f} (baseline {inception['fid_real_vs_real_baseline']:.2f})"
+        if inception["available"]
+        else f"Inception FID: unavailable — {inception['reason']}"
+    )
+    print(
+        f"memorisation ratio (>1 = not copying): pixel {pixel['pixel']['ratio']:.2f}, "
+        f"classifier features {pixel['classifier_features']['ratio']:.2f}"
+    )
+    if not report["heldout"]["clean_for_dit"]:
+        print(
+            "warning: held-out images come from the DiT's own data folder — pass --heldout-data for a clean "
+            "memorisation and FID check"
+        )
+
+
+def report_label(path: Path) -> str:
+    """A report's name in the summary: its folder (checkpoints/quality/glyphs/report.json -> glyphs)."""
+    return path.parent.name or path.stem
+
+
+def summarize_report(report: dict[str, Any], fidelity_bar: float) -> dict[str, Any]:
+    """The headline figures of one report, and whether it meets the bar (fidelity and no copying)."""
+    fidelity, features, copying = report["class_fidelity"], report["classifier_feature_fid"], report["memorisation"]
+    worst = min(fidelity["per_class"], key=fidelity["per_class"].get)
+    ratios = {"pixel": copying["pixel"]["ratio"], "classifier_features": copying["classifier_features"]["ratio"]}
+    return {
+        "dit": report["dit"],
+        "dit_step": report["dit_step"],
+        "num_classes": len(fidelity["per_class"]),
+        "mean_class_fidelity": fidelity["mean"],
+        "worst_class": worst,
+        "worst_class_fidelity": fidelity["per_class"][worst],
+        "classifier_heldout_accuracy": fidelity["classifier_heldout_accuracy"],
+        "feature_fid": features["fid"],
+        "feature_fid_real_vs_real_baseline": features["fid_real_vs_real_baseline"],
+        "memorisation_ratio": ratios,
+        "sampling_seconds": report["sampling"]["seconds"],
+        "num_samples": features["num_samples"],
+        "clean_for_dit": report["heldout"]["clean_for_dit"],
+        "meets_bar": bool(
+            fidelity["mean"] >= fidelity_bar and min(ratios.values()) > 1 and report["heldout"]["clean_for_dit"]
+        ),
+    }
+
+
+def summarize(paths: list[str], fidelity_bar: float) -> dict[str, Any]:
+    """{label: headline figures} of several reports, plus the bar they were judged by."""
+    rows: dict[str, Any] = {}
+    for path in map(Path, paths):
+        try:
+            report = json.loads(path.read_text())
+            label = report_label(path)
+            if label in rows:
+                raise UserError(
+                    f"two reports are named {label!r} (after their folder) — keep each data set's "
+                    "report in its own folder"
+                )
+            rows[label] = {"report": str(path), **summarize_report(report, fidelity_bar)}
+        except FileNotFoundError as error:
+            raise UserError(f"--summarize {path}: no such report — run evaluate.py for that data set first") from error
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise UserError(f"--summarize {path} is not an evaluate.py report ({error!r})") from error
+    return {
+        "bar": {
+            "mean_class_fidelity_at_least": fidelity_bar,
+            "memorisation_ratio_above": 1.0,
+            "heldout_unseen_by_dit": True,
+        },
+        "data_sets": rows,
+        "all_meet_bar": all(row["meets_bar"] for row in rows.values()),
+    }
+
+
+def print_combined_summary(summary: dict[str, Any]) -> None:
+    print(
+        f"{'data set':<10} {'fidelity':>8}  {'worst class':<20} {'judge':>6}  {'feature FID (real-vs-real)':<27} "
+        f"{'memorisation px/feat':<21} bar"
+    )
+    for label, row in summary["data_sets"].items():
+        worst = f"{row['worst_class']} {row['worst_class_fidelity']:.0%}"
+        fid_text = f"{row['feature_fid']:.1f} ({row['feature_fid_real_vs_real_baseline']:.1f})"
+        ratios = f"{row['memorisation_ratio']['pixel']:.2f} / {row['memorisation_ratio']['classifier_features']:.2f}"
+        print(
+            f"{label:<10} {row['mean_class_fidelity']:>8.1%}  {worst:<20} {row['classifier_heldout_accuracy']:>6.1%}"
+            f"  {fid_text:<27} {ratios:<21} {'met' if row['meets_bar'] else 'NOT MET'}"
+        )
+    bar = summary["bar"]
+    print(
+        f"bar: mean class fidelity >= {bar['mean_class_fidelity_at_least']:.0%}, memorisation ratios > 1, held-out "
+        f"images unseen by the DiT — {'met by every data set' if summary['all_meet_bar'] else 'NOT met by all'}"
+    )
+
+
+# ====================================================================================================
+# How good is a trained TinyDiT? Class fidelity, feature-space FID/KID and a memorisation check.
+# ====================================================================================================
+
+
 GRID_COLUMNS = 8
+
+
 FEATURE_FID_NOTE = (
     "classifier-feature FID: Fréchet distance in the project classifier's penultimate feature "
     "space, NOT Inception FID; compare it only with real_vs_real_baseline in this report"
 )
+
+
 MEMORISATION_NOTE = (
     "ratio = median NN distance (sample -> training set) / median NN distance (held-out real -> "
     "training set); > 1: samples are not closer to the training images than unseen real images "
@@ -112,11 +481,6 @@ def validate_config(cfg: EvaluateConfig) -> None:
 def default_output(dit_path: str, suffix: str) -> Path:
     path = Path(dit_path)
     return path.with_name(path.stem + suffix)
-
-
-# ------------------------------------------------------------------------------------------------------
-# Real images: the training reference and the held-out set
-# ------------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -184,11 +548,6 @@ def balanced_subset(labels: np.ndarray, per_class: int, num_classes: int, seed: 
     rng = np.random.default_rng(seed)
     chosen = [rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in range(num_classes)]
     return np.sort(np.concatenate(chosen))
-
-
-# ------------------------------------------------------------------------------------------------------
-# Features
-# ------------------------------------------------------------------------------------------------------
 
 
 @torch.no_grad()

@@ -25,7 +25,7 @@ import onnxruntime as ort
 import torch
 
 from scripts.lib.cli import UserError, option, run_main
-from scripts.lib.model_files import dit_to_unit, load_dit
+from scripts.lib.checkpoints import dit_to_unit, load_dit
 from scripts.lib.onnx_export import (
     DEFAULT_OPSET,
     PARITY_BATCH_SIZES,

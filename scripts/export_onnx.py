@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from scripts.lib.cli import UserError, option, run_main
-from scripts.lib.decoding import UnreadableImage, load_rgb
-from scripts.lib.images import IMAGE_EXTENSIONS
-from scripts.lib.model_files import classifier_normalize, load_classifier
+from scripts.lib.data import UnreadableImage, load_rgb
+from scripts.lib.data import IMAGE_EXTENSIONS
+from scripts.lib.checkpoints import classifier_normalize, load_classifier
 from scripts.lib.onnx_export import (
     DEFAULT_OPSET,
     PARITY_BATCH_SIZES,

@@ -18,10 +18,10 @@ import numpy as np
 import torch
 
 from scripts.lib.cli import UserError, option, run_main
-from scripts.lib.batches import to_unit_float
-from scripts.lib.decoding import UnreadableImage, load_rgb
-from scripts.lib.model_files import classifier_normalize, load_classifier
-from scripts.lib.runtime import DEVICES, resolve_device_type
+from scripts.lib.data import to_unit_float
+from scripts.lib.data import UnreadableImage, load_rgb
+from scripts.lib.checkpoints import classifier_normalize, load_classifier
+from scripts.lib.cli import DEVICES, resolve_device_type
 
 # Images per forward pass: bounds memory when many files are passed at once.
 PREDICT_BATCH = 64

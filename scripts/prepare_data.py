@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from scripts.lib.cli import UserError, option, printable, run_main
-from scripts.lib.images import IMAGE_EXTENSIONS, class_name_problem, is_hidden_name, refuse_foreign_classes
+from scripts.lib.data import IMAGE_EXTENSIONS, class_name_problem, is_hidden_name, refuse_foreign_classes
 
 CAT_BREEDS = (
     "Abyssinian",

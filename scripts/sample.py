@@ -16,8 +16,8 @@ import torch
 from torchvision.utils import save_image
 
 from scripts.lib.cli import UserError, option, run_main
-from scripts.lib.model_files import load_dit
-from scripts.lib.runtime import DEVICES, resolve_device_type
+from scripts.lib.checkpoints import load_dit
+from scripts.lib.cli import DEVICES, resolve_device_type
 from scripts.lib.sampling import class_grid_labels, resolve_classes, sample_images, save_grid
 
 

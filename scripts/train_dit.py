@@ -26,19 +26,20 @@ from tqdm import tqdm
 from models.diffusion import DDPM, OBJECTIVES, FlowMatching, build_objective, drop_labels
 from models.ema import EMA
 from models.tiny_dit import DIT_SIZES, build_dit, count_parameters
-from scripts.lib import batches
+from scripts.lib import data
 from scripts.lib.cli import UserError, option, parse_duration, run_main
-from scripts.lib.files import copy_file_atomic
-from scripts.lib.guard import FirstBadStep, apply_update_only_if_finite, verdict_after_update
-from scripts.lib.model_files import MAX_IMAGE_SIZE, dit_metadata, save_model, unit_to_dit
-from scripts.lib.progress import MetricsWindow, next_boundary
+from scripts.lib.cli import copy_file_atomic
+from scripts.lib.run import FirstBadStep, apply_update_only_if_finite, verdict_after_update
+from scripts.lib.checkpoints import MAX_IMAGE_SIZE, dit_metadata, save_model, unit_to_dit
+from scripts.lib.run import MetricsWindow, next_boundary
 from scripts.lib.run import Run, RunSpec, common_problems, open_run, positive_problems
-from scripts.lib.runlog import config_dict, format_duration
-from scripts.lib.runtime import DEVICES, PRECISIONS, compile_wanted, compile_with_fallback
+from scripts.lib.run import config_dict, format_duration
+from scripts.lib.cli import DEVICES
+from scripts.lib.run import PRECISIONS, compile_wanted, compile_with_fallback
 from scripts.lib.sampling import write_training_grid
-from scripts.lib.schedule import LR_SCHEDULES, learning_rate
-from scripts.lib.stopping import StopAgreement, TimeBudget, exit_status, stop_on_signals
-from scripts.lib.training_state import TrainingState, check_same_setup
+from scripts.lib.run import LR_SCHEDULES, learning_rate
+from scripts.lib.run import StopAgreement, TimeBudget, exit_status, stop_on_signals
+from scripts.lib.checkpoints import TrainingState, check_same_setup
 
 FINAL_NAME = "tinydit_final.safetensors"
 FINAL_RAW_NAME = "tinydit_final_raw.safetensors"
@@ -53,7 +54,7 @@ class TrainDiTConfig:
     batch_size: int = option(256, "GLOBAL batch per forward pass, summed over all processes")
     lr: float = option(1e-4, "peak learning rate (AdamW), reached after the warmup")
     gradient_accumulation_steps: int = option(1, "forward passes per optimizer step (effective batch = x this)")
-    augmentation_level: str = option("full", "training augmentation", choices=batches.AUGMENTATION_LEVELS)
+    augmentation_level: str = option("full", "training augmentation", choices=data.AUGMENTATION_LEVELS)
     warmup_steps: int = option(10000, "linear LR warmup (capped to 10%% of --steps when not below it)")
     lr_schedule: str = option(
         "constant", "after the warmup: constant (DiT) or cosine to 0 at --steps", choices=LR_SCHEDULES
@@ -148,7 +149,7 @@ class StepDraw:
     """Batch indices, augmentation, diffusion time and noise, label dropout of all samples of step s."""
 
     indices: np.ndarray
-    augmentation: batches.AugmentationParams
+    augmentation: data.AugmentationParams
     t: torch.Tensor
     noise: torch.Tensor
     label_drop_mask: torch.Tensor  # bool: replace the label by the null class
@@ -156,9 +157,9 @@ class StepDraw:
 
 def draw_step(cfg: TrainDiTConfig, num_images: int, objective, step: int, device: torch.device) -> StepDraw:
     effective = cfg.batch_size * cfg.gradient_accumulation_steps
-    generator = batches.step_generator(cfg.seed, step, device)
-    indices = batches.global_batch_indices(num_images, effective, step, cfg.seed)
-    augmentation = batches.draw_augmentation(cfg.augmentation_level, effective, cfg.image_size, generator)
+    generator = data.step_generator(cfg.seed, step, device)
+    indices = data.global_batch_indices(num_images, effective, step, cfg.seed)
+    augmentation = data.draw_augmentation(cfg.augmentation_level, effective, cfg.image_size, generator)
     t, noise = objective.draw_training_noise((effective, 3, cfg.image_size, cfg.image_size), generator, device)
     drop = torch.rand(effective, generator=generator, device=device) < cfg.label_dropout
     return StepDraw(indices, augmentation, t, noise, drop)
@@ -166,16 +167,16 @@ def draw_step(cfg: TrainDiTConfig, num_images: int, objective, step: int, device
 
 def micro_slices(cfg: TrainDiTConfig, rank: int, world_size: int) -> list[slice]:
     """This rank's share of each forward pass within a step's effective batch."""
-    start, stop = batches.shard_bounds(cfg.batch_size, rank, world_size)
+    start, stop = data.shard_bounds(cfg.batch_size, rank, world_size)
     return [
         slice(m * cfg.batch_size + start, m * cfg.batch_size + stop) for m in range(cfg.gradient_accumulation_steps)
     ]
 
 
-def micro_batch(draw: StepDraw, source: batches.ImageSource, part: slice, null_class: int) -> tuple[torch.Tensor, ...]:
+def micro_batch(draw: StepDraw, source: data.ImageSource, part: slice, null_class: int) -> tuple[torch.Tensor, ...]:
     """(x0 in [-1, 1], labels with dropout applied, t, noise) of one slice of the step's batch."""
     images, labels = source.gather(draw.indices[part])
-    x0 = unit_to_dit(batches.apply_augmentation(images, draw.augmentation.slice(part.start, part.stop)))
+    x0 = unit_to_dit(data.apply_augmentation(images, draw.augmentation.slice(part.start, part.stop)))
     return x0, drop_labels(labels, draw.label_drop_mask[part], null_class), draw.t[part], draw.noise[part]
 
 
@@ -260,7 +261,7 @@ def train(run: Run, cfg: TrainDiTConfig) -> dict[str, Any]:
     logger.info("model %s: %.2fM parameters, %s objective", cfg.model, count_parameters(raw_model) / 1e6, cfg.objective)
     if effective_warmup(cfg) != cfg.warmup_steps:
         logger.info("warmup capped: --warmup-steps is not below --steps, using %d warmup steps", effective_warmup(cfg))
-    source = batches.ImageSource(run.cache, device)
+    source = data.ImageSource(run.cache, device)
     logger.info("training images are gathered on the %s (%s)", source.placement, device)
     if compile_wanted(cfg.compile, device):
         first_part = micro_slices(cfg, accelerator.process_index, accelerator.num_processes)[0]
@@ -351,7 +352,7 @@ def optimizer_step(cfg: TrainDiTConfig, model, state: TrainingState, objective, 
 
 def next_step_indices(cfg: TrainDiTConfig, source, step: int, part: slice) -> np.ndarray:
     effective = cfg.batch_size * cfg.gradient_accumulation_steps
-    return batches.global_batch_indices(source.num_images, effective, step, cfg.seed)[part]
+    return data.global_batch_indices(source.num_images, effective, step, cfg.seed)[part]
 
 
 def saved_setup(cfg: TrainDiTConfig, run: Run) -> dict[str, Any]:

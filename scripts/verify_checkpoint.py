@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from scripts.lib.weights import load_weights
+from scripts.lib.checkpoints import load_weights
 from scripts.lib.cli import UserError, option, run_main
-from scripts.lib.model_files import (
+from scripts.lib.checkpoints import (
     DIT_KIND,
     build_classifier_from_metadata,
     build_dit_from_metadata,
@@ -36,7 +36,7 @@ from scripts.lib.model_files import (
     load_strict,
     validate_metadata,
 )
-from scripts.lib.runtime import DEVICES, resolve_device_type
+from scripts.lib.cli import DEVICES, resolve_device_type
 from scripts.lib.sampling import DEFAULT_CFG_SCALE, class_grid_labels, guidance_scale, sample_images, save_grid
 
 SAMPLES_PER_CLASS = 4

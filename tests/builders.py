@@ -14,7 +14,7 @@ from torch import nn
 from models.classifier import build_classifier
 from models.tiny_dit import TinyDiT, build_dit
 from scripts.make_toy_cats import generate_toy_cats
-from scripts.lib.model_files import classifier_metadata, dit_metadata, save_model
+from scripts.lib.checkpoints import classifier_metadata, dit_metadata, save_model
 from scripts.train_dit import TrainDiTConfig
 
 TOY_CLASSES = ["black", "white", "orange_tabby"]

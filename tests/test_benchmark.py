@@ -26,7 +26,7 @@ from scripts.benchmark import (
     speed_bar_section,
 )
 from scripts.lib.cli import UserError, parse_config
-from scripts.lib.gpu_bench import (
+from scripts.benchmark import (
     GPU_FULL,
     GPU_GOAL,
     GPU_QUICK,
@@ -41,8 +41,8 @@ from scripts.lib.gpu_bench import (
     trainer_windows,
     training_figures,
 )
-from scripts.lib.images import synthetic_cache
-from scripts.lib.measuring import count_flops, forward_backward_flops, matmuls_only_call
+from scripts.lib.data import synthetic_cache
+from scripts.benchmark import count_flops, forward_backward_flops, matmuls_only_call
 from scripts.make_toy_cats import TOY_CAT_CLASSES
 from scripts.train_dit import TrainDiTConfig
 

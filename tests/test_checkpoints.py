@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import SafetensorError
 
-from scripts.lib import checkpoints, weights
+from scripts.lib import checkpoints
 from scripts.lib.checkpoints import (
     COMPLETE_MARKER,
     find_resume_state,
@@ -22,7 +22,7 @@ from scripts.lib.checkpoints import (
     save_training_state,
     unflatten_state,
 )
-from scripts.lib.weights import load_weights, metadata_sidecar, save_weights
+from scripts.lib.checkpoints import load_weights, metadata_sidecar, save_weights
 from scripts.lib.cli import UserError
 
 
@@ -330,7 +330,7 @@ def _torch_fills_the_disk(obj, path, *args, **kwargs):
 @pytest.mark.parametrize("writer", [_fills_the_disk, _safetensors_fills_the_disk], ids=["oserror", "safetensors"])
 def test_weights_save_on_a_full_disk_keeps_the_previous_file(tmp_path, monkeypatch, writer):
     path = save_weights(tmp_path / "model.safetensors", _weights(), {"kind": "old"})
-    monkeypatch.setattr(weights, "save_file", writer)
+    monkeypatch.setattr(checkpoints, "save_file", writer)
     with pytest.raises(UserError) as refused:
         save_weights(path, _weights(), {"kind": "new"})
     message = str(refused.value)
@@ -387,7 +387,7 @@ def read_only_folder(tmp_path, monkeypatch):
         raise SafetensorError("Error while serializing: I/O error: Permission denied (os error 13)")
 
     monkeypatch.setattr(checkpoints, "save_file", denied)
-    monkeypatch.setattr(weights, "save_file", denied)
+    monkeypatch.setattr(checkpoints, "save_file", denied)
     yield folder
 
 

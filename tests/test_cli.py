@@ -134,7 +134,7 @@ def test_a_bad_preset_is_one_line_naming_the_option(tmp_path, capsys, content, m
 
 
 def test_a_runs_config_json_is_a_preset_that_gives_back_its_config(tmp_path):
-    from scripts.lib.runlog import config_dict
+    from scripts.lib.run import config_dict
 
     cfg = dataclasses.replace(
         parse_config(train_dit.TrainDiTConfig, ["data/glyphs"], ""),

@@ -25,14 +25,14 @@ from builders import make_toy_data
 
 from scripts import train, train_dit
 from scripts.lib.checkpoints import list_complete_states
-from scripts.lib.weights import load_weights
+from scripts.lib.checkpoints import load_weights
 from scripts.lib.cli import parse_config
-from scripts.lib.batches import stratified_split
-from scripts.lib.images import load_or_build_cache
-from scripts.lib.classifier_validation import evaluate
-from scripts.lib.model_files import load_classifier
-from scripts.lib.runtime import make_accelerator
-from scripts.lib.schedule import learning_rate
+from scripts.lib.data import stratified_split
+from scripts.lib.data import load_or_build_cache
+from scripts.train import evaluate
+from scripts.lib.checkpoints import load_classifier
+from scripts.lib.run import make_accelerator
+from scripts.lib.run import learning_rate
 
 pytestmark = pytest.mark.slow
 

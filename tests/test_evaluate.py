@@ -12,12 +12,12 @@ import torch
 from models.classifier import build_classifier
 from models.tiny_dit import build_dit
 from scripts.lib.cli import UserError
-from scripts.lib.batches import stratified_split
-from scripts.lib.images import load_or_build_cache
+from scripts.lib.data import stratified_split
+from scripts.lib.data import load_or_build_cache
 from scripts.evaluate import EvaluateConfig, balanced_subset, load_real_images, main
-from scripts.lib.inception import inception_weights_file
+from scripts.evaluate import inception_weights_file
 from scripts.make_toy_cats import generate_toy_cats
-from scripts.lib.model_files import classifier_metadata, dit_metadata, save_model
+from scripts.lib.checkpoints import classifier_metadata, dit_metadata, save_model
 
 CLASSES = ["black", "white"]
 DIT_SIZE = 16

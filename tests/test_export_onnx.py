@@ -22,7 +22,7 @@ from scripts.export_dit_onnx import main as export_dit
 from scripts.export_onnx import ExportClassifierConfig, top1_disagreements
 from scripts.export_onnx import main as export_classifier
 from scripts.make_toy_cats import generate_toy_cats
-from scripts.lib.model_files import build_objective_from_metadata, load_dit
+from scripts.lib.checkpoints import build_objective_from_metadata, load_dit
 from scripts.lib.onnx_export import (
     DEFAULT_OPSET,
     PARITY_TOLERANCE,

@@ -13,11 +13,12 @@ import sys
 
 import pytest
 
-from scripts.lib.host_memory import MMAP_THRESHOLD_BYTES, available_memory_bytes, reuse_freed_memory
+from scripts.lib.cli import MMAP_THRESHOLD_BYTES, reuse_freed_memory
+from scripts.lib.data import available_memory_bytes
 
 HEAP_STATISTICS_AROUND_ONE_TENSOR = """
 import ctypes, json, sys, torch
-from scripts.lib.host_memory import reuse_freed_memory
+from scripts.lib.cli import reuse_freed_memory
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in

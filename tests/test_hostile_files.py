@@ -27,9 +27,9 @@ from torch import nn
 
 from scripts import export_dit_onnx, export_onnx, predict, sample, verify_checkpoint
 from scripts.lib import checkpoints
-from scripts.lib.weights import load_weights, save_weights
+from scripts.lib.checkpoints import load_weights, save_weights
 from scripts.lib.cli import EXIT_USER_ERROR, UserError, run_main
-from scripts.lib.model_files import (
+from scripts.lib.checkpoints import (
     MAX_CLASSES,
     MAX_IMAGE_SIZE,
     MAX_TIMESTEPS,
@@ -422,7 +422,7 @@ PREDICT_ONE_IMAGE = """
 import sys
 from scripts import predict
 from scripts.lib.cli import run_main
-from scripts.lib.model_files import load_classifier
+from scripts.lib.checkpoints import load_classifier
 load_classifier(sys.argv[1])  # the model's own memory is not what is measured
 
 def run():
@@ -444,7 +444,7 @@ def test_predict_refuses_a_small_png_that_unpacks_to_gigabytes_before_decoding_i
 
 
 def test_the_cache_build_skips_the_bomb_with_the_counted_warning(bomb, tmp_path):
-    from scripts.lib.images import load_or_build_cache
+    from scripts.lib.data import load_or_build_cache
 
     for name in ("black", "white"):
         (tmp_path / "cats" / name).mkdir(parents=True)
@@ -459,7 +459,7 @@ def test_the_cache_build_skips_the_bomb_with_the_counted_warning(bomb, tmp_path)
 
 LOAD_ONE_IMAGE = """
 import sys
-from scripts.lib.decoding import load_rgb
+from scripts.lib.data import load_rgb
 
 def run():
     print(load_rgb(sys.argv[1], 64).mean())
@@ -475,7 +475,7 @@ def test_a_16_bit_image_costs_at_most_6_bytes_a_pixel_to_decode(tmp_path):
 
 
 def test_a_large_jpeg_is_decoded_reduced_where_another_format_is_refused(tmp_path, monkeypatch):
-    from scripts.lib import decoding
+    from scripts.lib import data as decoding
 
     monkeypatch.setattr(decoding, "MAX_DECODE_PIXELS", 100 * 100)  # 200 x 200 is "too large" now
     Image.new("RGB", (200, 200), (200, 30, 30)).save(tmp_path / "big.jpg", quality=95)
@@ -488,7 +488,7 @@ def test_a_large_jpeg_is_decoded_reduced_where_another_format_is_refused(tmp_pat
 def test_file_names_cannot_split_or_forge_a_log_line(tmp_path):
     import logging
 
-    from scripts.lib.images import load_or_build_cache
+    from scripts.lib.data import load_or_build_cache
 
     forged = "x\n2026-01-01 00:00:00 INFO training finished \x1b[2J\u202e.png"
     for name in ("black", "white"):
@@ -511,7 +511,7 @@ def test_file_names_cannot_split_or_forge_a_log_line(tmp_path):
 
 @pytest.mark.parametrize("folder", ["tabby\nINFO forged", "tabby\x1b[31m", "tab\\by"])
 def test_a_class_folder_name_the_loaders_would_refuse_is_refused_by_the_scan(tmp_path, folder):
-    from scripts.lib.images import scan_image_folder
+    from scripts.lib.data import scan_image_folder
 
     (tmp_path / "cats" / folder).mkdir(parents=True)
     Image.new("RGB", (20, 20)).save(tmp_path / "cats" / folder / "a.png")

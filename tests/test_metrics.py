@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.lib.metrics import (
+from scripts.evaluate import (
     class_fidelity,
     fid,
     frechet_distance,

@@ -27,10 +27,10 @@ from scripts import train_dit
 from scripts.lib import attempts
 from scripts.lib.attempts import Chain
 from scripts.lib.checkpoints import list_complete_states
-from scripts.lib.weights import load_weights
+from scripts.lib.checkpoints import load_weights
 from scripts.lib.cli import UserError, parse_config
-from scripts.lib.run_lock import RunLock, read_lock_holder
-from scripts.lib.runlog import read_status
+from scripts.lib.run import RunLock, read_lock_holder
+from scripts.lib.run import read_status
 from scripts.make_toy_cats import generate_toy_cats
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]

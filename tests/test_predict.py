@@ -11,7 +11,7 @@ from PIL import Image
 
 from models.classifier import build_classifier
 from scripts.lib.cli import EXIT_USER_ERROR, UserError, run_main
-from scripts.lib.model_files import classifier_metadata, save_model
+from scripts.lib.checkpoints import classifier_metadata, save_model
 from scripts.predict import PredictConfig, main
 
 CLASSES = ["black", "orange", "white"]

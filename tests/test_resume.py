@@ -15,7 +15,7 @@ import torch
 from builders import make_toy_data
 
 from scripts.lib.checkpoints import COMPLETE_MARKER, list_complete_states
-from scripts.lib.weights import load_weights
+from scripts.lib.checkpoints import load_weights
 
 pytestmark = pytest.mark.slow
 

@@ -19,11 +19,11 @@ from builders import make_toy_data, tiny_config
 from scripts import train, train_dit
 from scripts.lib import checkpoints
 from scripts.lib.checkpoints import list_complete_states, load_training_state
-from scripts.lib.weights import load_weights
+from scripts.lib.checkpoints import load_weights
 from scripts.lib.cli import EXIT_TIME_LIMIT, UserError, parse_config
-from scripts.lib.run_lock import RunLock
-from scripts.lib.runlog import read_status
-from scripts.lib.training_state import load_optimizer_state
+from scripts.lib.run import RunLock
+from scripts.lib.run import read_status
+from scripts.lib.checkpoints import load_optimizer_state
 from scripts.make_toy_cats import generate_toy_cats
 
 

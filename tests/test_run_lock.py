@@ -12,7 +12,7 @@ import time
 import pytest
 
 from scripts.lib.cli import UserError
-from scripts.lib.run_lock import LOCK_NAME, RunLock, read_lock_holder
+from scripts.lib.run import LOCK_NAME, RunLock, read_lock_holder
 
 
 def test_a_second_writer_is_refused_with_the_holder_named(tmp_path):
@@ -127,7 +127,7 @@ def test_a_container_with_the_same_host_name_is_judged_by_its_heartbeat_not_our_
 def test_a_repeated_sigint_within_moments_is_the_same_keypress_a_later_one_stops_at_once(monkeypatch):
     import signal
 
-    from scripts.lib import stopping
+    from scripts.lib import run as stopping
 
     clock = {"now": 100.0}
     monkeypatch.setattr(stopping.time, "monotonic", lambda: clock["now"])

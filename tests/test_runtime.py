@@ -6,13 +6,8 @@ import pytest
 import torch
 
 from scripts.lib.cli import UserError
-from scripts.lib.runtime import (
-    describe_gpu_failure,
-    make_accelerator,
-    precision_warning,
-    resolve_device_type,
-    resolve_mixed_precision,
-)
+from scripts.lib.run import describe_gpu_failure, make_accelerator, precision_warning, resolve_mixed_precision
+from scripts.lib.cli import resolve_device_type
 
 
 def fake_cpu(monkeypatch, **capabilities) -> None:

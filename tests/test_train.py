@@ -13,13 +13,13 @@ import torch
 
 from scripts import predict
 from scripts.lib.checkpoints import list_complete_states
-from scripts.lib.weights import load_weights
+from scripts.lib.checkpoints import load_weights
 from scripts.lib.cli import UserError, parse_config
-from scripts.lib.images import scan_image_folder
+from scripts.lib.data import scan_image_folder
 from scripts.make_toy_cats import generate_toy_cats
-from scripts.lib.model_files import load_classifier
-from scripts.lib.classifier_validation import format_confusion_matrix
-from scripts.lib.schedule import learning_rate
+from scripts.lib.checkpoints import load_classifier
+from scripts.train import format_confusion_matrix
+from scripts.lib.run import learning_rate
 from scripts.train import TrainConfig, main, validate_config
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]

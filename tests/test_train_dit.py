@@ -12,10 +12,10 @@ import torch
 
 from scripts import train_dit
 from scripts.lib.checkpoints import COMPLETE_MARKER, list_complete_states, load_training_state
-from scripts.lib.weights import load_weights
+from scripts.lib.checkpoints import load_weights
 from scripts.lib.cli import UserError, parse_config
-from scripts.lib.model_files import load_dit
-from scripts.lib.schedule import learning_rate
+from scripts.lib.checkpoints import load_dit
+from scripts.lib.run import learning_rate
 from scripts.train_dit import TrainDiTConfig, validate_config
 from builders import TOY_CLASSES, make_toy_data, tiny_config
 

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from models.classifier import build_classifier
 from models.tiny_dit import build_dit
-from scripts.lib.weights import save_weights
+from scripts.lib.checkpoints import save_weights
 from scripts.lib.cli import UserError
 from scripts.verify_checkpoint import VerifyConfig, checked_classes, format_report, main, verify
 from builders import (

@@ -43,8 +43,8 @@ from typing import Any
 from scripts.lib.checkpoints import list_complete_states, state_dir_name
 from scripts.lib.cli import EXIT_SIGNAL_BASE, EXIT_TIME_LIMIT, EXIT_USER_ERROR, UserError
 from scripts.lib.run import STATE_DIR
-from scripts.lib.run_lock import DEFAULT_STALE_AFTER_S, OWNER_ENV, STALE_AFTER_ENV, RunLock, read_lock_holder
-from scripts.lib.runlog import append_log_line, format_duration
+from scripts.lib.run import DEFAULT_STALE_AFTER_S, OWNER_ENV, STALE_AFTER_ENV, RunLock, read_lock_holder
+from scripts.lib.run import append_log_line, format_duration
 
 FINISHED, CONTINUED, INTERRUPTED, FAILED, CRASHED = "finished", "continued", "interrupted", "failed", "crashed"
 JOURNAL_NAME = "attempts.jsonl"

@@ -1,39 +1,46 @@
-"""Turning dataclass configs into command lines, and user errors into one clear message.
-
-Every script defines one dataclass config. `build_parser` generates the argparse parser from it
-(kebab-case flags, defaults shown in --help), so a flag can never be parsed and then ignored.
-`config_to_argv` is the way back, for launchers that start a command in another process. `run_main` is
-the shared `if __name__ == "__main__"` body: a `UserError` ends the program with one line on stderr and
-exit status 2 instead of a traceback.
-
-Exit statuses every command shares (launchers such as modal_app.py act on them):
-0 done; 2 a user error (a retry would fail the same way); 75 stopped at --time-limit after saving (run the
-same command again to continue); 128 + N stopped by signal N after saving (130 Ctrl-C/SIGINT, 143 SIGTERM).
-Each process exits with these; `accelerate launch --multi_gpu` itself returns 1 whenever a worker exits
-non-zero (measured), so a launcher of several processes reads each rank's own status (scripts/lib/attempts.py).
-"""
+"""What every command shares: flags from a dataclass config, one-line errors and exit statuses, safe writes."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
+import ctypes.util
 import dataclasses
+import errno
+import functools
 import json
+import os
 import re
+import shutil
 import signal
 import sys
 import typing
 import unicodedata
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from scripts.lib.host_memory import reuse_freed_memory
+import torch
+
+# ====================================================================================================
+# Turning dataclass configs into command lines, and user errors into one clear message.
+# ====================================================================================================
+
 
 ConfigT = TypeVar("ConfigT")
 
+
 EXIT_USER_ERROR = 2
+
+
 EXIT_TIME_LIMIT = 75  # EX_TEMPFAIL: not finished, resumable
+
+
 EXIT_SIGNAL_BASE = 128
+
+
 PRESET_FLAG = "--preset"
 
 
@@ -47,6 +54,8 @@ class UserError(Exception):
 # isolates (U+202E shows the rest of a line reversed). Other format characters, like the joiners inside emoji,
 # are harmless.
 _ESCAPED_CATEGORIES = frozenset({"Cc", "Zl", "Zp", "Cs"})
+
+
 _ESCAPED_BIDI_CLASSES = frozenset({"LRE", "RLE", "LRO", "RLO", "PDF", "LRI", "RLI", "FSI", "PDI"})
 
 
@@ -215,3 +224,123 @@ def run_main(main: Callable[[Any], Any], config_cls: type, description: str, arg
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(EXIT_SIGNAL_BASE + signal.SIGINT)
+
+
+# ====================================================================================================
+# Writing files so that a failure leaves nothing half-written and says in one line what to do.
+# ====================================================================================================
+
+
+def write_failure(what: str, path: Path, error: Exception) -> UserError:
+    """One line for a write that failed: what, where, the system's reason, and what to do about it."""
+    reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+    code = getattr(error, "errno", None)
+    if code is None:  # safetensors reports the OS error inside its message: "... (os error 28)"
+        found = re.search(r"os error (\d+)", reason)
+        code = int(found.group(1)) if found else None
+    writable = f"make {printable(path.parent)} writable"
+    free = f"free disk space there ({free_space(path)} free now)"
+    advice = {
+        errno.EACCES: writable,
+        errno.EPERM: writable,
+        errno.EROFS: writable,
+        errno.ENOSPC: free,
+        errno.EDQUOT: free,
+    }.get(code, f"{free} or {writable}")
+    return UserError(
+        f"could not write {what} to {printable(path)} ({printable(reason[:300])}) — {advice}, or "
+        "write to another folder; nothing saved before was changed"
+    )
+
+
+def free_space(path: Path) -> str:
+    existing = next((folder for folder in (path, *path.parents) if folder.exists()), None)
+    try:
+        free = shutil.disk_usage(existing).free if existing is not None else None
+    except OSError:
+        free = None
+    return "unknown" if free is None else f"{free / 2**20:,.0f} MiB"
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` whole, or leave it as it was (a failed write removes its temp file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+def copy_file_atomic(source: Path, target: Path) -> None:
+    """Copy `source` over `target` so that a reader sees the old file or the new one, never half of one.
+
+    The temporary name is unique to this process: several runs may copy into one folder at once (every DiT run
+    puts its final weights at <output-dir>/tinydit_final.safetensors).
+    """
+    tmp = target.with_name(f".{target.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+# ====================================================================================================
+# Host memory: how much is still available, and keeping freed memory for reuse.
+# ====================================================================================================
+
+
+# mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD = -1
+
+
+_M_MMAP_THRESHOLD = -3
+
+
+# Blocks up to this size come from the heap; glibc's ceiling for it on 64-bit.
+MMAP_THRESHOLD_BYTES = 32 * 2**20
+
+
+# Free memory at the heap top that glibc keeps instead of returning it to the kernel: the largest int.
+TRIM_THRESHOLD_BYTES = 2**31 - 1
+
+
+@functools.cache
+def reuse_freed_memory() -> bool:
+    """Tune glibc malloc as above; True when it took effect, False where malloc is not glibc's (macOS, musl)."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        libc = None
+    if libc is None or not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"):
+        return False
+    mallopt = libc.mallopt
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
+
+
+# ====================================================================================================
+# Device, precision, compilation and the Accelerator both trainers run on, and GPU errors turned into advice.
+# ====================================================================================================
+
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def resolve_device_type(requested: str) -> str:
+    """'auto' becomes cuda > mps > cpu; an explicit device that is not there is a user error."""
+    cuda_ok = torch.cuda.is_available()
+    mps_ok = torch.backends.mps.is_available()
+    if requested == "auto":
+        return "cuda" if cuda_ok else "mps" if mps_ok else "cpu"
+    if requested == "cuda" and not cuda_ok:
+        raise UserError("--device cuda was asked for but no CUDA GPU is visible — use --device cpu (or auto)")
+    if requested == "mps" and not mps_ok:
+        raise UserError("--device mps was asked for but Apple MPS is not available — use --device cpu (or auto)")
+    return requested

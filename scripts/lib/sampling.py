@@ -14,7 +14,7 @@ from torchvision.utils import save_image
 from tqdm import tqdm
 
 from scripts.lib.cli import UserError
-from scripts.lib.model_files import dit_to_unit
+from scripts.lib.checkpoints import dit_to_unit
 
 # Guidance scale of a checkpoint that records none (DiT samples with 4 in its paper's best figures).
 DEFAULT_CFG_SCALE = 4.0

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from scripts.lib.cli import UserError, option
-from scripts.lib.images import refuse_foreign_classes
+from scripts.lib.data import refuse_foreign_classes
 
 # Shapes are drawn at SUPERSAMPLE x the output size and box-downscaled, so edges are anti-aliased.
 SUPERSAMPLE = 4
