@@ -1,6 +1,7 @@
 """How good is a trained TinyDiT? Class fidelity, feature-space FID/KID and a memorisation check.
 
-    python scripts/evaluate.py --dit checkpoints/tinydit_final.safetensors         --classifier checkpoints/cats_model.safetensors --data data/cats --heldout-data data/cats_heldout
+    python scripts/evaluate.py --dit checkpoints/tinydit_final.safetensors \
+        --classifier checkpoints/cats_model.safetensors --data data/cats --heldout-data data/cats_heldout
 
 - Class fidelity: N samples per class (classifier-free guidance), classified by the project's classifier;
   per-class and mean accuracy. The classifier's accuracy on held-out REAL images is reported beside it:
