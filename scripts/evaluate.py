@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from models.classifier import features_and_logits
 from scripts.lib.checkpoints import classifier_normalize, load_classifier, load_dit
-from scripts.lib.cli import DEVICES, UserError, option, resolve_device_type, run_main, write_text_atomic
+from scripts.lib.cli import DEVICES, UserError, option, resolve_device_type, run_main, write_atomic
 from scripts.lib.data import ImageCache, load_or_build_cache, stratified_split, to_unit_float
 from scripts.lib.sampling import SAMPLE_CHUNK, class_grid_labels, sample_images, save_grid
 
@@ -301,7 +301,7 @@ def _json_safe(value: Any) -> Any:
 def write_report_json(path: Path, data: dict[str, Any]) -> None:
     """A report or a summary as indented JSON (NaN/inf as null), written whole or not at all."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, json.dumps(_json_safe(data), indent=2) + "\n")
+    write_atomic(path, json.dumps(_json_safe(data), indent=2) + "\n")
 
 
 def print_summary(report: dict[str, Any]) -> None:
@@ -589,8 +589,6 @@ def generate_samples(
                 cfg_scale=cfg.cfg_scale,
                 sampler=sampler,
                 seed=cfg.seed + index,
-                image_size=metadata["image_size"],
-                in_channels=metadata["in_channels"],
             ).cpu()
         )
     return torch.cat(chunks), labels.cpu()

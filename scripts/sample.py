@@ -73,8 +73,6 @@ def main(cfg: SampleConfig) -> list[Path]:
         cfg_scale=cfg.cfg_scale,
         sampler=sampler,
         seed=cfg.seed,
-        image_size=metadata["image_size"],
-        in_channels=metadata["in_channels"],
     )
     out = Path(cfg.out)
     if out.suffix.lower() == ".png":

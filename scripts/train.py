@@ -205,6 +205,8 @@ class TrainConfig:
     run_name: str = option("classifier", "run folder under --output-dir; the same name resumes the same run")
     output_dir: str = option("checkpoints", "where run folders go")
     resume: str = option("auto", "auto: the run's newest epoch; never: fresh only; or a state folder to load")
+    cache_dir: str = option("", "where the image cache goes (default: DATA_DIR/.tiny-cats-cache, else ~/.cache)")
+    tracker_dir: str = option("", "where --report-to writes its files (default: the run folder)")
 
 
 def validate_config(cfg: TrainConfig, num_processes: int = 1) -> None:

@@ -28,7 +28,9 @@ from models.ema import EMA
 from models.tiny_dit import DIT_SIZES, build_dit, count_parameters
 from scripts.lib import data
 from scripts.lib.cli import UserError, option, parse_duration, run_main
-from scripts.lib.cli import copy_file_atomic
+import shutil
+
+from scripts.lib.cli import write_atomic
 from scripts.lib.run import FirstBadStep, apply_update_only_if_finite, verdict_after_update
 from scripts.lib.checkpoints import MAX_IMAGE_SIZE, dit_metadata, save_model, unit_to_dit
 from scripts.lib.run import MetricsWindow, next_boundary
@@ -84,6 +86,8 @@ class TrainDiTConfig:
     keep_checkpoints: int = option(5, "complete training states to keep (the newest is never deleted)")
     time_limit: str = option("", "budget of this attempt (seconds or 23h30m): save, exit 75 when a save would not fit")
     report_to: str = option("none", "also log to an Accelerate tracker (if installed)", choices=REPORT_TO)
+    cache_dir: str = option("", "where the image cache goes (default: DATA_DIR/.tiny-cats-cache, else ~/.cache)")
+    tracker_dir: str = option("", "where --report-to writes its files (default: the run folder)")
 
 
 def validate_config(cfg: TrainDiTConfig, num_processes: int = 1) -> None:
@@ -393,7 +397,7 @@ def write_final_weights(
         architecture = dict(model_name=cfg.model, image_size=cfg.image_size, in_channels=3, class_names=class_names)
         training = dict(objective_name=cfg.objective, objective_options=objective.options(), step=step)
         save_model(path, model, dit_metadata(config_dict(cfg), **architecture, **training, weights=weights))
-    copy_file_atomic(final, Path(cfg.output_dir) / FINAL_NAME)
+    write_atomic(Path(cfg.output_dir) / FINAL_NAME, lambda tmp: shutil.copyfile(final, tmp))
 
 
 if __name__ == "__main__":

@@ -236,8 +236,6 @@ def sample_check(
         cfg_scale=cfg_scale,
         sampler=None,
         seed=cfg.seed,
-        image_size=model.image_size,
-        in_channels=model.in_channels,
     )
     if not torch.isfinite(images).all():
         return Check("sample", False, f"{cfg.sample_steps}-step sampling produced NaN/inf")

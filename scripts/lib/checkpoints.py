@@ -23,7 +23,7 @@ from torch import nn
 from models.diffusion import DDPM, OBJECTIVES, FlowMatching, build_objective
 from models.ema import EMA
 from models.tiny_dit import DIT_SIZES, TinyDiT, build_dit
-from scripts.lib.cli import UserError, printable, write_failure, write_text_atomic
+from scripts.lib.cli import UserError, printable, write_failure, write_atomic
 from scripts.lib.data import MAX_CLASSES, class_name_problem
 
 # ====================================================================================================
@@ -59,7 +59,7 @@ def save_weights(path: str | Path, state_dict: dict[str, torch.Tensor], metadata
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix == ".pt":
             _torch_save(tensors, tmp)
-            write_text_atomic(metadata_sidecar(path), json.dumps(full_metadata, indent=2, sort_keys=True))
+            write_atomic(metadata_sidecar(path), json.dumps(full_metadata, indent=2, sort_keys=True))
         else:
             header = {key: json.dumps(value) for key, value in full_metadata.items()}
             save_file(tensors, str(tmp), metadata=header)
@@ -742,7 +742,7 @@ def save_training_state(state_root: str | Path, step: int, state: dict[str, Any]
             shutil.rmtree(final)
         os.replace(tmp, final)
         # The marker is written whole or not at all: a disk that fills up here cannot leave an empty "COMPLETE".
-        write_text_atomic(final / COMPLETE_MARKER, f"{step}\n")
+        write_atomic(final / COMPLETE_MARKER, f"{step}\n")
         _fsync_tree(final)
     except (OSError, SafetensorError) as error:
         shutil.rmtree(tmp, ignore_errors=True)

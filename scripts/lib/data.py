@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import struct
+import unicodedata
 import uuid
 import warnings
 import zlib
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from scripts.lib.cli import UserError, printable
+from scripts.lib.cli import LOGGER_NAME, name_problem, UserError, printable
 
 # ====================================================================================================
 # Image folders in, a uint8 cache out: listing, decoding and the memory-mapped cache both trainers read.
@@ -36,9 +37,6 @@ CACHE_DIR_NAME = ".tiny-cats-cache"
 
 
 CACHE_FORMAT_VERSION = 1
-
-
-LOGGER_NAME = "tiny_cats"
 
 
 LAYOUT_HINT = (
@@ -74,14 +72,23 @@ def is_hidden_name(name: str) -> bool:
 
 
 def class_name_problem(name: object) -> str | None:
-    """Why `name` cannot name a class, or None. Class names are folder names that end up in checkpoint metadata,
-    in log lines and in the file names sample.py writes, so the trainers and the loaders apply the same rule."""
-    if not isinstance(name, str) or not 1 <= len(name) <= MAX_CLASS_NAME_CHARS:
-        return f"is not a name of 1 to {MAX_CLASS_NAME_CHARS} characters"
-    if printable(name) != name:
-        return "holds a control, line-break or text-direction character"
-    if "/" in name or "\\" in name:
-        return "holds a path separator"
+    """Why `name` cannot name a class, or None: class names are folder names that reach checkpoint metadata, log
+    lines and the file names sample.py writes, so the trainers and the loaders apply the same rule."""
+    return name_problem(name)
+
+
+def class_names_problem(names: list[str]) -> str | None:
+    """Why these names cannot be one data set's classes (the first reason), or None. Two spellings of one name
+    (NFC "café" and NFD "café") print identically, so they are one class name twice, not two classes."""
+    seen: dict[str, str] = {}
+    for name in names:
+        problem = name_problem(name)
+        if problem:
+            return f"{printable(name)!r}: the name {problem}"
+        key = unicodedata.normalize("NFC", name)
+        if key in seen:
+            return f"{printable(seen[key])!r} and {printable(name)!r} are one name in two Unicode spellings"
+        seen[key] = name
     return None
 
 
@@ -100,10 +107,9 @@ def scan_image_folder(root: str | Path) -> ImageFolderListing:
             f"data folder {printable(root)} has {len(class_dirs)} class subfolders, more than the "
             f"{MAX_CLASSES} a model of this kit can have — {LAYOUT_HINT}"
         )
-    for class_dir in class_dirs:
-        problem = class_name_problem(class_dir.name)
-        if problem:
-            raise UserError(f"class folder {printable(class_dir)}: the name {problem} — rename the folder")
+    problem = class_names_problem([class_dir.name for class_dir in class_dirs])
+    if problem:
+        raise UserError(f"class folders of {printable(root)}: {problem} — rename the folder")
     files: list[tuple[Path, int]] = []
     for label, class_dir in enumerate(class_dirs):
         images = sorted(

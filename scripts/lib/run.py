@@ -42,7 +42,7 @@ from scripts.lib.checkpoints import (
     save_training_state,
     state_dir_name,
 )
-from scripts.lib.cli import EXIT_SIGNAL_BASE, EXIT_TIME_LIMIT, UserError, resolve_device_type
+from scripts.lib.cli import LOGGER_NAME, EXIT_SIGNAL_BASE, EXIT_TIME_LIMIT, UserError, resolve_device_type
 from scripts.lib.data import ImageCache, load_or_build_cache, scan_image_folder
 
 # ====================================================================================================
@@ -91,6 +91,10 @@ class Run:
     keep_states: int
     tracking: bool
     on_checkpoint: Callable[[Path], None] | None = None
+
+    @property
+    def log(self) -> logging.Logger:
+        return self.logger
 
     @property
     def is_main(self) -> bool:
@@ -316,7 +320,11 @@ def open_run(
     """Open (or continue) the run of `cfg` for a trainer; see the module docstring for the order."""
     run_dir = Path(cfg.output_dir) / cfg.run_name
     accelerator = make_accelerator(
-        cfg.device, cfg.mixed_precision, spec.accumulation, log_with=spec.log_with, project_dir=str(run_dir)
+        cfg.device,
+        cfg.mixed_precision,
+        spec.accumulation,
+        log_with=spec.log_with,
+        project_dir=cfg.tracker_dir or str(run_dir),
     )
     try:
         _agree(accelerator, _start_problems(cfg, spec, run_dir, accelerator.num_processes))
@@ -359,7 +367,9 @@ def _prepare_run(
     if accelerator.is_main_process and (removed := remove_unfinished_writes(run_dir / STATE_DIR)):
         logger.info("removed %d unfinished checkpoint write(s) left by a killed run", removed)
     with accelerator.local_main_process_first():  # one process per machine builds the cache
-        cache = load_or_build_cache(cfg.data_dir, cfg.image_size, log=logger, show_progress=accelerator.is_main_process)
+        cache = load_or_build_cache(
+            cfg.data_dir, cfg.image_size, cfg.cache_dir or None, log=logger, show_progress=accelerator.is_main_process
+        )
     classes = ", ".join(cache.class_names)
     logger.info("data: %d images, %d classes (%s) from %s", len(cache), cache.num_classes, classes, cfg.data_dir)
     if spec.log_with:
@@ -630,9 +640,6 @@ def read_lock_holder(run_dir: str | Path) -> LockHolder | None:
 # ====================================================================================================
 
 
-LOGGER_NAME = "tiny_cats"
-
-
 _FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
 
@@ -642,6 +649,21 @@ _DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
 def default_run_name(prefix: str) -> str:
     """A fresh, sortable run name such as `dit-20261128-213012`."""
     return f"{prefix}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+class AppendingFileHandler(logging.Handler):
+    """Appends each record and closes the file again: a file kept open on a Modal volume makes its commits fail."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.path = path
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(self.format(record) + "\n")
+        except OSError:
+            self.handleError(record)
 
 
 def setup_logger(log_file: Path | None, is_main: bool = True) -> logging.Logger:
@@ -659,7 +681,7 @@ def setup_logger(log_file: Path | None, is_main: bool = True) -> logging.Logger:
     logger.addHandler(console)
     if log_file is not None and is_main:
         log_file.parent.mkdir(parents=True, exist_ok=True)
-        file_handler = logging.FileHandler(log_file, encoding="utf-8")
+        file_handler = AppendingFileHandler(log_file)
         file_handler.setFormatter(formatter)
         logger.addHandler(file_handler)
     return logger
@@ -890,16 +912,14 @@ def compile_with_fallback(model: nn.Module, warm_up: Callable[[nn.Module], None]
 
 
 def describe_gpu_failure(error: BaseException) -> str | None:
-    """An actionable message for CUDA out-of-memory and other CUDA errors, else None."""
+    """The advice for CUDA out-of-memory (a user error: a retry fails the same way), else None."""
     text = str(error)
     if isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in text.lower():
         return (
             "out of GPU memory — lower --batch-size (and raise --gradient-accumulation-steps to keep the "
             "effective batch), choose a smaller --model or --image-size, or use --mixed-precision bf16/fp16"
         )
-    if isinstance(error, RuntimeError) and ("CUDA" in text or "cuDNN" in text or "NCCL" in text):
-        return f"CUDA error: {text.splitlines()[0]} — check the driver/GPU, or run on the CPU with --device cpu"
-    return None
+    return None  # any other CUDA/cuDNN/NCCL error is a crash: a fresh process or GPU may not have it
 
 
 def synchronize(device: torch.device) -> None:

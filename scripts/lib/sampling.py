@@ -1,5 +1,5 @@
-"""Sampling a trained TinyDiT into images and grids: what sample.py, evaluate.py, verify_checkpoint.py,
-export_dit_onnx.py and the trainer's periodic grids share."""
+"""Sampling a trained TinyDiT into images and grids, with a progress bar: what sample, evaluate, verify, the DiT
+exporter and the trainer's periodic grids share. Guidance defaults to the scale the DiT was trained with."""
 
 from __future__ import annotations
 
@@ -13,29 +13,39 @@ from torch import nn
 from torchvision.utils import save_image
 from tqdm import tqdm
 
-from scripts.lib.cli import UserError
 from scripts.lib.checkpoints import dit_to_unit
+from scripts.lib.cli import UserError, printable, write_atomic
 
-# Guidance scale of a checkpoint that records none (DiT samples with 4 in its paper's best figures).
-DEFAULT_CFG_SCALE = 4.0
-
-# Sample grids during training: one row per class, up to this many columns.
-GRID_COLUMNS = 8
-# Off a GPU a grid may take this share of the training time so far (at least GRID_MIN_BUDGET_S); fewer columns,
-# then fewer sampler steps, keep it there, e.g. the README's 2-core debug run spends ~20 s instead of 10 minutes.
-GRID_TIME_SHARE = 0.05
-GRID_MIN_BUDGET_S = 20.0
-GRID_MIN_COLUMNS = 2
-GRID_MIN_STEPS = 10
-# A forward pass costs about a third of a training step's forward + backward.
-FORWARD_SHARE_OF_TRAINING = 1 / 3
-
-# Images per forward batch (x2 with classifier-free guidance): bounds memory for large --num.
-SAMPLE_CHUNK = 64
+DEFAULT_CFG_SCALE = 4.0  # of a checkpoint that records none (DiT's best figures sample with 4)
+SAMPLE_CHUNK = 64  # images per forward batch (x2 with guidance): bounds memory for any --num
+# Training grids: one row per class, up to GRID_COLUMNS. Off a GPU a grid may take GRID_TIME_SHARE of the training
+# time so far (at least GRID_MIN_BUDGET_S): fewer columns, then fewer sampler steps (the 2-core debug run spends
+# ~20 s instead of 10 minutes). A forward pass costs about a third of a training step's forward + backward.
+GRID_COLUMNS, GRID_MIN_COLUMNS, GRID_MIN_STEPS = 8, 2, 10
+GRID_TIME_SHARE, GRID_MIN_BUDGET_S, FORWARD_SHARE_OF_TRAINING = 0.05, 20.0, 1 / 3
 
 
 class SamplingStopped(Exception):
     """Raised between two sampler steps when `should_stop()` says so (a signal arrived during a grid)."""
+
+
+def resolve_sampler(objective, requested: str | None) -> str:
+    """--sampler, checked against the checkpoint's objective (None: the objective's default)."""
+    sampler = requested or objective.default_sampler
+    if sampler not in objective.samplers:
+        raise UserError(
+            f"--sampler {printable(sampler)!r} is not a sampler of the {objective.name} objective — choose one of "
+            f"{', '.join(objective.samplers)}"
+        )
+    return sampler
+
+
+def guidance_scale(requested: float | None, metadata: dict[str, Any]) -> float:
+    """--cfg-scale if given, else the scale the DiT was trained to sample with, else DEFAULT_CFG_SCALE."""
+    if requested is not None:
+        return requested
+    trained = (metadata.get("config") or {}).get("cfg_scale")
+    return DEFAULT_CFG_SCALE if trained is None else trained
 
 
 @torch.no_grad()
@@ -46,25 +56,22 @@ def sample_images(
     *,
     steps: int,
     cfg_scale: float,
-    sampler: str | None,
-    seed: int,
-    image_size: int,
-    in_channels: int,
-    progress: str | None = None,
+    sampler: str | None = None,
+    seed: int = 0,
+    progress: str | None = "sampling",
     should_stop: Callable[[], bool] | None = None,
 ) -> torch.Tensor:
-    """Unit-range images (N, C, H, W) for class `labels` (N,), from noise fixed by `seed`.
+    """Unit-range images (N, C, H, W) for class `labels` (N,), from noise fixed by `seed`, SAMPLE_CHUNK at a time.
 
-    `progress`: the description of a progress bar (with ETA) over all sampler steps; None shows none.
-    `should_stop()` is asked after every sampler step; True raises SamplingStopped.
+    `progress` describes a progress bar with ETA over all sampler steps (None: no bar). `should_stop()` is asked
+    after every sampler step; True raises SamplingStopped.
     """
     device = labels.device
     generator = torch.Generator(device=device).manual_seed(seed)
-    noise = torch.randn(len(labels), in_channels, image_size, image_size, generator=generator, device=device)
+    shape = (len(labels), model.in_channels, model.image_size, model.image_size)
+    noise = torch.randn(shape, generator=generator, device=device)
     starts = range(0, len(labels), SAMPLE_CHUNK)
-    bar = tqdm(
-        total=len(starts) * steps, desc=progress, unit="step", disable=progress is None, leave=False, dynamic_ncols=True
-    )
+    bar = tqdm(total=len(starts) * steps, desc=progress, unit="step", disable=progress is None, leave=False)
 
     def after_step() -> None:
         bar.update()
@@ -93,17 +100,8 @@ def class_grid_labels(class_ids: list[int], per_class: int, device: torch.device
     return torch.tensor(class_ids, device=device).repeat_interleave(per_class)
 
 
-def save_grid(images: torch.Tensor, path: Path, per_row: int) -> Path:
-    """Write `images` as one PNG grid with `per_row` images per row."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(images.cpu(), path, nrow=per_row, padding=2, pad_value=1.0)
-    return path
-
-
 def resolve_classes(requested: list[str], class_names: list[str]) -> list[int]:
     """Class ids for names or numeric ids given on the command line (all classes when none given)."""
-    if not requested:
-        return list(range(len(class_names)))
     ids = []
     for item in requested:
         if item in class_names:
@@ -112,40 +110,34 @@ def resolve_classes(requested: list[str], class_names: list[str]) -> list[int]:
             ids.append(int(item))
         else:
             raise UserError(
-                f"unknown class {item!r} — this checkpoint knows {', '.join(class_names)} "
+                f"unknown class {printable(item)!r} — this checkpoint knows {printable(', '.join(class_names))} "
                 f"(or ids 0..{len(class_names) - 1})"
             )
-    return ids
+    return ids or list(range(len(class_names)))
 
 
-def guidance_scale(requested: float | None, metadata: dict[str, Any]) -> float:
-    """The requested guidance scale, else the one the DiT was trained to sample with, else the default."""
-    if requested is not None:
-        return requested
-    return (metadata.get("config") or {}).get("cfg_scale", DEFAULT_CFG_SCALE)
+def save_grid(images: torch.Tensor, path: Path, per_row: int) -> Path:
+    """`images` as one PNG grid with `per_row` images per row, written whole or not at all."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = path.suffix.lower().lstrip(".") or "png"
+    image_format = {"jpg": "jpeg", "tif": "tiff"}.get(suffix, suffix)
+    writer = lambda tmp: save_image(images.cpu(), tmp, nrow=per_row, padding=2, pad_value=1.0, format=image_format)  # noqa: E731
+    return write_atomic(path, writer)
 
 
 def grid_plan(
-    num_classes: int,
-    sample_steps: int,
-    cfg_scale: float,
-    device: torch.device,
-    seconds_per_image_trained: float | None,
+    num_classes: int, sample_steps: int, cfg_scale: float, device: torch.device, seconds_per_image: float | None,
     training_seconds: float,
-) -> tuple[int, int, float | None]:
-    """(columns, sampler steps, estimated seconds or None) of a training-time sample grid.
-
-    On a GPU (or before any training step was timed): up to GRID_COLUMNS columns and all `sample_steps`. Elsewhere
-    the estimate from the training speed is held to max(GRID_MIN_BUDGET_S, GRID_TIME_SHARE x training time).
-    """
+) -> tuple[int, int, float | None]:  # fmt: skip
+    """(columns, sampler steps, estimated seconds or None) of a training grid; see GRID_* above."""
     columns, steps = max(GRID_MIN_COLUMNS, min(GRID_COLUMNS, 64 // num_classes)), sample_steps
-    if seconds_per_image_trained is None or not seconds_per_image_trained > 0:
+    if not seconds_per_image or not seconds_per_image > 0:
         return columns, steps, None
-    evaluations_per_image = 2 if cfg_scale != 1.0 else 1  # guidance runs the null class beside each image
+    forwards = num_classes * (2 if cfg_scale != 1.0 else 1) * seconds_per_image * FORWARD_SHARE_OF_TRAINING
 
     def cost(columns: int, steps: int) -> float:
-        images = num_classes * columns * evaluations_per_image
-        return images * steps * seconds_per_image_trained * FORWARD_SHARE_OF_TRAINING
+        return columns * steps * forwards
 
     if device.type != "cuda":
         budget = max(GRID_MIN_BUDGET_S, GRID_TIME_SHARE * training_seconds)
@@ -157,18 +149,12 @@ def grid_plan(
 
 
 def write_training_grid(
-    run,
-    cfg,
-    ema_model: nn.Module,
-    objective,
-    step: int,
-    should_stop: Callable[[], bool],
-    seconds_per_image: float | None,
-    training_seconds: float,
-) -> None:
-    """A fixed-seed EMA grid of a DiT run, one row per class, at samples/step_NNNNNNN.png (main process; the
-    others wait). `cfg` gives sample_steps, cfg_scale, seed and image_size. Off a GPU the grid is sized by
-    `grid_plan` and its cost logged; `should_stop()` (a signal) ends it at the next sampler step, unsaved."""
+    run, cfg, ema_model: nn.Module, objective, step: int, should_stop: Callable[[], bool],
+    seconds_per_image: float | None = None, training_seconds: float = 0.0,
+) -> bool:  # fmt: skip
+    """A fixed-seed EMA grid of a DiT run, one row per class, at samples/step_NNNNNNN.png (main process; the others
+    wait), sized by `grid_plan`. `should_stop()` (a signal) ends it at the next sampler step, unsaved: False."""
+    written = True
     if run.is_main:
         num_classes = run.cache.num_classes
         plan = grid_plan(num_classes, cfg.sample_steps, cfg.cfg_scale, run.device, seconds_per_image, training_seconds)
@@ -178,31 +164,18 @@ def write_training_grid(
         try:
             with run.accelerator.autocast():
                 images = sample_images(
-                    ema_model,
-                    objective,
-                    labels,
-                    steps=steps,
-                    cfg_scale=cfg.cfg_scale,
-                    sampler=None,
-                    seed=cfg.seed,
-                    image_size=cfg.image_size,
-                    in_channels=3,
-                    progress=f"sample grid {step}",
-                    should_stop=should_stop,
-                )
+                    ema_model, objective, labels, steps=steps, cfg_scale=cfg.cfg_scale, seed=cfg.seed,
+                    progress=f"sample grid {step}", should_stop=should_stop,
+                )  # fmt: skip
             path = save_grid(images, run.run_dir / "samples" / f"step_{step:07d}.png", per_row=columns)
             guess = "" if estimate is None else f", estimated {estimate:.0f} s"
-            run.logger.info(
+            run.log.info(
                 "sample grid %s: %d classes x %d, %d steps, CFG %g (took %.1f s%s)",
-                path,
-                num_classes,
-                columns,
-                steps,
-                cfg.cfg_scale,
-                time.perf_counter() - started,
-                guess,
+                *(path, num_classes, columns, steps, cfg.cfg_scale, time.perf_counter() - started, guess),
             )
             run.status.update(newest_grid=str(path.relative_to(run.run_dir)))
         except SamplingStopped:
-            run.logger.info("sample grid of step %d stopped by a signal", step)
+            run.log.info("sample grid of step %d stopped by a signal", step)
+            written = False
     run.accelerator.wait_for_everyone()
+    return written
