@@ -428,6 +428,15 @@ DEFAULT_STALE_AFTER_S = 600.0
 UNREADABLE_STALE_AFTER_S = 5.0
 
 
+def stale_after_s() -> float:
+    """How long a lock or lease may go without a heartbeat before it counts as abandoned (one rule for both)."""
+    return float(os.environ.get(STALE_AFTER_ENV, DEFAULT_STALE_AFTER_S))
+
+
+def heartbeat_is_stale(heartbeat: float, now: float | None = None) -> bool:
+    return (now or time.time()) - heartbeat > stale_after_s()
+
+
 def machine_identity() -> str:
     """Host name, kernel boot and pid namespace: where a pid means the same process as here."""
 
