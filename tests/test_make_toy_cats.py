@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from scripts.lib.cli import UserError
+from scripts.lib.cli import UserError, run_main
 from scripts.make_toy_cats import TOY_CAT_CLASSES, ToyCatsConfig, generate_toy_cats, main
 
 
@@ -110,15 +110,27 @@ def test_classes_differ_in_colour_statistics(toy_set: Path) -> None:
     assert red_minus_blue["orange_tabby"] > red_minus_blue["grey_tabby"] + 40
 
 
-def test_unknown_class_and_foreign_folders_are_user_errors(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="unknown toy cat class"):
-        generate_toy_cats(tmp_path, per_class=1, size=16, seed=0, classes=["tiger"])
-    (tmp_path / "Abyssinian").mkdir()
-    with pytest.raises(UserError, match="already holds other classes"):
-        generate_toy_cats(tmp_path, per_class=1, size=16, seed=0)
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        ({"classes": ["tiger"]}, "unknown toy cat class"),
+        ({"per_class": 0}, "--per-class must be >= 1"),
+        ({"size": 7}, "--size >= 8"),
+        ({"foreign_class": "Abyssinian"}, "already holds other classes"),
+    ],
+)
+def test_user_errors_draw_nothing(tmp_path: Path, arguments: dict, message: str) -> None:
+    arguments = {"per_class": 1, "size": 16, "seed": 0} | arguments
+    if foreign_class := arguments.pop("foreign_class", None):
+        (tmp_path / foreign_class).mkdir()
+    with pytest.raises(UserError, match=message):
+        generate_toy_cats(tmp_path, **arguments)
+    assert not list(tmp_path.rglob("*.png"))
 
 
-def test_main_prints_a_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    counts = main(ToyCatsConfig(out=str(tmp_path), per_class=2, size=16, seed=3, classes=["black"]))
-    assert counts == {"black": 2}
-    assert "2 images" in capsys.readouterr().out
+def test_command_line_prints_a_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--out", str(tmp_path), "--per-class", "2", "--size", "16", "--seed", "3", "--classes", "black", "white"]
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(main, ToyCatsConfig, "toy cats", argv=argv)
+    assert exit_info.value.code == 0 and "toy cats: 4 images (2 classes x 2, 16px, seed 3)" in capsys.readouterr().out
+    assert _files(tmp_path).keys() == {f"{c}/{c}_0000{i}.png" for c in ("black", "white") for i in (0, 1)}

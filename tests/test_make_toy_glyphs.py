@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from scripts.lib.cli import UserError
+from scripts.lib.cli import UserError, run_main
 from scripts.make_toy_glyphs import MIRROR_OF, TOY_GLYPH_CLASSES, ToyGlyphsConfig, generate_toy_glyphs, main
 
 PER_CLASS = 30
@@ -135,6 +135,8 @@ def test_unknown_class_and_foreign_folders_are_user_errors(tmp_path: Path) -> No
         generate_toy_glyphs(tmp_path, per_class=1, size=16, seed=0)
 
 
-def test_main_prints_a_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(ToyGlyphsConfig(out=str(tmp_path), per_class=2, size=16, seed=3, classes=["d"])) == {"d": 2}
-    assert "toy glyphs: 2 images" in capsys.readouterr().out
+def test_command_line_prints_a_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(main, ToyGlyphsConfig, "glyphs", argv=["--out", str(tmp_path), "--per-class", "2", "--classes", "d"])
+    assert exit_info.value.code == 0 and "toy glyphs: 2 images (1 classes x 2, 64px, seed 0)" in capsys.readouterr().out
+    assert sorted(_files(tmp_path)) == ["d/d_00000.png", "d/d_00001.png"]

@@ -11,6 +11,7 @@ import torchvision.datasets
 from PIL import Image
 
 from scripts.lib.cli import EXIT_USER_ERROR, UserError, run_main
+from scripts.lib.data import scan_image_folder
 from scripts.prepare_data import PrepareDataConfig, main
 
 OXFORD_FILES = (
@@ -218,17 +219,49 @@ def test_command_line_turns_the_error_into_one_line(tmp_path: Path, capsys: pyte
 
 
 def test_folder_names_are_escaped_in_what_it_prints(tmp_path: Path, capsys) -> None:
-    source = tmp_path / "pets\n\x1b[2J"
-    _tiny_jpeg(source / "tabby" / "a.jpg")
-    main(PrepareDataConfig(from_folder=str(source), out_dir=str(tmp_path / "data")))
+    _tiny_jpeg(tmp_path / "pets" / "tabby" / "a.jpg")
+    main(PrepareDataConfig(from_folder=str(tmp_path / "pets"), out_dir=str(tmp_path / "data\n\x1b[2J")))
     out = capsys.readouterr().out
-    assert "\x1b" not in out and "pets\\n\\x1b[2J: 1 images in 1 classes (tabby 1)" in out
+    assert "\x1b" not in out and "data\\n\\x1b[2J/pets: 1 images in 1 classes (tabby 1)" in out
     assert len(out.splitlines()) == 2  # "N new files" and the summary: the name split no line
 
 
-def test_a_class_name_the_trainers_would_refuse_is_refused_before_copying(tmp_path: Path) -> None:
-    source = tmp_path / "pets"
-    _tiny_jpeg(source / "tab\nby" / "a.jpg")
-    with pytest.raises(UserError, match="tab\\\\nby: the name holds a control") as refused:
-        main(PrepareDataConfig(from_folder=str(source), out_dir=str(tmp_path / "data")))
-    assert "\n" not in str(refused.value) and not (tmp_path / "data").exists()
+def test_a_class_folder_that_is_a_symlink_is_followed_as_the_trainers_do(tmp_path: Path) -> None:
+    _tiny_jpeg(tmp_path / "elsewhere" / "ginger" / "a.jpg")
+    _tiny_jpeg(tmp_path / "pets" / "tabby" / "b.jpg")
+    (tmp_path / "pets" / "ginger").symlink_to(tmp_path / "elsewhere" / "ginger", target_is_directory=True)
+    assert scan_image_folder(tmp_path / "pets").class_names == ["ginger", "tabby"]
+    counts = main(PrepareDataConfig(from_folder=str(tmp_path / "pets"), out_dir=str(tmp_path / "data")))
+    assert counts == {"pets": {"ginger": 1, "tabby": 1}}
+    assert _tree(tmp_path / "data") == ["pets/ginger/a.jpg", "pets/tabby/b.jpg"]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"name": "../escaped"}, "data set name '../escaped' is a path, not a plain name"),
+        ({"name": "/abs/x"}, "data set name '/abs/x' is a path"),
+        ({"name": ".."}, "data set name '..' is a path"),
+        ({"name": ""}, "data set name '' is not a name of 1 to"),
+        ({"name": "a\tb"}, "data set name 'a\\\\tb' holds a control"),
+        ({"from_folder": "", "name": "cats"}, "--name names a --from-folder import"),
+        ({"out_dir": "{source}"}, "--out-dir .*pets is inside --from-folder .*pets"),
+        ({"out_dir": "{source}/tabby/../data"}, "is inside --from-folder"),
+        ({"class_dirs": ["tab\nby"]}, "class folders of .*pets: 'tab.+nby': the name holds a control"),
+        ({"class_dirs": ["caf\u00e9", "cafe\u0301"]}, "one name in two Unicode spellings"),
+    ],
+    ids=["parent", "absolute", "dot-dot", "empty", "control", "oxford", "out-is-source", "out-in", "class", "nfc-nfd"],
+)
+def test_refused_in_one_line_before_anything_is_written(tmp_path: Path, overrides: dict, message: str) -> None:
+    source, overrides = tmp_path / "pets", dict(overrides)
+    class_dirs = overrides.pop("class_dirs", ["tabby"])
+    for class_dir in class_dirs:
+        _tiny_jpeg(source / class_dir / "a.jpg")
+    if len(list(source.iterdir())) < len(class_dirs):
+        pytest.skip("this file system folds Unicode spellings into one name")
+    before = sorted(tmp_path.rglob("*"))
+    values = {"from_folder": str(source), "out_dir": str(tmp_path / "data"), "root": str(tmp_path), "download": False}
+    values |= {key: value.format(source=source) for key, value in overrides.items()}
+    with pytest.raises(UserError, match=message) as refused:
+        main(PrepareDataConfig(**values))
+    assert "\n" not in str(refused.value) and sorted(tmp_path.rglob("*")) == before
