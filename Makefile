@@ -15,6 +15,10 @@ DATA ?= data/cats
 PER_CLASS ?= 200
 SIZE ?= 64
 CKPT ?= checkpoints
+# The DiT run that `make train-dit` writes and `make sample verify export` read; DIT_RUN=dit reads the weights of
+# `python scripts/train_dit.py` with its default run name, which it also leaves at $(CKPT)/tinydit_final.safetensors.
+DIT_RUN ?= dit-local
+DIT = $(CKPT)/$(DIT_RUN)/tinydit_final.safetensors
 STEPS ?= 300000
 
 .DEFAULT_GOAL := help
@@ -67,17 +71,17 @@ train: $(SETUP) ## train the classifier on $(DATA) from scratch (CPU-friendly; ~
 train-dit: $(SETUP) ## a short TinyDiT run on $(DATA) at 32 px that learns on a CPU (T/4, flow, lr 1e-3)
 	test -d $(DATA) || $(MAKE) data
 	$(PY) scripts/train_dit.py $(DATA) --model T/4 --image-size 32 --steps 2000 --batch-size 64 --lr 1e-3 \
-		--warmup-steps 100 --save-interval 500 --sample-interval 500 --run-name dit-local --output-dir $(CKPT)
+		--warmup-steps 100 --save-interval 500 --sample-interval 500 --run-name $(DIT_RUN) --output-dir $(CKPT)
 
-sample: $(SETUP) ## sample a grid (one row per class) from $(CKPT)/tinydit_final.safetensors
-	$(PY) scripts/sample.py --checkpoint $(CKPT)/tinydit_final.safetensors --num 8 --out $(CKPT)/samples.png
+sample: $(SETUP) ## sample a grid (one row per class) from the DiT run $(DIT_RUN)
+	$(PY) scripts/sample.py --checkpoint $(DIT) --num 8 --out $(CKPT)/samples.png
 
-verify: $(SETUP) ## verify the DiT and classifier checkpoints in $(CKPT) (report + sample grid)
-	$(PY) scripts/verify_checkpoint.py --checkpoint $(CKPT)/tinydit_final.safetensors
+verify: $(SETUP) ## verify the DiT run $(DIT_RUN)'s and the classifier's weights (report + sample grid)
+	$(PY) scripts/verify_checkpoint.py --checkpoint $(DIT)
 	$(PY) scripts/verify_checkpoint.py --checkpoint $(CKPT)/cats_model.safetensors
 
-export: $(SETUP) ## export both models in $(CKPT) to ONNX and check them against PyTorch
-	$(PY) scripts/export_dit_onnx.py --checkpoint $(CKPT)/tinydit_final.safetensors \
+export: $(SETUP) ## export the DiT run $(DIT_RUN)'s and the classifier's weights to ONNX, checked against PyTorch
+	$(PY) scripts/export_dit_onnx.py --checkpoint $(DIT) \
 		--output $(CKPT)/tinydit.onnx --verify --test
 	$(PY) scripts/export_onnx.py --checkpoint $(CKPT)/cats_model.safetensors --output $(CKPT)/cats_model.onnx \
 		--verify --images $(DATA)
@@ -91,11 +95,11 @@ local-smoke: $(SETUP) ## the whole chain offline on toy cats: data, classifier, 
 	$(PY) scripts/train_dit.py $(SMOKE_DATA) --model T/4 --image-size 32 --steps 60 --batch-size 32 --lr 1e-3 \
 		--warmup-steps 10 --save-interval 30 --sample-interval 60 --sample-steps 10 \
 		--run-name smoke-dit --output-dir $(CKPT) --device cpu
-	$(PY) scripts/sample.py --checkpoint $(CKPT)/tinydit_final.safetensors --steps 10 --num 4 \
+	$(PY) scripts/sample.py --checkpoint $(CKPT)/smoke-dit/tinydit_final.safetensors --steps 10 --num 4 \
 		--out $(CKPT)/smoke-dit/sample_grid.png --device cpu
-	$(MAKE) --no-print-directory verify export DATA=$(SMOKE_DATA)
+	$(MAKE) --no-print-directory verify export DATA=$(SMOKE_DATA) DIT_RUN=smoke-dit
 	@echo; echo "local-smoke finished. Outputs:"
-	@ls -1 $(CKPT)/cats_model.safetensors $(CKPT)/tinydit_final.safetensors $(CKPT)/*.onnx $(CKPT)/*.json \
+	@ls -1 $(CKPT)/cats_model.safetensors $(CKPT)/smoke-dit/tinydit_final.safetensors $(CKPT)/*.onnx $(CKPT)/*.json \
 		$(CKPT)/*.png $(CKPT)/smoke-dit/sample_grid.png $(CKPT)/smoke-dit/training.log \
 		$(CKPT)/smoke-classifier/training.log
 

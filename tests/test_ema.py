@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from models.ema import EMA
+from scripts.train_dit import EMA
 
 
 def make_model(seed: int) -> nn.Module:
@@ -70,5 +70,5 @@ def test_state_round_trip_copies_into_existing_tensors():
 
 
 def test_rejects_a_different_architecture():
-    with pytest.raises(ValueError, match="unwrapped model"):
+    with pytest.raises(ValueError, match="pass it unwrapped"):
         EMA(make_model(0)).update(nn.Linear(3, 4))

@@ -139,7 +139,7 @@ def test_local_smoke_runs_the_whole_chain(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for name in (
         "cats_model.safetensors",
-        "tinydit_final.safetensors",
+        "smoke-dit/tinydit_final.safetensors",
         "tinydit.onnx",
         "tinydit.json",
         "cats_model.onnx",

@@ -16,6 +16,7 @@ from builders import make_toy_data
 
 from scripts.lib.checkpoints import COMPLETE_MARKER, list_complete_states
 from scripts.lib.checkpoints import load_weights
+from scripts.lib.run import read_status
 
 pytestmark = pytest.mark.slow
 
@@ -26,39 +27,11 @@ KEEP = 3
 
 
 def trainer_command(data: Path, output_dir: Path, steps: int = STEPS, save_interval: int = SAVE_INTERVAL) -> list[str]:
-    return [
-        sys.executable,
-        str(PROJECT_ROOT / "scripts" / "train_dit.py"),
-        str(data),
-        "--output-dir",
-        str(output_dir),
-        "--model",
-        "T/4",
-        "--image-size",
-        "16",
-        "--steps",
-        str(steps),
-        "--batch-size",
-        "4",
-        "--lr",
-        "1e-3",
-        "--warmup-steps",
-        "5",
-        "--save-interval",
-        str(save_interval),
-        "--sample-interval",
-        "100000",
-        "--sample-steps",
-        "2",
-        "--log-interval",
-        "1",
-        "--keep-checkpoints",
-        str(KEEP),
-        "--device",
-        "cpu",
-        "--mixed-precision",
-        "no",
-    ]
+    flags = f"--model T/4 --image-size 16 --steps {steps} --batch-size 4 --lr 1e-3 --warmup-steps 5 --save-interval "
+    flags += f"{save_interval} --sample-interval 100000 --sample-steps 2 --log-interval 1 --keep-checkpoints {KEEP} "
+    flags += "--device cpu --mixed-precision no"
+    script = str(PROJECT_ROOT / "scripts" / "train_dit.py")
+    return [sys.executable, script, str(data), "--output-dir", str(output_dir), *flags.split()]
 
 
 def start(command: list[str]) -> subprocess.Popen:
@@ -158,6 +131,22 @@ def test_sigterm_during_a_sample_grid_stops_it_at_the_next_sampler_step(toy_data
     assert "sample grid of step 1 stopped by a signal" in output
     assert "stopped by SIGTERM at step 2" in output  # one more training step, then the save
     assert [step for step, _ in list_complete_states(tmp_path / "dit" / "state")] == [2]
+
+
+def test_sigterm_during_the_last_grid_exits_143_and_the_same_command_draws_it(toy_data, tmp_path):
+    command = trainer_command(toy_data, tmp_path, steps=1, save_interval=100000)
+    command[command.index("--sample-steps") + 1] = "100000"
+    process = start(command)
+    run = tmp_path / "dit"
+    wait_for(lambda: list_complete_states(run / "state"), process)  # step 1, the last, saved: its grid is next
+    time.sleep(2)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
+    assert read_status(run)["state"] == "stopped" and not (run / "tinydit_final.safetensors").exists()
+    command[command.index("--sample-steps") + 1] = "2"
+    finish(start(command))
+    assert (run / "samples" / "step_0000001.png").is_file() and (run / "tinydit_final.safetensors").is_file()
 
 
 def test_a_second_trainer_on_the_same_run_exits_2_naming_the_first(toy_data, tmp_path):

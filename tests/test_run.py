@@ -23,7 +23,7 @@ from scripts.lib.checkpoints import load_weights
 from scripts.lib.cli import EXIT_TIME_LIMIT, UserError, parse_config
 from scripts.lib.run import RunLock
 from scripts.lib.run import read_status
-from scripts.lib.checkpoints import load_optimizer_state
+from scripts.lib.checkpoints import TrainingState
 from scripts.make_toy_cats import generate_toy_cats
 
 
@@ -86,7 +86,9 @@ def test_a_classifier_needs_two_classes_a_dit_does_not(tmp_path):
 
 def test_resume_from_a_folder_that_is_not_a_state_says_what_to_pass(toy_data, tmp_path):
     (tmp_path / "some-run").mkdir()
-    with pytest.raises(UserError, match="not a complete training-state folder .* like <run>/state/step_0010000"):
+    with pytest.raises(
+        UserError, match="not a usable training-state checkpoint: no COMPLETE .* like <run>/state/step_0010000"
+    ):
         train_dit.main(tiny_config(toy_data, tmp_path, resume=str(tmp_path / "some-run")))
 
 
@@ -215,7 +217,8 @@ def test_optimizer_moments_come_back_in_their_parameters_memory_layout():
     grads = [torch.randn(4, 3, 2, 2).contiguous(memory_format=torch.channels_last) for _ in range(2)]
     runs = []
     for reload in (False, True):
-        param = torch.nn.Parameter(weights.clone(memory_format=torch.preserve_format))
+        holder = torch.nn.Module()
+        holder.param = param = torch.nn.Parameter(weights.clone(memory_format=torch.preserve_format))
         optimizer = torch.optim.AdamW([param], lr=0.1, fused=True)
         for index, grad in enumerate(grads):
             param.grad = grad.clone(memory_format=torch.preserve_format)
@@ -223,7 +226,7 @@ def test_optimizer_moments_come_back_in_their_parameters_memory_layout():
             if reload and index == 0:
                 saved = optimizer.state_dict()
                 saved["state"][0] = {key: value.contiguous() for key, value in saved["state"][0].items()}
-                load_optimizer_state(optimizer, saved)
+                TrainingState(holder, optimizer).load({"model": holder.state_dict(), "optimizer": saved}, Path("x"))
         runs.append(param.detach().clone())
     torch.testing.assert_close(runs[1], runs[0], rtol=0, atol=0)
 

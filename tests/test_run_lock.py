@@ -12,7 +12,7 @@ import time
 import pytest
 
 from scripts.lib.cli import UserError
-from scripts.lib.run import LOCK_NAME, RunLock, read_lock_holder
+from scripts.lib.run import LOCK_NAME, STALE_AFTER_ENV, RunLock, Stopper, make_accelerator, read_lock_holder
 
 
 def test_a_second_writer_is_refused_with_the_holder_named(tmp_path):
@@ -42,16 +42,18 @@ def test_a_lock_whose_process_is_gone_is_taken_over(tmp_path):
     second.release()
 
 
-def test_a_lock_from_another_host_expires_with_its_heartbeat(tmp_path):
+def test_a_lock_from_another_host_expires_with_its_heartbeat(tmp_path, monkeypatch):
     now = time.time()
     (tmp_path / LOCK_NAME).write_text(
         json.dumps(
             {"owner": "", "host": "other-node", "pid": 1, "started": now - 999, "heartbeat": now - 30, "token": "x"}
         )
     )
+    monkeypatch.setenv(STALE_AFTER_ENV, "60")
     with pytest.raises(UserError, match="other-node"):
-        RunLock(tmp_path, stale_after_s=60).acquire()
-    lock = RunLock(tmp_path, stale_after_s=20)
+        RunLock(tmp_path).acquire()
+    monkeypatch.setenv(STALE_AFTER_ENV, "20")
+    lock = RunLock(tmp_path)
     lock.acquire()
     lock.release()
 
@@ -69,13 +71,14 @@ def test_the_same_run_owner_takes_over_at_once(tmp_path):
         assert read_lock_holder(tmp_path).token == lock.token
 
 
-def test_the_heartbeat_keeps_a_lock_fresh(tmp_path):
-    with RunLock(tmp_path, stale_after_s=0.4):
+def test_the_heartbeat_keeps_a_lock_fresh(tmp_path, monkeypatch):
+    monkeypatch.setenv(STALE_AFTER_ENV, "0.4")
+    with RunLock(tmp_path):
         first = read_lock_holder(tmp_path).heartbeat
         time.sleep(0.3)
         assert read_lock_holder(tmp_path).heartbeat > first
         with pytest.raises(UserError, match="in use"):
-            RunLock(tmp_path, stale_after_s=0.4).acquire()
+            RunLock(tmp_path).acquire()
 
 
 def _race(folder: str, results) -> None:
@@ -124,18 +127,25 @@ def test_a_container_with_the_same_host_name_is_judged_by_its_heartbeat_not_our_
         RunLock(tmp_path).acquire()
 
 
+def test_a_lock_that_is_a_folder_is_refused_in_one_line_and_left_alone(tmp_path):
+    (tmp_path / LOCK_NAME).mkdir()
+    with pytest.raises(UserError, match="is a folder, not this kit's lock file"):
+        RunLock(tmp_path).acquire()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_NAME]  # no .lock.stale-* left behind
+
+
 def test_a_repeated_sigint_within_moments_is_the_same_keypress_a_later_one_stops_at_once(monkeypatch):
     import signal
 
-    from scripts.lib import run as stopping
+    from scripts.lib import run
 
     clock = {"now": 100.0}
-    monkeypatch.setattr(stopping.time, "monotonic", lambda: clock["now"])
-    request = stopping.StopRequest()
-    request.handle(signal.SIGINT, None)
+    monkeypatch.setattr(run.time, "monotonic", lambda: clock["now"])
+    stopper = Stopper(make_accelerator("cpu", "no"))
+    stopper._handle(signal.SIGINT, None)
     clock["now"] += 0.5
-    request.handle(signal.SIGINT, None)  # relayed by a launcher: ignored, the save still happens
-    assert request.signum == signal.SIGINT
-    clock["now"] += stopping.REPEATED_SIGINT_S
+    stopper._handle(signal.SIGINT, None)  # relayed by a launcher: ignored, the save still happens
+    assert stopper.signum == signal.SIGINT and stopper.reason(1, 2, 10) == "SIGINT"
+    clock["now"] += run.REPEATED_SIGINT_S
     with pytest.raises(KeyboardInterrupt):
-        request.handle(signal.SIGINT, None)
+        stopper._handle(signal.SIGINT, None)

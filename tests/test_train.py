@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -96,9 +97,8 @@ def test_cli_defaults_are_the_agreed_ones():
         (["--batch-size", "-1"], "--batch-size must be positive"),
         (["--lr", "0"], "--lr must be positive"),
         (["--val-split", "1"], "--val-split must be in [0, 1)"),
-        (["--image-size", "8"], "--image-size must be at least"),
+        (["--image-size", "8"], "--image-size must be from 16"),
         (["--output", "model.bin"], "must end in .safetensors or .pt"),
-        (["--resume", "/no/such/state"], "no such state folder"),
     ],
 )
 def test_bad_flags_are_refused_before_any_work(flags, message):
@@ -239,6 +239,12 @@ def test_offline_pretrained_stops_with_one_clear_message(toy_cats, tmp_path, mon
     message = str(caught.value)
     assert "--no-pretrained" in message and "resnet18-f37072fd.pth" in message
     assert str(tmp_path / "torch" / "hub" / "checkpoints") in message
+    run_dir = tmp_path / "out" / "classifier"
+    assert f"nothing was trained: {run_dir} keeps only this start's log" in message  # the message names the folder
+    # ...and a rerun does not take that folder for a run to resume: it starts fresh.
+    main(dataclasses.replace(cfg, no_pretrained=True, epochs=1, output=str(tmp_path / "model.safetensors")))
+    log = (run_dir / "training.log").read_text()
+    assert log.count("starting fresh") == 1 and "resuming" not in log
 
 
 @pytest.mark.slow

@@ -83,7 +83,9 @@ def test_batch_only_has_to_split_over_processes_not_accumulation():
 
 def test_bad_flags_stop_the_run_before_any_work(tmp_path):
     cfg = tiny_config(tmp_path / "missing-data", tmp_path / "runs", steps=-1, resume=str(tmp_path / "nowhere"))
-    with pytest.raises(UserError, match="--steps must be positive.*--resume .*nowhere: no such state folder"):
+    with pytest.raises(
+        UserError, match="--steps must be positive.*--resume: .*nowhere is not a usable .*no such folder"
+    ):
         train_dit.main(cfg)
     assert not (tmp_path / "runs" / "dit" / "training.log").exists()
 
@@ -107,12 +109,15 @@ def test_cosine_learning_rate_warms_up_then_decays_to_zero_at_the_last_step():
 
 def test_short_run_writes_every_artefact_and_caps_the_warmup(toy_data, tmp_path):
     checkpoints: list[Path] = []
-    cfg = tiny_config(toy_data, tmp_path, warmup_steps=10000, steps=4, save_interval=2)
+    cfg = tiny_config(toy_data, tmp_path, warmup_steps=10000, log_interval=10, steps=4, save_interval=2)
     summary = train_dit.main(cfg, on_checkpoint=checkpoints.append)
 
     run = tmp_path / "dit"
     log = (run / "training.log").read_text()
-    assert "warmup capped" in log and "using 1 warmup steps" in log
+    assert "note: --warmup-steps 10000 adjusted to 1 for --steps 4" in log
+    assert "note: --log-interval 10 adjusted to 1 for --steps 4" in log
+    recorded = json.loads((run / "config.json").read_text())  # the values the run trained with
+    assert (recorded["warmup_steps"], recorded["log_interval"]) == (1, 1)
     assert "starting fresh" in log
     assert [step for step, _ in list_complete_states(run / "state")] == [2, 4]
     assert [path.name for path in checkpoints] == ["step_0000002", "step_0000004"]
@@ -132,6 +137,15 @@ def test_short_run_writes_every_artefact_and_caps_the_warmup(toy_data, tmp_path)
     assert shared.read_bytes() == summary["final"].read_bytes()
     raw, ema = weights(summary["final_raw"]), weights(summary["final"])
     assert any(not torch.equal(raw[name], ema[name]) for name in raw)  # EMA is not just a copy of the weights
+
+
+def test_only_the_default_run_name_replaces_the_shared_final_weights(toy_data, tmp_path):
+    shared = tmp_path / "tinydit_final.safetensors"
+    train_dit.main(tiny_config(toy_data, tmp_path, steps=2))
+    before = shared.read_bytes()
+    other = train_dit.main(tiny_config(toy_data, tmp_path, steps=3, run_name="quick-test"))
+    assert shared.read_bytes() == before and other["final"] == tmp_path / "quick-test" / "tinydit_final.safetensors"
+    assert "is the run dit's, not changed" in (tmp_path / "quick-test" / "training.log").read_text()
 
 
 def test_gradient_accumulation_matches_one_big_batch(toy_data, tmp_path):
@@ -165,7 +179,7 @@ def test_keep_last_n_holds_across_resumes_and_foreign_folders_are_ignored(toy_da
 
 def test_resume_never_refuses_a_run_that_has_checkpoints(toy_data, tmp_path):
     train_dit.main(tiny_config(toy_data, tmp_path, steps=2))
-    with pytest.raises(UserError, match="pick another --run-name"):
+    with pytest.raises(UserError, match="use another --run-name"):
         train_dit.main(tiny_config(toy_data, tmp_path, steps=2, resume="never"))
 
 

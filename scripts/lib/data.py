@@ -84,10 +84,10 @@ def class_names_problem(names: list[str]) -> str | None:
     for name in names:
         problem = name_problem(name)
         if problem:
-            return f"{printable(name)!r}: the name {problem}"
+            return f"'{printable(name)}': the name {problem}"
         key = unicodedata.normalize("NFC", name)
         if key in seen:
-            return f"{printable(seen[key])!r} and {printable(name)!r} are one name in two Unicode spellings"
+            return f"'{printable(seen[key])}' and '{printable(name)}' are one name in two Unicode spellings"
         seen[key] = name
     return None
 
@@ -805,11 +805,15 @@ def apply_augmentation(images_uint8: torch.Tensor, params: AugmentationParams) -
     return images
 
 
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    """The seed of optimizer step `step` (and of `rank`'s own randomness): a pure function of them, so a resumed run,
+    or one on another number of processes, draws the same numbers."""
+    return (((seed * 1_000_003 + step) << 16) + rank) % (1 << 63)
+
+
 def step_generator(seed: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """A torch generator seeded from (seed, step) only, so a resumed run draws the same augmentations."""
-    generator = torch.Generator(device=device)
-    generator.manual_seed((seed * 1_000_003 + step) % (1 << 63))
-    return generator
+    """A generator of everything random about step `step` that is drawn for the whole global batch."""
+    return torch.Generator(device=device).manual_seed(step_seed(seed, step))
 
 
 def gather_batch(images: np.ndarray, indices: np.ndarray) -> torch.Tensor:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import broadcast_object_list
 from torch import nn
 from torchvision.utils import save_image
 from tqdm import tqdm
@@ -152,8 +153,8 @@ def write_training_grid(
     run, cfg, ema_model: nn.Module, objective, step: int, should_stop: Callable[[], bool],
     seconds_per_image: float | None = None, training_seconds: float = 0.0,
 ) -> bool:  # fmt: skip
-    """A fixed-seed EMA grid of a DiT run, one row per class, at samples/step_NNNNNNN.png (main process; the others
-    wait), sized by `grid_plan`. `should_stop()` (a signal) ends it at the next sampler step, unsaved: False."""
+    """A fixed-seed EMA grid of a DiT run, one row per class, at samples/step_NNNNNNN.png (main process), sized by
+    `grid_plan`. `should_stop()` (a signal) ends it at the next sampler step, unsaved: then False on every rank."""
     written = True
     if run.is_main:
         num_classes = run.cache.num_classes
@@ -177,5 +178,6 @@ def write_training_grid(
         except SamplingStopped:
             run.log.info("sample grid of step %d stopped by a signal", step)
             written = False
-    run.accelerator.wait_for_everyone()
+    if run.accelerator.num_processes > 1:  # every rank learns whether the grid was cut short, so all stop alike
+        written = broadcast_object_list([written], from_process=0)[0]
     return written
