@@ -3,32 +3,21 @@
     python scripts/evaluate.py --dit checkpoints/tinydit_final.safetensors \
         --classifier checkpoints/cats_model.safetensors --data data/cats --heldout-data data/cats_heldout
 
-- Class fidelity: N samples per class (classifier-free guidance), classified by the project's classifier;
-  per-class and mean accuracy. The classifier's accuracy on held-out REAL images is reported beside it:
-  it is the ceiling (a classifier that is 80% right on real cats cannot confirm 100% of the samples).
-- FID and KID between the samples and held-out real images in the classifier's penultimate feature
-  space. This is NOT Inception FID and is not comparable with numbers in papers; compare it with the
-  real-vs-real baseline in the same report (real training images vs the same held-out images, with as
-  many images as there are samples), which is what a perfect generator would score here. Inception FID
-  (torchvision's Inception-v3) is added when its weights are already in the torch hub cache; nothing is
-  ever downloaded.
-- Memorisation: distance from each sample to its nearest training image vs the same for held-out real
-  images, in pixel space and in classifier-feature space. ratio = median(sample) / median(held-out);
-  > 1 means the samples are not closer to the training set than unseen real images are (no copying).
-
-Held-out images: the DiT trains on every image of its data folder, so "held-out" is only clean when it
-comes from a folder the DiT never saw: pass `--heldout-data` (`make quality` generates one with another
-seed). Without it, the classifier checkpoint's validation split of --data is used (not trained on by
-the classifier, but seen by the DiT if the DiT trained on --data); the report marks that as not clean.
-All images are compared at the DiT's resolution and resized to the classifier's size the same way.
+Samples of every class are judged by the project's classifier (beside its accuracy on held-out real images: the
+ceiling), compared with held-out real images by FID/KID in its feature space (NOT Inception FID: read it against the
+report's real-vs-real baseline) and by Inception FID when torchvision's weights are local (never downloaded), and
+checked for copying (nearest training image of each sample vs of each held-out image). Held-out images are clean
+only if the DiT never saw them: pass `--heldout-data`; without it the classifier's validation split of --data is
+used and the report says it is not clean. `--summarize` puts several reports in one table judged against a bar.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import pickle
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,149 +29,139 @@ from tqdm import tqdm
 
 from models.classifier import features_and_logits
 from scripts.lib.checkpoints import classifier_normalize, load_classifier, load_dit
-from scripts.lib.cli import DEVICES, UserError, option, resolve_device_type, run_main, write_atomic
+from scripts.lib.cli import DEVICES, UserError, cpu_threads_option, option, printable, resolve_device_type, run_main
+from scripts.lib.cli import write_atomic, write_failure
 from scripts.lib.data import ImageCache, load_or_build_cache, stratified_split, to_unit_float
-from scripts.lib.sampling import SAMPLE_CHUNK, class_grid_labels, sample_images, save_grid
+from scripts.lib.sampling import class_grid_labels, guidance_scale, resolve_sampler, sample_images, save_grid
 
-# ====================================================================================================
-# Pure metric functions for judging generated images: FID, KID, memorisation and class fidelity.
-# ====================================================================================================
+KID_SUBSETS, KID_SUBSET_SIZE = 50, 1000  # the usual number and size of KID's subsets, when there are enough images
+INCEPTION_SIZE = 299
+GRID_COLUMNS = 8
+FEATURE_FID_NOTE = (
+    "classifier-feature FID: Fréchet distance in the project classifier's penultimate feature "
+    "space, NOT Inception FID; compare it only with real_vs_real_baseline in this report"
+)
+MEMORISATION_NOTE = (
+    "ratio = median NN distance (sample -> training set) / median NN distance (held-out real -> "
+    "training set); > 1: samples are not closer to the training images than unseen real images "
+    "are (no copying); near or below 1: possible memorisation"
+)
 
 
-ArrayLike = np.ndarray | torch.Tensor
-
-
-def _as_float64(features: ArrayLike) -> np.ndarray:
-    array = features.detach().cpu().numpy() if isinstance(features, torch.Tensor) else np.asarray(features)
-    array = array.astype(np.float64, copy=False)
+# ---------------------------------------------------------------------------------------------------------
+# Metrics: plain functions of (N, D) feature matrices
+# ---------------------------------------------------------------------------------------------------------
+def as_float64(features: np.ndarray | torch.Tensor) -> np.ndarray:
+    array = np.asarray(features, np.float64)
     if array.ndim != 2:
         raise ValueError(f"features must be a 2-D (N, D) matrix, got shape {array.shape}")
     return array
 
 
-def gaussian_fit(features: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
-    """(mean (D,), covariance (D, D)) of an (N, D) feature matrix, N >= 2, unbiased covariance."""
-    array = _as_float64(features)
+def gaussian_fit(features: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(mean (D,), unbiased covariance (D, D)) of an (N, D) feature matrix, N >= 2."""
+    array = as_float64(features)
     if len(array) < 2:
         raise ValueError(f"need at least 2 feature vectors to fit a Gaussian, got {len(array)}")
     return array.mean(axis=0), np.cov(array, rowvar=False).reshape(array.shape[1], array.shape[1])
 
 
-def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
-    """Square root of a symmetric PSD matrix; tiny negative eigenvalues (round-off) are clipped to 0."""
-    eigenvalues, eigenvectors = np.linalg.eigh((matrix + matrix.T) / 2)
-    return (eigenvectors * np.sqrt(np.clip(eigenvalues, 0, None))) @ eigenvectors.T
-
-
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
     """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2)."""
-    sqrt1 = _psd_sqrt(sigma1)
-    middle = sqrt1 @ sigma2 @ sqrt1
+    # tr sqrt(sigma1 sigma2) = tr sqrt(S sigma2 S) with S = sqrt(sigma1): a symmetric matrix, so eigh applies and
+    # round-off cannot make the roots complex; its tiny negative eigenvalues are clipped to 0.
+    values, vectors = np.linalg.eigh((sigma1 + sigma1.T) / 2)
+    root1 = (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
+    middle = root1 @ sigma2 @ root1
     trace_sqrt_product = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0, None)).sum()
-    diff = mu1 - mu2
-    value = diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt_product
+    value = (mu1 - mu2) @ (mu1 - mu2) + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt_product
     return float(max(value, 0.0))  # the true distance is >= 0; round-off can dip a hair below
 
 
-def fid(features_a: ArrayLike, features_b: ArrayLike) -> float:
-    """FID between two (N, D) feature sets (the same formula as Inception FID, in whatever feature space)."""
+def fid(features_a: np.ndarray | torch.Tensor, features_b: np.ndarray | torch.Tensor) -> float:
+    """FID between two (N, D) feature sets (the formula of Inception FID, in whatever feature space)."""
     return frechet_distance(*gaussian_fit(features_a), *gaussian_fit(features_b))
 
 
-def _polynomial_kernel(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return (a @ b.T / a.shape[1] + 1.0) ** 3
-
-
 def mmd2_unbiased(features_a: np.ndarray, features_b: np.ndarray) -> float:
-    """Unbiased MMD^2 (cubic polynomial kernel) between two sets of >= 2 rows each."""
-    m, n = len(features_a), len(features_b)
-    k_aa = _polynomial_kernel(features_a, features_a)
-    k_bb = _polynomial_kernel(features_b, features_b)
-    k_ab = _polynomial_kernel(features_a, features_b)
-    within_a = (k_aa.sum() - np.trace(k_aa)) / (m * (m - 1))
-    within_b = (k_bb.sum() - np.trace(k_bb)) / (n * (n - 1))
-    return float(within_a + within_b - 2 * k_ab.mean())
+    """Unbiased MMD^2 with KID's cubic polynomial kernel, between two sets of >= 2 rows each."""
 
+    def mean_kernel(x: np.ndarray, y: np.ndarray, within: bool) -> float:
+        k = (x @ y.T / x.shape[1] + 1.0) ** 3
+        return (k.sum() - np.trace(k)) / (len(x) * (len(x) - 1)) if within else k.mean()  # within: no self-pairs
 
-@dataclass(frozen=True)
-class KidResult:
-    mean: float
-    std: float
-    subset_size: int
-    num_subsets: int
-
-
-def kid(
-    features_a: ArrayLike, features_b: ArrayLike, num_subsets: int = 50, subset_size: int = 1000, seed: int = 0
-) -> KidResult:
-    """KID: unbiased MMD^2 averaged over `num_subsets` random subsets (size capped by the smaller set)."""
-    a, b = _as_float64(features_a), _as_float64(features_b)
-    size = min(subset_size, len(a), len(b))
-    if size < 2:
-        raise ValueError(f"KID needs at least 2 feature vectors per set, got {len(a)} and {len(b)}")
-    rng = np.random.default_rng(seed)
-    values = np.array(
-        [
-            mmd2_unbiased(a[rng.choice(len(a), size, replace=False)], b[rng.choice(len(b), size, replace=False)])
-            for _ in range(num_subsets)
-        ]
+    return float(
+        mean_kernel(features_a, features_a, True)
+        + mean_kernel(features_b, features_b, True)
+        - 2 * mean_kernel(features_a, features_b, False)
     )
-    return KidResult(mean=float(values.mean()), std=float(values.std()), subset_size=size, num_subsets=num_subsets)
 
 
-def nearest_neighbour_distances(queries: ArrayLike, references: ArrayLike, chunk: int = 1024) -> np.ndarray:
+def kid(features_a, features_b, subset_size: int, num_subsets: int = KID_SUBSETS, seed: int = 0) -> tuple[float, float]:
+    """KID: (mean, std) of the unbiased MMD^2 of `num_subsets` random subsets of `subset_size` rows of each set."""
+    a, b = as_float64(features_a), as_float64(features_b)
+    rng = np.random.default_rng(seed)
+    draws = [
+        (rng.choice(len(a), subset_size, replace=False), rng.choice(len(b), subset_size, replace=False))
+        for _ in range(num_subsets)
+    ]
+    values = [mmd2_unbiased(a[rows_a], b[rows_b]) for rows_a, rows_b in draws]
+    return float(np.mean(values)), float(np.std(values))
+
+
+def nearest_neighbour_distances(queries, references, chunk: int = 1024) -> np.ndarray:
     """(Q,) Euclidean distance from each query row to its nearest reference row (flatten images first)."""
-    query = torch.from_numpy(_as_float64(queries))
-    reference = torch.from_numpy(_as_float64(references))
+    query, reference = torch.from_numpy(as_float64(queries)), torch.from_numpy(as_float64(references))
     if query.shape[1] != reference.shape[1]:
         raise ValueError(f"queries have {query.shape[1]} features but references {reference.shape[1]}")
     # Chunks bound the (chunk, R) distance matrix; float64 keeps small distances exact enough to compare.
-    minima = [torch.cdist(part, reference).min(dim=1).values for part in query.split(chunk)]
-    return torch.cat(minima).numpy()
+    return torch.cat([torch.cdist(part, reference).min(dim=1).values for part in query.split(chunk)]).numpy()
 
 
-def memorisation_ratio(sample_nn: np.ndarray, heldout_nn: np.ndarray) -> float:
-    """median(sample NN distance) / median(held-out NN distance); > 1 means samples are not copies."""
-    heldout_median = float(np.median(heldout_nn))
-    if heldout_median == 0.0:
-        return float("inf") if float(np.median(sample_nn)) > 0 else float("nan")
-    return float(np.median(sample_nn)) / heldout_median
+def memorisation(samples: np.ndarray, heldout: np.ndarray, train: np.ndarray) -> dict[str, float]:
+    """Nearest-training-row distances of samples vs of held-out rows; ratio = median(sample) / median(held-out) > 1
+    means the samples are not closer to the training set than unseen real images are: not copies."""
+    sample_nn, heldout_nn = nearest_neighbour_distances(samples, train), nearest_neighbour_distances(heldout, train)
+    sample_median, heldout_median = float(np.median(sample_nn)), float(np.median(heldout_nn))
+    ratio = sample_median / heldout_median if heldout_median else (math.inf if sample_median > 0 else math.nan)
+    return {
+        "ratio": ratio,
+        "sample_nn_median": sample_median,
+        "heldout_nn_median": heldout_median,
+        "sample_nn_min": float(sample_nn.min()),
+    }
 
 
-@dataclass(frozen=True)
-class ClassFidelity:
-    per_class: list[float]  # accuracy for each requested class (NaN when no sample asked for it)
-    counts: list[int]  # samples requested per class
-    mean: float  # mean of the per-class accuracies (classes with samples)
-    overall: float  # fraction of all samples recognised as their requested class
-
-
-def class_fidelity(predicted: ArrayLike, requested: ArrayLike, num_classes: int) -> ClassFidelity:
-    """How often the classifier recognises each sample as the class it was generated for."""
-    predicted = np.asarray(predicted.cpu() if isinstance(predicted, torch.Tensor) else predicted).reshape(-1)
-    requested = np.asarray(requested.cpu() if isinstance(requested, torch.Tensor) else requested).reshape(-1)
+def class_fidelity(predicted, requested, class_names: list[str]) -> dict[str, Any]:
+    """How often the classifier sees a sample as the class it was generated for: per class (NaN for a class no
+    sample asked for), the mean over the classes that have samples, and over all samples."""
+    predicted, requested = np.asarray(predicted).reshape(-1), np.asarray(requested).reshape(-1)
     if predicted.shape != requested.shape:
         raise ValueError(f"{len(predicted)} predictions for {len(requested)} requested labels")
     correct = predicted == requested
-    counts = np.bincount(requested, minlength=num_classes)[:num_classes]
-    hits = np.bincount(requested, weights=correct, minlength=num_classes)[:num_classes]
+    counts = np.bincount(requested, minlength=len(class_names))
     with np.errstate(invalid="ignore", divide="ignore"):
-        per_class = hits / counts
-    present = counts > 0
-    return ClassFidelity(
-        per_class=[float(value) for value in per_class],
-        counts=[int(c) for c in counts],
-        mean=float(per_class[present].mean()) if present.any() else float("nan"),
-        overall=float(correct.mean()) if len(correct) else float("nan"),
-    )
+        per_class = np.bincount(requested, weights=correct, minlength=len(class_names)) / counts
+    return {
+        "mean": float(per_class[counts > 0].mean()) if counts.any() else math.nan,
+        "overall": float(correct.mean()) if len(correct) else math.nan,
+        "per_class": dict(zip(class_names, per_class.tolist(), strict=True)),
+    }
 
 
-# ====================================================================================================
-# Inception-v3 FID for `evaluate`: torchvision's ImageNet Inception, from a local weights file only.
-# ====================================================================================================
-
-
-INCEPTION_SIZE = 299
+# ---------------------------------------------------------------------------------------------------------
+# Features: the judge classifier's, and torchvision's Inception-v3 from a local weights file only
+# ---------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def batched_outputs(forward, images_unit: torch.Tensor, size: int, batch_size: int, device, desc: str) -> list:
+    """The float64 outputs of `forward` over unit-range images resized to size x size, batch by batch."""
+    outputs = []
+    for batch in tqdm(images_unit.split(batch_size), desc=desc, unit="batch", leave=False):
+        batch = batch.to(device)
+        if batch.shape[-1] != size:
+            batch = F.interpolate(batch, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        outputs.append([output.cpu() for output in forward(batch)])
+    return [torch.cat(parts).double().numpy() for parts in zip(*outputs, strict=True)]
 
 
 def inception_weights_file() -> Path:
@@ -193,35 +172,25 @@ def inception_weights_file() -> Path:
 
 
 def load_inception(device: torch.device) -> nn.Module:
-    """torchvision Inception-v3 returning 2048-d pool features, from the LOCAL weights file only."""
+    """torchvision's Inception-v3 returning 2048-d pool features, from the LOCAL weights file only (weights_only:
+    the file cannot run code). Built as torchvision builds it for these weights: transform_input=True turns the
+    ImageNet-normalised input into the (x - 0.5) / 0.5 scaling the weights were trained on."""
     from torchvision.models import inception_v3
 
-    model = inception_v3(weights=None, aux_logits=True, init_weights=False)
-    model.load_state_dict(torch.load(inception_weights_file(), map_location="cpu", weights_only=True))
+    model = inception_v3(weights=None, aux_logits=True, init_weights=False, transform_input=True)
+    weights = inception_weights_file()
+    try:
+        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError) as error:  # a truncated or foreign file
+        raise UserError(
+            f"{printable(weights)} is not torchvision's Inception-v3 weights ({type(error).__name__}) — replace it "
+            "with the real file or delete it"
+        ) from error
     model.fc = nn.Identity()
     return model.to(device).eval()
 
 
-@torch.no_grad()
-def inception_features(
-    model: nn.Module, images_unit: torch.Tensor, batch_size: int, device: torch.device
-) -> np.ndarray:
-    features = []
-    for batch in tqdm(images_unit.split(batch_size), desc="inception features", unit="batch", leave=False):
-        batch = F.interpolate(
-            batch.to(device),
-            size=(INCEPTION_SIZE, INCEPTION_SIZE),
-            mode="bilinear",
-            antialias=True,
-            align_corners=False,
-        )
-        features.append(model(classifier_normalize(batch)).cpu())
-    return torch.cat(features).double().numpy()
-
-
-def inception_report(
-    samples: torch.Tensor, heldout: torch.Tensor, baseline: torch.Tensor, batch_size: int, device: torch.device
-) -> dict[str, Any]:
+def inception_report(samples, heldout, baseline, batch_size: int, device: torch.device, seed: int) -> dict[str, Any]:
     weights = inception_weights_file()
     if not weights.is_file():
         return {
@@ -230,82 +199,67 @@ def inception_report(
             f"{weights.name} there (or set TORCH_HOME) to get Inception FID",
         }
     model = load_inception(device)
-    sample_f, heldout_f, baseline_f = (
-        inception_features(model, images, batch_size, device) for images in (samples, heldout, baseline)
-    )
+    forward = lambda batch: (model(classifier_normalize(batch)),)  # noqa: E731
+    features = [
+        batched_outputs(forward, x, INCEPTION_SIZE, batch_size, device, "inception")[0]
+        for x in (samples, heldout, baseline)
+    ]
     return {
         "available": True,
-        "fid": fid(sample_f, heldout_f),
-        "fid_real_vs_real_baseline": fid(baseline_f, heldout_f),
         "note": "torchvision Inception-v3 pool features (2048-d); close to, not identical with, the TF "
         f"Inception of published FIDs, and biased upward at {len(samples)} samples",
+        **distance_report(*features, seed),
     }
 
 
-# ====================================================================================================
-# evaluate.py's report: its distance and memorisation sections, its printed summary, and the summary of
-# ====================================================================================================
-
-
-KID_SUBSET_SIZE = 1000  # the usual KID subset size, when there are enough images
-
-
-def distance_report(
-    sample_features: np.ndarray, heldout_features: np.ndarray, baseline_features: np.ndarray, seed: int
-) -> dict[str, Any]:
+# ---------------------------------------------------------------------------------------------------------
+# The report's sections, its JSON file and printout, and the --summarize table of several reports
+# ---------------------------------------------------------------------------------------------------------
+def distance_report(sample_f: np.ndarray, heldout_f: np.ndarray, baseline_f: np.ndarray, seed: int) -> dict[str, Any]:
     """FID and KID of samples vs held-out, beside the same for real (training) images vs held-out."""
-    # Subsets of half the smaller set: with subsets as big as the sets every draw is identical and the
-    # spread over subsets (kid_std) would always read 0.
-    smallest = min(len(sample_features), len(baseline_features), len(heldout_features))
-    subset = max(2, min(KID_SUBSET_SIZE, smallest // 2))
-    sample_kid = kid(sample_features, heldout_features, subset_size=subset, seed=seed)
-    baseline_kid = kid(baseline_features, heldout_features, subset_size=subset, seed=seed)
+    # Subsets of half the smallest set: with subsets as big as the sets every draw is the same and kid_std reads 0.
+    subset = max(2, min(KID_SUBSET_SIZE, min(len(sample_f), len(baseline_f), len(heldout_f)) // 2))
+    (kid_mean, kid_std), (baseline_mean, baseline_std) = (
+        kid(f, heldout_f, subset, seed=seed) for f in (sample_f, baseline_f)
+    )
     return {
-        "fid": fid(sample_features, heldout_features),
-        "fid_real_vs_real_baseline": fid(baseline_features, heldout_features),
-        "kid": sample_kid.mean,
-        "kid_std": sample_kid.std,
-        "kid_real_vs_real_baseline": baseline_kid.mean,
-        "kid_real_vs_real_baseline_std": baseline_kid.std,
-        "kid_subset_size": sample_kid.subset_size,
-        "kid_subsets": sample_kid.num_subsets,
-        "num_samples": len(sample_features),
-        "num_baseline_real": len(baseline_features),
-        "num_heldout": len(heldout_features),
-        "feature_dim": int(sample_features.shape[1]),
+        "fid": fid(sample_f, heldout_f),
+        "fid_real_vs_real_baseline": fid(baseline_f, heldout_f),
+        "kid": kid_mean,
+        "kid_std": kid_std,
+        "kid_real_vs_real_baseline": baseline_mean,
+        "kid_real_vs_real_baseline_std": baseline_std,
+        "kid_subset_size": subset,
+        "kid_subsets": KID_SUBSETS,
+        "num_samples": len(sample_f),
+        "num_baseline_real": len(baseline_f),
+        "num_heldout": len(heldout_f),
+        "feature_dim": int(sample_f.shape[1]),
     }
 
 
-def memorisation_report(samples: np.ndarray, heldout: np.ndarray, train: np.ndarray) -> dict[str, float]:
-    sample_nn = nearest_neighbour_distances(samples, train)
-    heldout_nn = nearest_neighbour_distances(heldout, train)
-    return {
-        "ratio": memorisation_ratio(sample_nn, heldout_nn),
-        "sample_nn_median": float(np.median(sample_nn)),
-        "heldout_nn_median": float(np.median(heldout_nn)),
-        "sample_nn_min": float(sample_nn.min()),
-    }
-
-
-def _json_safe(value: Any) -> Any:
-    """JSON has no NaN/inf: write them as null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
+def json_safe(value: Any) -> Any:
+    """JSON has no NaN/inf: they are written as null."""
     if isinstance(value, dict):
-        return {key: _json_safe(item) for key, item in value.items()}
+        return {key: json_safe(item) for key, item in value.items()}
     if isinstance(value, list):
-        return [_json_safe(item) for item in value]
-    return value
+        return [json_safe(item) for item in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
-def write_report_json(path: Path, data: dict[str, Any]) -> None:
-    """A report or a summary as indented JSON (NaN/inf as null), written whole or not at all."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, json.dumps(_json_safe(data), indent=2) + "\n")
+def write_json(path: Path, data: dict[str, Any], what: str) -> None:
+    """Indented JSON, written whole or not at all; a folder that cannot take it is one line."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, json.dumps(json_safe(data), indent=2) + "\n")
+    except OSError as error:
+        raise write_failure(what, path, error) from error
 
 
-def print_summary(report: dict[str, Any]) -> None:
-    fidelity, features, pixel = report["class_fidelity"], report["classifier_feature_fid"], report["memorisation"]
+def print_report(report: dict[str, Any]) -> None:
+    fidelity, features, inception, copying = (
+        report[section] for section in ("class_fidelity", "classifier_feature_fid", "inception_fid", "memorisation")
+    )
     print(
         f"class fidelity (mean over classes): {fidelity['mean']:.1%}   "
         f"[classifier on held-out real images: {fidelity['classifier_heldout_accuracy']:.1%}]"
@@ -320,33 +274,24 @@ def print_summary(report: dict[str, Any]) -> None:
         f"classifier-feature KID: {features['kid']:.4f} ± {features['kid_std']:.4f}   "
         f"baseline: {features['kid_real_vs_real_baseline']:.4f}"
     )
-    inception = report["inception_fid"]
+    if inception["available"]:
+        print(f"Inception FID: {inception['fid']:.2f} (baseline {inception['fid_real_vs_real_baseline']:.2f})")
+    else:
+        print(f"Inception FID: unavailable — {inception['reason']}")
     print(
-        f"Inception FID: {inception['fid']:.2f} (baseline {inception['fid_real_vs_real_baseline']:.2f})"
-        if inception["available"]
-        else f"Inception FID: unavailable — {inception['reason']}"
-    )
-    print(
-        f"memorisation ratio (>1 = not copying): pixel {pixel['pixel']['ratio']:.2f}, "
-        f"classifier features {pixel['classifier_features']['ratio']:.2f}"
+        f"memorisation ratio (>1 = not copying): pixel {copying['pixel']['ratio']:.2f}, "
+        f"classifier features {copying['classifier_features']['ratio']:.2f}"
     )
     if not report["heldout"]["clean_for_dit"]:
-        print(
-            "warning: held-out images come from the DiT's own data folder — pass --heldout-data for a clean "
-            "memorisation and FID check"
-        )
-
-
-def report_label(path: Path) -> str:
-    """A report's name in the summary: its folder (checkpoints/quality/glyphs/report.json -> glyphs)."""
-    return path.parent.name or path.stem
+        print("warning: held-out images come from the DiT's own data folder — pass --heldout-data for a clean check")
 
 
 def summarize_report(report: dict[str, Any], fidelity_bar: float) -> dict[str, Any]:
-    """The headline figures of one report, and whether it meets the bar (fidelity and no copying)."""
+    """The headline figures of one report, and whether it meets the bar (fidelity, no copying, clean held-out)."""
     fidelity, features, copying = report["class_fidelity"], report["classifier_feature_fid"], report["memorisation"]
     worst = min(fidelity["per_class"], key=fidelity["per_class"].get)
     ratios = {"pixel": copying["pixel"]["ratio"], "classifier_features": copying["classifier_features"]["ratio"]}
+    clean = report["heldout"]["clean_for_dit"]
     return {
         "dit": report["dit"],
         "dit_step": report["dit_step"],
@@ -360,42 +305,31 @@ def summarize_report(report: dict[str, Any], fidelity_bar: float) -> dict[str, A
         "memorisation_ratio": ratios,
         "sampling_seconds": report["sampling"]["seconds"],
         "num_samples": features["num_samples"],
-        "clean_for_dit": report["heldout"]["clean_for_dit"],
-        "meets_bar": bool(
-            fidelity["mean"] >= fidelity_bar and min(ratios.values()) > 1 and report["heldout"]["clean_for_dit"]
-        ),
+        "clean_for_dit": clean,
+        "meets_bar": bool(fidelity["mean"] >= fidelity_bar and min(ratios.values()) > 1 and clean),
     }
 
 
 def summarize(paths: list[str], fidelity_bar: float) -> dict[str, Any]:
-    """{label: headline figures} of several reports, plus the bar they were judged by."""
+    """{data set: headline figures} of several reports, each named after its folder, and the bar they were judged by."""
     rows: dict[str, Any] = {}
     for path in map(Path, paths):
+        label = path.parent.name or path.stem  # checkpoints/quality/glyphs/report.json -> glyphs
+        if label in rows:
+            raise UserError(f"two reports are named {label!r} (after their folder) — keep each data set's in its own")
         try:
-            report = json.loads(path.read_text())
-            label = report_label(path)
-            if label in rows:
-                raise UserError(
-                    f"two reports are named {label!r} (after their folder) — keep each data set's "
-                    "report in its own folder"
-                )
-            rows[label] = {"report": str(path), **summarize_report(report, fidelity_bar)}
-        except FileNotFoundError as error:
-            raise UserError(f"--summarize {path}: no such report — run evaluate.py for that data set first") from error
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise UserError(f"--summarize {path} is not an evaluate.py report ({error!r})") from error
-    return {
-        "bar": {
-            "mean_class_fidelity_at_least": fidelity_bar,
-            "memorisation_ratio_above": 1.0,
-            "heldout_unseen_by_dit": True,
-        },
-        "data_sets": rows,
-        "all_meet_bar": all(row["meets_bar"] for row in rows.values()),
-    }
+            rows[label] = {"report": str(path), **summarize_report(json.loads(path.read_text()), fidelity_bar)}
+        except OSError as error:  # missing, a folder, unreadable
+            raise UserError(
+                f"--summarize {printable(path)}: {error.strerror} — pass the report evaluate.py wrote"
+            ) from error
+        except (KeyError, TypeError, ValueError) as error:  # ValueError: not JSON, or no classes in it
+            raise UserError(f"--summarize {printable(path)} is not an evaluate.py report ({error!r})") from error
+    bar = {"mean_class_fidelity_at_least": fidelity_bar, "memorisation_ratio_above": 1.0, "heldout_unseen_by_dit": True}
+    return {"bar": bar, "data_sets": rows, "all_meet_bar": all(row["meets_bar"] for row in rows.values())}
 
 
-def print_combined_summary(summary: dict[str, Any]) -> None:
+def print_summary(summary: dict[str, Any]) -> None:
     print(
         f"{'data set':<10} {'fidelity':>8}  {'worst class':<20} {'judge':>6}  {'feature FID (real-vs-real)':<27} "
         f"{'memorisation px/feat':<21} bar"
@@ -408,34 +342,16 @@ def print_combined_summary(summary: dict[str, Any]) -> None:
             f"{label:<10} {row['mean_class_fidelity']:>8.1%}  {worst:<20} {row['classifier_heldout_accuracy']:>6.1%}"
             f"  {fid_text:<27} {ratios:<21} {'met' if row['meets_bar'] else 'NOT MET'}"
         )
-    bar = summary["bar"]
+    verdict = "met by every data set" if summary["all_meet_bar"] else "NOT met by all"
     print(
-        f"bar: mean class fidelity >= {bar['mean_class_fidelity_at_least']:.0%}, memorisation ratios > 1, held-out "
-        f"images unseen by the DiT — {'met by every data set' if summary['all_meet_bar'] else 'NOT met by all'}"
+        f"bar: mean class fidelity >= {summary['bar']['mean_class_fidelity_at_least']:.0%}, memorisation ratios > 1, "
+        f"held-out images unseen by the DiT — {verdict}"
     )
 
 
-# ====================================================================================================
-# How good is a trained TinyDiT? Class fidelity, feature-space FID/KID and a memorisation check.
-# ====================================================================================================
-
-
-GRID_COLUMNS = 8
-
-
-FEATURE_FID_NOTE = (
-    "classifier-feature FID: Fréchet distance in the project classifier's penultimate feature "
-    "space, NOT Inception FID; compare it only with real_vs_real_baseline in this report"
-)
-
-
-MEMORISATION_NOTE = (
-    "ratio = median NN distance (sample -> training set) / median NN distance (held-out real -> "
-    "training set); > 1: samples are not closer to the training images than unseen real images "
-    "are (no copying); near or below 1: possible memorisation"
-)
-
-
+# ---------------------------------------------------------------------------------------------------------
+# The command
+# ---------------------------------------------------------------------------------------------------------
 @dataclass
 class EvaluateConfig:
     dit: str = option("checkpoints/tinydit_final.safetensors", "TinyDiT weights file to evaluate")
@@ -443,11 +359,10 @@ class EvaluateConfig:
     data: str = option("data/cats", "image folder the DiT was trained on (the memorisation reference)")
     heldout_data: str = option(
         "",
-        "image folder neither model saw (same classes); default: the classifier's "
-        "validation split of --data (then not clean for the DiT)",
+        "image folder neither model saw (default: the classifier's validation split of --data, not clean for the DiT)",
     )
     num_per_class: int = option(50, "samples per class")
-    cfg_scale: float = option(4.0, "classifier-free guidance scale (1 = no guidance)")
+    cfg_scale: float | None = option(None, "classifier-free guidance scale (1 = none; default: the DiT's training one)")
     steps: int = option(50, "sampling steps")
     sampler: str | None = option(None, "sampler of the checkpoint's objective (default: the objective's default)")
     seed: int = option(0, "seed of the sampling noise and of the real subsets")
@@ -455,38 +370,34 @@ class EvaluateConfig:
     grid: str = option("", "PNG grid of samples, one row per class (default: <dit file>_eval_grid.png)")
     device: str = option("auto", "where to run", choices=DEVICES)
     batch_size: int = option(128, "images per classifier / feature batch")
+    cache_dir: str = option("", "where the image caches go (default: DATA_DIR/.tiny-cats-cache, else ~/.cache)")
+    cpu_threads: int = cpu_threads_option()
     summarize: list[str] = option(
-        [],
-        "instead of evaluating: combine these JSON reports (one per data set) into one summary table, written to --out",
+        [], "instead of evaluating: combine these reports (one per data set) into one summary table, written to --out"
     )
     fidelity_bar: float = option(0.9, "the mean class fidelity a data set must reach (the summary's verdict)")
 
 
 def validate_config(cfg: EvaluateConfig) -> None:
-    problems = [
-        f"--{name.replace('_', '-')} must be positive (got {value})"
-        for name, value in (("num_per_class", cfg.num_per_class), ("steps", cfg.steps), ("batch_size", cfg.batch_size))
-        if value < 1
-    ]
-    if cfg.num_per_class < 2:
-        problems.append("--num-per-class must be >= 2 to fit FID/KID statistics")
-    if cfg.cfg_scale < 0:
-        problems.append(f"--cfg-scale must be >= 0 (got {cfg.cfg_scale})")
     for name in ("dit", "classifier"):
         if not Path(getattr(cfg, name)).is_file():
-            raise UserError(f"--{name} {getattr(cfg, name)} does not exist — train it first or pass the right path")
+            raise UserError(
+                f"--{name} {printable(getattr(cfg, name))} does not exist — train it first or pass the right path"
+            )
+    rules = (
+        ("--num-per-class", cfg.num_per_class, cfg.num_per_class >= 2, ">= 2 to fit FID/KID statistics"),
+        ("--steps", cfg.steps, cfg.steps >= 1, "positive"),
+        ("--batch-size", cfg.batch_size, cfg.batch_size >= 1, "positive"),
+        ("--cfg-scale", cfg.cfg_scale, cfg.cfg_scale is None or cfg.cfg_scale >= 0, ">= 0"),
+    )
+    problems = [f"{flag} must be {rule} (got {value})" for flag, value, ok, rule in rules if not ok]
     if problems:
         raise UserError("; ".join(problems))
 
 
-def default_output(dit_path: str, suffix: str) -> Path:
-    path = Path(dit_path)
-    return path.with_name(path.stem + suffix)
-
-
 @dataclass
 class RealImages:
-    """Unit-range images at the DiT's resolution with labels, for the training reference and held-out set."""
+    """Unit-range images at the DiT's resolution with labels: the training reference and the held-out set."""
 
     train: torch.Tensor
     train_labels: np.ndarray
@@ -496,205 +407,99 @@ class RealImages:
     clean_for_dit: bool
 
 
-def _cache_for(data_dir: str, image_size: int, class_names: list[str], what: str) -> ImageCache:
-    cache = load_or_build_cache(data_dir, image_size, show_progress=True)
-    if list(cache.class_names) != list(class_names):
-        raise UserError(
-            f"{what} {data_dir} has classes {cache.class_names} but the checkpoints know "
-            f"{class_names} — evaluate on a folder with the same class subfolders"
-        )
-    return cache
-
-
-def _unit(cache: ImageCache, indices: np.ndarray) -> torch.Tensor:
-    return to_unit_float(torch.from_numpy(np.ascontiguousarray(cache.images[indices])))
-
-
-def load_real_images(
-    cfg: EvaluateConfig, image_size: int, class_names: list[str], classifier_config: dict[str, Any]
-) -> RealImages:
+def load_real_images(cfg: EvaluateConfig, image_size: int, class_names: list[str], classifier_config) -> RealImages:
     """Training reference = all of --data (what the DiT saw); held-out from --heldout-data or the val split."""
-    cache = _cache_for(cfg.data, image_size, class_names, "--data")
+
+    def cached(folder: str, flag: str) -> ImageCache:
+        cache = load_or_build_cache(folder, image_size, cache_dir=cfg.cache_dir or None)
+        if list(cache.class_names) != list(class_names):
+            raise UserError(
+                f"{flag} {printable(folder)} has classes {printable(cache.class_names)} but the checkpoints know "
+                f"{printable(class_names)} — evaluate on a folder with the same class subfolders"
+            )
+        return cache
+
+    def unit(cache: ImageCache, indices: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+        images = to_unit_float(torch.from_numpy(np.ascontiguousarray(cache.images[indices])))
+        return images, np.asarray(cache.labels)[indices]
+
+    cache = cached(cfg.data, "--data")
     if cfg.heldout_data:
-        heldout = _cache_for(cfg.heldout_data, image_size, class_names, "--heldout-data")
-        everything = np.arange(len(cache))
-        return RealImages(
-            _unit(cache, everything),
-            cache.labels[everything],
-            _unit(heldout, np.arange(len(heldout))),
-            np.asarray(heldout.labels),
-            f"folder {cfg.heldout_data}",
-            clean_for_dit=True,
-        )
+        heldout = cached(cfg.heldout_data, "--heldout-data")
+        both = unit(cache, np.arange(len(cache))) + unit(heldout, np.arange(len(heldout)))
+        return RealImages(*both, f"folder {cfg.heldout_data}", clean_for_dit=True)
     val_fraction = float(classifier_config.get("val_split") or 0.0)
     if val_fraction <= 0:
         raise UserError(
-            "the classifier checkpoint records no validation split, so there are no held-out images "
-            "in --data — pass --heldout-data DIR (e.g. toy cats drawn with another --seed)"
+            "the classifier checkpoint records no validation split, so there are no held-out images in --data — "
+            "pass --heldout-data DIR (e.g. toy cats drawn with another --seed)"
         )
-    # The same split the classifier trainer drew (sorted indices), so held-out was never trained on by it.
+    # The split the classifier trainer drew, so the held-out images were never trained on by it.
     train_idx, val_idx = stratified_split(cache.labels, val_fraction, int(classifier_config.get("seed", 0)))
-    return RealImages(
-        _unit(cache, train_idx),
-        cache.labels[train_idx],
-        _unit(cache, val_idx),
-        cache.labels[val_idx],
-        f"classifier validation split of {cfg.data} (fraction {val_fraction})",
-        clean_for_dit=False,
-    )
+    source = f"classifier validation split of {cfg.data} (fraction {val_fraction})"
+    return RealImages(*unit(cache, train_idx), *unit(cache, val_idx), source, clean_for_dit=False)
 
 
 def balanced_subset(labels: np.ndarray, per_class: int, num_classes: int, seed: int) -> np.ndarray:
     """Up to `per_class` random indices of each class, so the baseline has the samples' class mix."""
     rng = np.random.default_rng(seed)
-    chosen = [rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in range(num_classes)]
-    return np.sort(np.concatenate(chosen))
-
-
-@torch.no_grad()
-def classify(
-    model: nn.Module,
-    metadata: dict[str, Any],
-    images_unit: torch.Tensor,
-    batch_size: int,
-    device: torch.device,
-    desc: str,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(predicted labels (N,), penultimate features (N, D)) at the classifier's own input size."""
-    size = int(metadata["image_size"])
-    predictions, features = [], []
-    for batch in tqdm(images_unit.split(batch_size), desc=desc, unit="batch", leave=False):
-        batch = batch.to(device)
-        if batch.shape[-1] != size:
-            batch = F.interpolate(batch, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        batch_features, logits = features_and_logits(model, classifier_normalize(batch, metadata))
-        predictions.append(logits.argmax(dim=1).cpu())
-        features.append(batch_features.cpu())
-    return torch.cat(predictions).numpy(), torch.cat(features).double().numpy()
-
-
-def generate_samples(
-    model: nn.Module, objective, metadata: dict[str, Any], cfg: EvaluateConfig, sampler: str, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(unit images (C*N, 3, H, W) on CPU, requested labels), class by class, with a progress bar."""
-    labels = class_grid_labels(list(range(metadata["num_classes"])), cfg.num_per_class, device)
-    chunks = []
-    for index, chunk in enumerate(tqdm(labels.split(SAMPLE_CHUNK), desc="sampling", unit="batch")):
-        chunks.append(
-            sample_images(
-                model,
-                objective,
-                chunk,
-                steps=cfg.steps,
-                cfg_scale=cfg.cfg_scale,
-                sampler=sampler,
-                seed=cfg.seed + index,
-            ).cpu()
-        )
-    return torch.cat(chunks), labels.cpu()
-
-
-def write_summary(cfg: EvaluateConfig) -> dict[str, Any]:
-    if not cfg.out:
-        raise UserError("--summarize needs --out, the path of the summary JSON")
-    if not 0 <= cfg.fidelity_bar <= 1:
-        raise UserError(f"--fidelity-bar is a fraction in [0, 1] (got {cfg.fidelity_bar})")
-    summary = summarize(cfg.summarize, cfg.fidelity_bar)
-    out = Path(cfg.out)
-    write_report_json(out, summary)
-    print_combined_summary(summary)
-    print(f"summary -> {out}")
-    return summary
-
-
-@dataclass
-class Models:
-    dit: nn.Module
-    objective: Any
-    dit_meta: dict[str, Any]
-    classifier: nn.Module
-    classifier_meta: dict[str, Any]
-    class_names: list[str]
-    sampler: str
-
-
-def load_models(cfg: EvaluateConfig, device: torch.device) -> Models:
-    """The DiT and the judge, strictly loaded, refused when they do not share their classes."""
-    dit, objective, dit_meta = load_dit(cfg.dit, device=device)
-    classifier, classifier_meta = load_classifier(cfg.classifier, device=device)
-    class_names = list(dit_meta["class_names"])
-    if list(classifier_meta["class_names"]) != class_names:
-        raise UserError(
-            f"the DiT knows classes {class_names} but the classifier {classifier_meta['class_names']} "
-            "— evaluate with a classifier trained on the same classes"
-        )
-    sampler = cfg.sampler or objective.default_sampler
-    if sampler not in objective.samplers:
-        raise UserError(f"unknown --sampler {sampler!r} — choose one of {', '.join(objective.samplers)}")
-    return Models(dit, objective, dit_meta, classifier, classifier_meta, class_names, sampler)
-
-
-def judge(
-    models: Models,
-    samples: torch.Tensor,
-    requested: torch.Tensor,
-    real: RealImages,
-    cfg: EvaluateConfig,
-    device: torch.device,
-) -> dict[str, Any]:
-    """The report's quality sections: class fidelity, feature FID/KID, Inception FID, memorisation."""
-    num_classes = len(models.class_names)
-
-    def features(images: torch.Tensor, what: str) -> tuple[np.ndarray, np.ndarray]:
-        return classify(models.classifier, models.classifier_meta, images, cfg.batch_size, device, what)
-
-    baseline_idx = balanced_subset(real.train_labels, cfg.num_per_class, num_classes, cfg.seed)
-    sample_pred, sample_f = features(samples, "classify samples")
-    heldout_pred, heldout_f = features(real.heldout, "classify held-out")
-    _, train_f = features(real.train, "training features")
-    fidelity = class_fidelity(sample_pred, requested, num_classes)
-    return {
-        "class_fidelity": {
-            **{k: v for k, v in asdict(fidelity).items() if k not in ("per_class", "counts")},
-            "per_class": dict(zip(models.class_names, fidelity.per_class, strict=True)),
-            "classifier_heldout_accuracy": float((heldout_pred == real.heldout_labels).mean()),
-        },
-        "classifier_feature_fid": {
-            "note": FEATURE_FID_NOTE,
-            **distance_report(sample_f, heldout_f, train_f[baseline_idx], cfg.seed),
-        },
-        "inception_fid": inception_report(samples, real.heldout, real.train[baseline_idx], cfg.batch_size, device),
-        "memorisation": {
-            "note": MEMORISATION_NOTE,
-            "pixel": memorisation_report(
-                samples.flatten(1).numpy(), real.heldout.flatten(1).numpy(), real.train.flatten(1).numpy()
-            ),
-            "classifier_features": memorisation_report(sample_f, heldout_f, train_f),
-        },
-    }
+    return np.sort(
+        np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in range(num_classes)])
+    )
 
 
 def main(cfg: EvaluateConfig) -> dict[str, Any]:
     """Evaluate, write the JSON report and the grid, print a summary; returns the report.
-
-    With --summarize: combine existing reports into one summary instead (returns the summary).
-    """
+    With --summarize: combine existing reports into one summary instead, and return that."""
     if cfg.summarize:
-        return write_summary(cfg)
+        if not cfg.out:
+            raise UserError("--summarize needs --out, the path of the summary JSON")
+        if not 0 <= cfg.fidelity_bar <= 1:
+            raise UserError(f"--fidelity-bar is a fraction in [0, 1] (got {cfg.fidelity_bar})")
+        summary = summarize(cfg.summarize, cfg.fidelity_bar)
+        write_json(Path(cfg.out), summary, "the summary")
+        print_summary(summary)
+        print(f"summary -> {cfg.out}")
+        return summary
     validate_config(cfg)
     started = time.perf_counter()
     device = torch.device(resolve_device_type(cfg.device))
-    models = load_models(cfg, device)
-    meta, class_names = models.dit_meta, models.class_names
-    real = load_real_images(cfg, int(meta["image_size"]), class_names, models.classifier_meta.get("config", {}))
-    sampling_started = time.perf_counter()
-    samples, requested = generate_samples(models.dit, models.objective, meta, cfg, models.sampler, device)
-    sampling_seconds = time.perf_counter() - sampling_started
-    grid = Path(cfg.grid) if cfg.grid else default_output(cfg.dit, "_eval_grid.png")
-    columns = min(GRID_COLUMNS, cfg.num_per_class)
-    picked = torch.arange(len(samples)).view(len(class_names), cfg.num_per_class)[:, :columns].flatten()
-    save_grid(samples[picked], grid, per_row=columns)
+    dit, objective, meta = load_dit(cfg.dit, device=device)
+    classifier, classifier_meta = load_classifier(cfg.classifier, device=device)
+    class_names = list(meta["class_names"])
+    if list(classifier_meta["class_names"]) != class_names:
+        raise UserError(
+            f"the DiT knows classes {printable(class_names)} but the classifier "
+            f"{printable(classifier_meta['class_names'])} — evaluate with a classifier trained on the same classes"
+        )
+    sampler, cfg_scale = resolve_sampler(objective, cfg.sampler), guidance_scale(cfg.cfg_scale, meta)
+    real = load_real_images(cfg, meta["image_size"], class_names, classifier_meta.get("config", {}))
 
+    labels = class_grid_labels(list(range(len(class_names))), cfg.num_per_class, device)
+    sampling_started = time.perf_counter()
+    samples = sample_images(
+        dit, objective, labels, steps=cfg.steps, cfg_scale=cfg_scale, sampler=sampler, seed=cfg.seed,
+        progress=f"sampling {len(labels)} images",
+    ).cpu()  # fmt: skip
+    sampling_seconds = time.perf_counter() - sampling_started
+    dit_path = Path(cfg.dit)
+    grid = Path(cfg.grid) if cfg.grid else dit_path.with_name(dit_path.stem + "_eval_grid.png")
+    columns = min(GRID_COLUMNS, cfg.num_per_class)
+    try:
+        save_grid(samples.unflatten(0, (len(class_names), -1))[:, :columns].flatten(0, 1), grid, per_row=columns)
+    except OSError as error:
+        raise write_failure("the sample grid", grid, error) from error
+
+    def classify(images: torch.Tensor, desc: str) -> tuple[np.ndarray, np.ndarray]:
+        """(predicted classes, penultimate features) at the classifier's own input size."""
+        forward = lambda batch: features_and_logits(classifier, classifier_normalize(batch, classifier_meta))  # noqa: E731
+        features, logits = batched_outputs(forward, images, classifier_meta["image_size"], cfg.batch_size, device, desc)
+        return logits.argmax(axis=1), features
+
+    sample_pred, sample_f = classify(samples, "classify samples")
+    heldout_pred, heldout_f = classify(real.heldout, "classify held-out")
+    train_f = classify(real.train, "training features")[1]
+    baseline_idx = balanced_subset(real.train_labels, cfg.num_per_class, len(class_names), cfg.seed)
     report = {
         "dit": cfg.dit,
         "classifier": cfg.classifier,
@@ -703,13 +508,13 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
         "dit_step": meta.get("step"),
         "dit_model": meta.get("model"),
         "image_size": meta["image_size"],
-        "classifier_backbone": models.classifier_meta.get("backbone"),
-        "classifier_image_size": models.classifier_meta["image_size"],
+        "classifier_backbone": classifier_meta.get("backbone"),
+        "classifier_image_size": classifier_meta["image_size"],
         "sampling": {
             "num_per_class": cfg.num_per_class,
-            "cfg_scale": cfg.cfg_scale,
+            "cfg_scale": cfg_scale,
             "steps": cfg.steps,
-            "sampler": models.sampler,
+            "sampler": sampler,
             "seed": cfg.seed,
             "seconds": sampling_seconds,
             "images_per_second": len(samples) / sampling_seconds,
@@ -720,12 +525,27 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
             "clean_for_dit": real.clean_for_dit,
             "training_reference_count": len(real.train),
         },
-        **judge(models, samples, requested, real, cfg, device),
+        "class_fidelity": {
+            **class_fidelity(sample_pred, labels.cpu(), class_names),
+            "classifier_heldout_accuracy": float((heldout_pred == real.heldout_labels).mean()),
+        },
+        "classifier_feature_fid": {
+            "note": FEATURE_FID_NOTE,
+            **distance_report(sample_f, heldout_f, train_f[baseline_idx], cfg.seed),
+        },
+        "inception_fid": inception_report(
+            samples, real.heldout, real.train[baseline_idx], cfg.batch_size, device, cfg.seed
+        ),
+        "memorisation": {
+            "note": MEMORISATION_NOTE,
+            "pixel": memorisation(*(images.flatten(1) for images in (samples, real.heldout, real.train))),
+            "classifier_features": memorisation(sample_f, heldout_f, train_f),
+        },
     }
     report["seconds"] = time.perf_counter() - started
-    out = Path(cfg.out) if cfg.out else default_output(cfg.dit, "_eval.json")
-    write_report_json(out, report)
-    print_summary(report)
+    out = Path(cfg.out) if cfg.out else dit_path.with_name(dit_path.stem + "_eval.json")
+    write_json(out, report, "the report")
+    print_report(report)
     print(f"report -> {out}   grid -> {grid}   ({report['seconds']:.0f}s)")
     return report
 
@@ -734,6 +554,6 @@ if __name__ == "__main__":
     run_main(
         main,
         EvaluateConfig,
-        "Evaluate a TinyDiT: class fidelity, classifier-feature FID/KID vs a "
-        "real-vs-real baseline, and a memorisation check.",
+        "Evaluate a TinyDiT: class fidelity, classifier-feature FID/KID vs a real-vs-real baseline, Inception FID "
+        "when its weights are local, and a memorisation check; or --summarize several reports.",
     )
