@@ -5,7 +5,6 @@ their thresholds."""
 from __future__ import annotations
 
 import json
-import math
 import statistics
 import sys
 from pathlib import Path
@@ -17,32 +16,26 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from models.tiny_dit import TinyDiT, build_dit, count_parameters
 from scripts.benchmark import (
-    QUICK,
-    BenchmarkConfig,
-    main,
-    measure_pipeline_throughput,
-    resolve_suite,
-    speed_bar,
-    speed_bar_section,
-)
-from scripts.lib.cli import UserError, parse_config
-from scripts.benchmark import (
     GPU_FULL,
     GPU_GOAL,
     GPU_QUICK,
+    QUICK,
+    BenchmarkConfig,
     GpuRun,
     MeasurementFailed,
     attempt,
+    count_flops,
+    dit_train_step,
     gpu_goal,
-    gpu_goal_section,
+    main,
+    matmuls_only_call,
+    resolve_suite,
     run_command,
-    trainer_command,
+    speed_bar,
     trainer_over_bare_loop,
     trainer_windows,
-    training_figures,
 )
-from scripts.lib.data import synthetic_cache
-from scripts.benchmark import count_flops, forward_backward_flops, matmuls_only_call
+from scripts.lib.cli import UserError, parse_config
 from scripts.make_toy_cats import TOY_CAT_CLASSES
 from scripts.train_dit import TrainDiTConfig
 
@@ -116,35 +109,30 @@ def test_quick_benchmark_emits_every_figure(tmp_path):
     assert "not_evaluated" in report["speed_bar"]
 
 
-def test_speed_bar_compares_each_figure_with_its_threshold():
-    report = {
-        "dit_training": {"fp32": {"mfu_vs_fp32_matmul_peak": 0.75}, "bf16_autocast": {"speedup_vs_fp32": 1.2}},
-        "data_pipeline": {"ratio_to_fastest_training": 25.0},
-        "onnx_runtime": {"dit_step": {"ort_speedup_vs_eager": 1.0}},
-    }
-    bar = speed_bar(report)
-    assert {name: entry["met"] for name, entry in bar.items()} == {
-        "fp32_mfu": True,
-        "bf16_speedup": False,
-        "pipeline_over_training": True,
-        "onnx_dit_step_speedup": True,
+def bar_report(mfu: float, bf16: float, pipeline: float, onnx: float) -> dict:
+    return {
+        "dit_training": {"fp32": {"mfu_vs_fp32_matmul_peak": mfu}, "bf16_autocast": {"speedup_vs_fp32": bf16}},
+        "data_pipeline": {"ratio_to_fastest_training": pipeline},
+        "onnx_runtime": {"dit_step": {"ort_speedup_vs_eager": onnx}},
     }
 
 
-def test_pipeline_throughput_is_measured():
-    rate = measure_pipeline_throughput(synthetic_cache(32, 8), batch_size=8, level="full", steps=2)
-    assert math.isfinite(rate) and rate > 0
+@pytest.mark.parametrize(
+    "figures, met",
+    [((0.75, 1.2, 25.0, 1.0), [True, False, True, True]), ((0.5, 1.7, 19.9, 0.98), [False, True, False, False])],
+)
+def test_speed_bar_compares_each_figure_with_its_threshold(figures, met):
+    bar = speed_bar(bar_report(*figures), torch.device("cpu"), quick=False)
+    assert bar.pop("applies_to") == "cpu"
+    assert list(bar) == ["fp32_mfu", "bf16_speedup", "pipeline_over_training", "onnx_dit_step_speedup"]
+    assert [(entry["value"], entry["met"]) for entry in bar.values()] == list(zip(figures, met, strict=True))
+    assert [entry["threshold"] for entry in bar.values()] == [0.72, 1.35, 20.0, 1.0]
 
 
-def test_the_speed_bar_is_judged_on_a_cpu_only():
-    report = {
-        "dit_training": {"fp32": {"mfu_vs_fp32_matmul_peak": 0.5}, "bf16_autocast": {"speedup_vs_fp32": 1.7}},
-        "data_pipeline": {"ratio_to_fastest_training": 250.0},
-        "onnx_runtime": {"dit_step": {"ort_speedup_vs_eager": 1.02}},
-    }
-    assert speed_bar_section(report, torch.device("cpu"), quick=False)["fp32_mfu"]["met"] is False
-    assert set(speed_bar_section(report, torch.device("cuda"), quick=False)) == {"not_evaluated"}
-    assert set(speed_bar_section(report, torch.device("cpu"), quick=True)) == {"not_evaluated"}
+def test_the_speed_bar_is_judged_on_a_cpu_at_full_size_only():
+    report = bar_report(0.9, 1.7, 250.0, 1.02)
+    assert set(speed_bar(report, torch.device("cuda"), quick=False)) == {"not_evaluated"}
+    assert set(speed_bar(report, torch.device("cpu"), quick=True)) == {"not_evaluated"}
 
 
 def test_the_suite_follows_the_device():
@@ -246,17 +234,18 @@ def goal_models(over_bare_loop: float, mfu: dict[str, float]) -> dict:
     """A report's "models" section, built by the suite's own functions, with these compiled-trainer figures."""
     flops, batch = 2e11, GPU_FULL.batch_size
     run = GpuRun(GPU_FULL, torch.device("cuda"), torch.bfloat16, Path("data"), Path("work"), 6, peak_flops=8e14)
+    figures = run.training_figures
     models = {}
     for name, target in mfu.items():
         trainer_img_per_s = target * run.peak_flops * batch / flops
         entry = {
             "trainer": {
                 "eager": {"failed": "not part of the goal"},
-                "compiled": training_figures(run, [trainer_img_per_s], flops),
+                "compiled": figures([trainer_img_per_s], flops),
             },
             "bare_loop": {
                 "eager": {"skipped": "--skip-compile"},
-                "compiled": training_figures(run, [trainer_img_per_s / over_bare_loop], flops),
+                "compiled": figures([trainer_img_per_s / over_bare_loop], flops),
             },
         }
         entry["trainer_over_bare_loop"] = trainer_over_bare_loop(entry)
@@ -273,16 +262,17 @@ def goal_models(over_bare_loop: float, mfu: dict[str, float]) -> dict:
     ],
 )
 def test_gpu_goal_compares_each_figure_with_its_threshold(over_bare_loop, mfu, met):
-    goal = gpu_goal(goal_models(over_bare_loop, mfu))
+    goal = gpu_goal({"precision": "bf16", "models": goal_models(over_bare_loop, mfu)}, quick=False)
+    assert goal["applies_to"] == "cuda"
     for name, (ratio_met, mfu_met) in met.items():
         assert goal[name]["trainer_over_bare_loop"] == {
             "value": pytest.approx(over_bare_loop),
-            "threshold": GPU_GOAL[name]["trainer_over_bare_loop"],
+            "threshold": GPU_GOAL[name]["trainer_over_bare_loop"][1],
             "met": ratio_met,
         }
         assert goal[name]["trainer_mfu"] == {
             "value": pytest.approx(mfu[name]),
-            "threshold": GPU_GOAL[name]["trainer_mfu"],
+            "threshold": GPU_GOAL[name]["trainer_mfu"][1],
             "met": mfu_met,
         }
     assert goal["all_met"] is all(all(pair) for pair in met.values())
@@ -292,42 +282,36 @@ def test_gpu_goal_counts_a_missing_figure_as_not_met():
     models = goal_models(0.99, {"S/4": 0.5, "S/2": 0.5})
     models["S/2"]["trainer"]["compiled"] = {"failed": "RuntimeError: out of memory"}
     models["S/2"]["trainer_over_bare_loop"] = trainer_over_bare_loop(models["S/2"])
-    goal = gpu_goal(models)
+    goal = gpu_goal({"precision": "bf16", "models": models}, quick=False)
     assert goal["S/4"]["trainer_mfu"]["met"] is True
     assert goal["S/2"]["trainer_mfu"] == {"value": None, "threshold": 0.45, "met": False}
     assert goal["S/2"]["trainer_over_bare_loop"]["value"] is None and goal["all_met"] is False
     del models["S/4"]  # not measured at all
-    assert gpu_goal(models)["S/4"]["trainer_mfu"]["met"] is False
+    assert gpu_goal({"precision": "bf16", "models": models}, quick=False)["S/4"]["trainer_mfu"]["met"] is False
 
 
 def test_gpu_goal_is_judged_at_full_size_in_bf16_only():
     models = goal_models(0.99, {"S/4": 0.5, "S/2": 0.5})
-    assert gpu_goal_section({"precision": "bf16", "models": models}, quick=False)["all_met"] is True
-    assert set(gpu_goal_section({"precision": "bf16", "models": models}, quick=True)) == {"not_evaluated"}
-    assert set(gpu_goal_section({"precision": "fp32", "models": models}, quick=False)) == {"not_evaluated"}
+    assert gpu_goal({"precision": "bf16", "models": models}, quick=False)["all_met"] is True
+    assert set(gpu_goal({"precision": "bf16", "models": models}, quick=True)) == {"not_evaluated"}
+    assert set(gpu_goal({"precision": "fp32", "models": models}, quick=False)) == {"not_evaluated"}
 
 
 @pytest.mark.parametrize("compiled", [False, True])
-def test_trainer_command_speaks_the_trainers_own_flags(compiled, tmp_path):
+@pytest.mark.parametrize("model", GPU_FULL.models)
+def test_trainer_command_speaks_the_trainers_own_flags(model, compiled, tmp_path):
     run = GpuRun(GPU_FULL, torch.device("cuda"), torch.bfloat16, tmp_path / "cats", tmp_path, 6, peak_flops=1.0)
-    model = GPU_FULL.models[1]
-    argv = trainer_command(run, model, "S2-run", compiled)
+    argv = run.trainer_command(model, "S2-run", compiled)
     assert argv[:2] == [sys.executable, "scripts/train_dit.py"]
     cfg = parse_config(TrainDiTConfig, argv[2:], "")
-    assert (cfg.data_dir, cfg.model, cfg.image_size, cfg.batch_size) == (str(tmp_path / "cats"), "S/2", 64, 256)
+    assert (cfg.data_dir, cfg.model, cfg.image_size, cfg.batch_size) == (str(tmp_path / "cats"), model.name, 64, 256)
     assert (cfg.device, cfg.mixed_precision, cfg.run_name) == ("cuda", "bf16", "S2-run")
     assert Path(cfg.output_dir).parent == tmp_path
     assert cfg.compile in ((True, "on") if compiled else (False, "off"))
-    assert cfg.steps == GPU_FULL.trainer_steps(model) and cfg.log_interval == model.window_steps
+    assert cfg.steps == (GPU_FULL.windows + 1) * model.window_steps and cfg.log_interval == model.window_steps
+    # The trainer logs at most every 10 % of its run: its windows must still be the bare loop's.
+    assert min(model.window_steps, max(1, cfg.steps // 10)) == model.window_steps
     assert cfg.save_interval >= cfg.steps and cfg.sample_interval >= cfg.steps  # nothing saved inside a window
-
-
-def test_the_trainer_logs_every_window_of_the_full_suite():
-    # The trainer logs at most every 10 % of its run: the windows must not be shorter than the bare loop's.
-    for model in GPU_FULL.models:
-        steps = GPU_FULL.trainer_steps(model)
-        assert min(model.window_steps, max(1, steps // 10)) == model.window_steps
-        assert steps // model.window_steps == GPU_FULL.windows + 1
 
 
 def test_trainer_windows_skip_the_warm_up_row(tmp_path):
@@ -364,6 +348,17 @@ def test_a_failing_command_reports_its_status_and_last_lines(tmp_path):
 def test_flops_are_the_same_under_bf16_autocast():
     torch.manual_seed(0)
     model = TinyDiT(16, num_classes=2, width=32, depth=1, heads=2, patch=4)
-    fp32 = forward_backward_flops(model, 3, torch.device("cpu"))
-    assert forward_backward_flops(model, 3, torch.device("cpu"), torch.bfloat16) == fp32
+    cpu = torch.device("cpu")
+    fp32 = count_flops(dit_train_step(model, 3, cpu))
+    assert count_flops(dit_train_step(model, 3, cpu, torch.bfloat16)) == fp32
     assert fp32[1][FORWARD_OP] > 0
+
+
+@pytest.mark.parametrize(
+    "flags, message", [({"rounds": 0}, "--rounds 0: "), ({"out": "file/bench.json"}, "could not write")]
+)
+def test_a_mistake_is_refused_before_measuring(flags, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("file").write_text("a file where --out needs a folder")
+    with pytest.raises(UserError, match=message):
+        main(BenchmarkConfig(suite="gpu", quick=True, device="cpu", **flags))
