@@ -1,16 +1,11 @@
-"""What the DiT and classifier ONNX exports share: export, runtime session, parity, sidecar, int8.
-
-Both exports write one self-contained `.onnx` file (weights inside, no `.onnx.data` beside it) with a
-dynamic batch axis on every input, and a JSON sidecar `<name>.json` that tells a runtime everything it
-needs besides the graph. `make_ort_session` is the session every consumer (verify, --test sampling,
-the benchmark) uses, so what is measured is what ships.
-"""
+"""What both ONNX exporters share: one self-contained `.onnx` file with a dynamic batch axis, `<name>.json` beside it
+(what a runtime needs besides the graph), the parity check, and the session every consumer (the checks, the
+torch-free sampler, the benchmark) uses, so that what is measured is what ships."""
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,48 +19,25 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from scripts.lib.cli import UserError
+from scripts.lib.cli import UserError, printable, write_atomic, write_failure
 
 # Opset 23 is the first with a fused Attention op; ONNX Runtime's CPU kernel for it (fed tokens by
 # `attention_on_tokens`) beats the MatMul/Softmax graph that older opsets decompose attention into.
 DEFAULT_OPSET = 23
 PARITY_TOLERANCE = 1e-4
 PARITY_BATCH_SIZES = (1, 2, 5)
-# A file this big still fits a protobuf (2 GiB limit) comfortably; bigger models keep weights outside.
-_MAX_INLINE_PARAMETER_BYTES = 1 << 30
-
-
-def available_cores() -> int:
-    """CPU cores this process may use (respects affinity masks / container limits)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def make_ort_session(path: str | Path, threads: int | None = None) -> ort.InferenceSession:
-    """A CPU onnxruntime session tuned for latency: all graph optimisations, one intra-op thread per core."""
+    """A CPU session tuned for latency: all graph optimisations, one intra-op thread per usable core by default."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads or available_cores()
+    # Cores this process may use (affinity masks, container limits), not the machine's.
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    options.intra_op_num_threads = threads or usable
     # One graph, one request at a time: parallelism inside ops beats running independent ops side by side.
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
-
-
-def sidecar_path(onnx_path: str | Path) -> Path:
-    """Where the runtime metadata of `model.onnx` lives: `model.json` beside it."""
-    return Path(onnx_path).with_suffix(".json")
-
-
-def write_sidecar(onnx_path: str | Path, data: dict[str, Any]) -> Path:
-    path = sidecar_path(onnx_path)
-    path.write_text(json.dumps(data, indent=2) + "\n")
-    return path
-
-
-def read_sidecar(onnx_path: str | Path) -> dict[str, Any]:
-    path = sidecar_path(onnx_path)
-    if not path.is_file():
-        raise UserError(f"{path} is missing — it is written by the export next to {Path(onnx_path).name}; re-export")
-    return json.loads(path.read_text())
 
 
 def export_with_dynamic_batch(
@@ -76,44 +48,86 @@ def export_with_dynamic_batch(
     path: str | Path,
     opset: int = DEFAULT_OPSET,
 ) -> Path:
-    """Export `model(*example_inputs)` with torch.onnx's dynamo exporter; axis 0 of every input is dynamic.
-
-    The model is exported in eval mode and the exporter's graph optimiser (constant folding, redundant op
-    removal) is on, so the file holds the lean inference graph. Returns the written path.
-    """
+    """Export `model(*example_inputs)` in eval mode with the dynamo exporter (its graph optimiser on); axis 0 of
+    every input is one dynamic batch. Every registry model fits a protobuf's 2 GiB, so the weights stay inside."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    model = model.eval()
     batch = torch.export.Dim("batch", min=1, max=4096)
-    parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     with torch.no_grad(), warnings.catch_warnings():
         # All inputs share the one batch Dim on purpose; the exporter warns that it renames none of them.
         warnings.filterwarnings("ignore", message=r"# The axis name: batch will not be used")
         program = torch.onnx.export(
-            model,
-            example_inputs,
-            dynamo=True,
-            opset_version=opset,
-            optimize=True,
-            input_names=list(input_names),
-            output_names=[output_name],
+            model.eval(), example_inputs, dynamo=True, opset_version=opset, optimize=True, verbose=False,
+            input_names=list(input_names), output_names=[output_name],
             dynamic_shapes=tuple({0: batch} for _ in example_inputs),
-            verbose=False,
-        )
+        )  # fmt: skip
     attention_on_tokens(program.model)
-    program.save(str(path), external_data=parameter_bytes > _MAX_INLINE_PARAMETER_BYTES)
-    return path
+    return _write(path, "the ONNX graph", lambda tmp: program.save(str(tmp)))
 
 
+def sidecar_path(onnx_path: str | Path) -> Path:
+    return Path(onnx_path).with_suffix(".json")
+
+
+def write_sidecar(onnx_path: str | Path, data: dict[str, Any]) -> Path:
+    return _write(sidecar_path(onnx_path), "the ONNX sidecar", json.dumps(data, indent=2) + "\n")
+
+
+def _write(path: Path, what: str, content: Any) -> Path:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return write_atomic(path, content)
+    except OSError as error:
+        raise write_failure(what, path, error) from error
+
+
+def max_abs_diff(actual: np.ndarray, expected: np.ndarray) -> float:
+    if actual.shape != expected.shape:
+        raise UserError(f"ONNX output shape {actual.shape} differs from PyTorch's {expected.shape}")
+    return float(np.max(np.abs(actual.astype(np.float64) - expected.astype(np.float64))))
+
+
+def verify_export(
+    what: str, model: nn.Module, path: Path, batches: Sequence[dict[str, torch.Tensor]], threads: int | None = None
+) -> tuple[ort.InferenceSession, float]:
+    """onnx.checker, then ONNX Runtime vs PyTorch on each batch (input name -> CPU tensor): (session, worst
+    difference); UserError above PARITY_TOLERANCE."""
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except onnx.checker.ValidationError as error:
+        raise UserError(f"{printable(path)}: the exported graph is not valid ONNX ({printable(error)})") from error
+    print("  onnx.checker: OK")
+    session = make_ort_session(path, threads)
+    diffs = []
+    for inputs in batches:
+        with torch.no_grad():
+            expected = model(*inputs.values()).numpy()
+        diffs.append(max_abs_diff(session.run(None, {name: t.numpy() for name, t in inputs.items()})[0], expected))
+        print(f"  {what} batch {len(expected)}: max |onnx - torch| = {diffs[-1]:.3g}")
+    worst = float(np.max(diffs))  # NaN, if any, is the worst
+    if not worst <= PARITY_TOLERANCE:
+        raise UserError(
+            f"{what}: ONNX Runtime differs from PyTorch by {worst:.3g} > {PARITY_TOLERANCE:g} — the export is not "
+            "faithful; report it with the checkpoint and the torch/onnxruntime versions"
+        )
+    print(f"  {what}: parity OK (max {worst:.3g} <= {PARITY_TOLERANCE:g})")
+    return session, worst
+
+
+def size_text(path: Path) -> str:
+    return f"{path.stat().st_size / 2**20:.2f} MiB"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The graph pass: attention straight on the qkv tokens
+# ---------------------------------------------------------------------------------------------------------
 def attention_on_tokens(model: ir.Model) -> int:
     """Let each Attention read the fused qkv projection's (B, N, 3*D) tokens directly; returns how many do.
 
     The exporter lowers `qkv.unflatten(-1, (3, heads, -1)).permute(2, 0, 3, 1, 4)`, SDPA and
     `out.transpose(1, 2).flatten(2)` to Reshape, Transpose, 3x(Slice, Squeeze), a 4-D Attention, Transpose,
-    Reshape. PyTorch runs those permutes as free views; ONNX Runtime copies every one (~10% of a DiT
-    forward on CPU). Attention's 3-D form (q_num_heads = kv_num_heads = heads) takes (B, N, heads*d)
-    inputs and returns (B, N, heads*d): the same maths without the copies. A graph not of exactly that
-    shape is left as it was.
+    Reshape. PyTorch runs those permutes as free views; ONNX Runtime copies every one (~10% of a DiT forward on
+    CPU). Attention's 3-D form (q_num_heads = kv_num_heads = heads) takes and returns (B, N, heads*d): the same
+    maths without the copies. A graph not of exactly that shape is left as it was.
     """
     rewritten = 0
     for node in list(model.graph):
@@ -134,9 +148,9 @@ def attention_on_tokens(model: ir.Model) -> int:
 def _queries_keys_values(graph: ir.Graph, qkv: ir.Value) -> tuple[list[ir.Node], list[ir.Value]]:
     """(new nodes, [q, k, v]) of (B, N, D) each, from the fused projection's (B, N, 3*D) output.
 
-    When qkv = MatMul(x, W) + b with constant W and b and no other use, three MatMul + Add on the thirds of W
-    and b replace the 3*D-wide projection and the Split that would copy its output apart (~4% of a DiT
-    forward in ONNX Runtime; every output element is the same dot product). Otherwise a Split.
+    When qkv = MatMul(x, W) + b with constant W and b and no other use, three MatMul + Add on the thirds of W and b
+    replace the 3*D-wide projection and the Split that would copy its output apart (~4% of a DiT forward in ONNX
+    Runtime; every output element is the same dot product). Otherwise a Split.
     """
     add = _producer(qkv, "Add")
     matmul = _producer(add.inputs[0], "MatMul") if add else None
@@ -146,8 +160,7 @@ def _queries_keys_values(graph: ir.Graph, qkv: ir.Value) -> tuple[list[ir.Node],
         split = ir.node("Split", [qkv], {"axis": -1, "num_outputs": 3}, num_outputs=3)
         return [split], list(split.outputs)
     nodes, outputs = [], []
-    # Named after the node: equal constants (an untrained model's zero biases) share one value in the graph.
-    prefix = add.name or qkv.name
+    prefix = add.name or qkv.name  # per node: equal constants (zero biases) would otherwise share one value
     thirds = zip(np.split(weight.numpy(), 3, axis=1), np.split(bias.numpy(), 3), strict=True)
     for part, (part_weight, part_bias) in zip("qkv", thirds, strict=True):
         constants = [
@@ -204,86 +217,3 @@ def _head_major_attention(node: ir.Node) -> tuple[ir.Value, int, ir.Value] | Non
     if merge is None or len(_const_ints(merge.inputs[1]) or []) != 3 or merge.outputs[0].is_graph_output():
         return None
     return reshape.inputs[0], shape[3], merge.outputs[0]
-
-
-def check_onnx_file(path: str | Path) -> None:
-    """onnx.checker on the saved file (by path, so models with external data work too)."""
-    try:
-        onnx.checker.check_model(str(path), full_check=True)
-    except onnx.checker.ValidationError as error:
-        raise UserError(f"{path}: the exported graph is not valid ONNX ({error})") from error
-
-
-def max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
-    if a.shape != b.shape:
-        raise UserError(f"ONNX output shape {a.shape} differs from PyTorch's {b.shape}")
-    return float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64))))
-
-
-def parity_with_torch(
-    model: nn.Module, session: ort.InferenceSession, batches: Sequence[dict[str, torch.Tensor]]
-) -> dict[int, float]:
-    """{batch size: max |onnx - torch|} over `batches` (input name -> tensor, all on CPU)."""
-    diffs = {}
-    with torch.no_grad():
-        for inputs in batches:
-            expected = model(*inputs.values()).numpy()
-            actual = session.run(None, {name: tensor.numpy() for name, tensor in inputs.items()})[0]
-            diffs[len(next(iter(inputs.values())))] = max_abs_diff(actual, expected)
-    return diffs
-
-
-def require_parity(what: str, diffs: dict[int, float], tolerance: float, log=print) -> float:
-    """Print the per-batch max differences; UserError when the worst exceeds `tolerance`. Returns the worst."""
-    for batch_size, diff in diffs.items():
-        log(f"  {what} batch {batch_size}: max |onnx - torch| = {diff:.3g}")
-    worst = max(diffs.values())
-    if not worst <= tolerance:  # also catches NaN
-        raise UserError(
-            f"{what}: ONNX Runtime differs from PyTorch by {worst:.3g} > {tolerance:g} — the export is "
-            "not faithful; report it with the checkpoint and the torch/onnxruntime versions"
-        )
-    log(f"  {what}: parity OK (max {worst:.3g} <= {tolerance:g})")
-    return worst
-
-
-def check_export(
-    what: str, model: nn.Module, path: str | Path, batches: Sequence[dict[str, torch.Tensor]]
-) -> tuple[ort.InferenceSession, float]:
-    """onnx.checker, then ONNX Runtime vs PyTorch on `batches`: (session, worst diff); UserError above tolerance."""
-    check_onnx_file(path)
-    print("  onnx.checker: OK")
-    session = make_ort_session(path)
-    return session, require_parity(what, parity_with_torch(model, session, batches), PARITY_TOLERANCE)
-
-
-def quantize_int8(path: str | Path) -> Path:
-    """Int8 dynamic quantisation (weights int8, activations quantised on the fly) to `<name>.int8.onnx`."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-    from onnxruntime.quantization.registry import IntegerOpsRegistry
-
-    path = Path(path)
-    quantized = path.with_name(f"{path.stem}.int8.onnx")
-    # The quantiser's shape inference rejects some intermediate shapes the dynamo exporter stores
-    # ("Inferred shape and existing shape differ"); they are only hints, so quantise a copy without them.
-    model = onnx.load(str(path))
-    del model.graph.value_info[:]
-    with tempfile.TemporaryDirectory() as tmp:
-        stripped = Path(tmp) / path.name
-        onnx.save(model, str(stripped))
-        # The quantiser takes every op named Attention for its own com.microsoft Attention and writes a
-        # QAttention that cannot load; the standard Attention op has no weights to quantise anyway.
-        op_types = [op for op in IntegerOpsRegistry if op != "Attention"]
-        quantize_dynamic(str(stripped), str(quantized), weight_type=QuantType.QInt8, op_types_to_quantize=op_types)
-    return quantized
-
-
-def format_size(num_bytes: int) -> str:
-    return f"{num_bytes / 2**20:.2f} MiB"
-
-
-def file_size(path: str | Path) -> int:
-    """Size of an ONNX file including its external-data file, if it has one."""
-    path = Path(path)
-    data = path.with_name(path.name + ".data")
-    return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
