@@ -1,10 +1,9 @@
-"""Draw class-conditional samples from a trained TinyDiT: a grid (one row per class) or a folder of PNGs.
+"""Draw class-conditional samples from a trained TinyDiT: one grid (a row per class) or a folder of PNGs.
 
     python scripts/sample.py --checkpoint checkpoints/tinydit_final.safetensors --class calico 2 --num 8 \
-        --out samples/grid.png
+        --out checkpoints/grid.png
 
-The model, objective and class names come from the checkpoint's metadata alone. The sampling itself lives in
-scripts/lib/sampling.py.
+The model, objective, class names and (unless --cfg-scale is given) the guidance scale come from the checkpoint.
 """
 
 from __future__ import annotations
@@ -13,80 +12,109 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torchvision.utils import save_image
 
-from scripts.lib.cli import UserError, option, run_main
 from scripts.lib.checkpoints import load_dit
-from scripts.lib.cli import DEVICES, resolve_device_type
-from scripts.lib.sampling import class_grid_labels, resolve_classes, sample_images, save_grid
+from scripts.lib.cli import DEVICES, UserError, cpu_threads_option, option, printable, resolve_device_type, run_main
+from scripts.lib.cli import write_failure
+from scripts.lib.data import available_memory_bytes
+from scripts.lib.sampling import DEFAULT_CFG_SCALE, class_grid_labels, guidance_scale, resolve_classes
+from scripts.lib.sampling import resolve_sampler, sample_images, save_grid
+
+GRID_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+# Float copies of every image alive at the peak: the noise, the sampled chunks, their concatenation and two
+# temporaries of the conversion to unit range (the grid written afterwards needs fewer).
+COPIES_AT_PEAK = 5
+# A class name may fill a file name's 255 bytes by itself, so the file names keep only its first bytes.
+NAME_BYTES_IN_FILE_NAME = 64
 
 
 @dataclass
 class SampleConfig:
     checkpoint: str = option("checkpoints/tinydit_final.safetensors", "TinyDiT weights file (.safetensors)")
-    classes: list[str] = option(
-        [], "class names or ids to sample, one grid row each; none given = all classes", flag="--class"
-    )
+    classes: list[str] = option([], "class names or ids to sample, a grid row each; none: all", flag="--class")
     num: int = option(8, "images per class")
     steps: int = option(50, "sampling steps")
-    cfg_scale: float = option(4.0, "classifier-free guidance scale (1 = no guidance)")
+    cfg_scale: float | None = option(
+        None, f"classifier-free guidance scale (1 = none); default: the DiT's training scale, else {DEFAULT_CFG_SCALE}"
+    )
     sampler: str | None = option(
-        None,
-        "sampler of the checkpoint's objective (flow: euler/heun, ddpm: ddim/ddpm); None = the objective's default",
+        None, "sampler of the checkpoint's objective (flow: euler/heun, ddpm: ddim/ddpm); default: the objective's"
     )
     seed: int = option(0, "seed of the starting noise; the same seed gives the same images")
-    out: str = option("samples/grid.png", "a .png path for one grid, or a folder for one PNG per image")
+    out: str = option(
+        "checkpoints/samples.png", f"a path ending in {'/'.join(GRID_SUFFIXES)}: one grid; any other: a folder of PNGs"
+    )
     device: str = option("auto", "where to run", choices=DEVICES)
+    cpu_threads: int = cpu_threads_option()
 
 
-def validate_config(cfg: SampleConfig) -> None:
-    problems = [
-        f"--{name} must be positive (got {value})"
-        for name, value in (("num", cfg.num), ("steps", cfg.steps))
-        if value < 1
-    ]
-    if cfg.cfg_scale < 0:
-        problems.append(f"--cfg-scale must be >= 0 (got {cfg.cfg_scale})")
-    if problems:
-        raise UserError("; ".join(problems))
+def check_request(cfg: SampleConfig) -> bool:
+    """Refuse what the flags alone show to be wrong, before a model is loaded; True when --out is one grid."""
+    out, is_grid = Path(cfg.out), Path(cfg.out).suffix.lower() in GRID_SUFFIXES
+    shown, kinds = printable(out), "/".join(GRID_SUFFIXES)
+    refusals = {
+        f"--num must be positive (got {cfg.num})": cfg.num < 1,
+        f"--steps must be positive (got {cfg.steps})": cfg.steps < 1,
+        f"--cfg-scale must be >= 0 (got {cfg.cfg_scale})": cfg.cfg_scale is not None and cfg.cfg_scale < 0,
+        f"--out {shown} is a folder, not a grid file — pass e.g. {shown}/grid.png": is_grid and out.is_dir(),
+        f"--out {shown} is a file, not a folder — pass a new folder or a {kinds} file": not is_grid and out.is_file(),
+    }
+    failed = [refusal for refusal, applies in refusals.items() if applies]
+    if failed:
+        raise UserError("; ".join(failed))
+    return is_grid
+
+
+def refuse_what_cannot_fit(cfg: SampleConfig, num_classes: int, model: torch.nn.Module, device: torch.device) -> None:
+    """Sampling holds every image at once: a --num whose images cannot fit is refused before it starts."""
+    column_bytes = num_classes * model.in_channels * model.image_size**2 * 4 * COPIES_AT_PEAK  # an image per class
+    gpu = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    for where, free in {"memory": available_memory_bytes(), "GPU memory": gpu}.items():
+        if free is not None and column_bytes * cfg.num > free:
+            raise UserError(
+                f"--num {cfg.num} x {num_classes} classes needs ~{column_bytes * cfg.num / 2**30:,.1f} GiB of {where}, "
+                f"{free / 2**30:,.1f} GiB is available — pass --num {free // column_bytes} or less "
+                "(another --seed gives more images in another run)"
+            )
+
+
+def file_name(index: int, class_name: str) -> str:
+    return f"{index:04d}_{class_name.encode()[:NAME_BYTES_IN_FILE_NAME].decode(errors='ignore')}.png"
 
 
 def main(cfg: SampleConfig) -> list[Path]:
     """Sample and write the grid (or the folder of images); returns the written paths."""
-    validate_config(cfg)
+    is_grid = check_request(cfg)
     device = torch.device(resolve_device_type(cfg.device))
     model, objective, metadata = load_dit(cfg.checkpoint, device=device)
-    sampler = cfg.sampler or objective.default_sampler
-    if sampler not in objective.samplers:
-        raise UserError(
-            f"unknown --sampler {sampler!r} for the {metadata['objective']} objective — choose "
-            f"one of {', '.join(objective.samplers)}"
-        )
+    sampler, cfg_scale = resolve_sampler(objective, cfg.sampler), guidance_scale(cfg.cfg_scale, metadata)
     class_names = metadata["class_names"]
     class_ids = resolve_classes(cfg.classes, class_names)
+    refuse_what_cannot_fit(cfg, len(class_ids), model, device)
+    out = Path(cfg.out)
+    try:  # a folder that cannot be made fails now, not after the sampling
+        (out.parent if is_grid else out).mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise write_failure("the samples", out, error) from None
     labels = class_grid_labels(class_ids, cfg.num, device)
     images = sample_images(
-        model,
-        objective,
-        labels,
-        steps=cfg.steps,
-        cfg_scale=cfg.cfg_scale,
-        sampler=sampler,
-        seed=cfg.seed,
+        model, objective, labels, steps=cfg.steps, cfg_scale=cfg_scale, sampler=sampler, seed=cfg.seed
     )
-    out = Path(cfg.out)
-    if out.suffix.lower() == ".png":
-        written = [save_grid(images, out, per_row=cfg.num)]
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        written = []
-        for index, (image, label) in enumerate(zip(images, labels.tolist(), strict=True)):
-            path = out / f"{index:04d}_{class_names[label]}.png"
-            save_image(image.cpu(), path)
-            written.append(path)
+    if is_grid:
+        batches, paths = [images], [out]
+    else:  # batches of one image: save_grid adds no padding then
+        batches, paths = images[:, None], [out / file_name(i, class_names[c]) for i, c in enumerate(labels.tolist())]
+    for batch, path in zip(batches, paths, strict=True):
+        try:
+            save_grid(batch, path, per_row=cfg.num)
+        except OSError as error:
+            raise write_failure("the samples", path, error) from None
     rows = ", ".join(class_names[i] for i in class_ids)
-    print(f"wrote {len(images)} samples ({cfg.num} per class; rows: {rows}) to {out}")
-    return written
+    print(
+        f"wrote {len(images)} samples ({cfg.num} per class, {sampler} {cfg.steps} steps, cfg {cfg_scale:g}; "
+        f"rows: {rows}) to {printable(out)}"
+    )
+    return paths
 
 
 if __name__ == "__main__":

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -10,8 +13,9 @@ import torch
 from PIL import Image
 
 from models.classifier import build_classifier
-from scripts.lib.cli import EXIT_USER_ERROR, UserError, run_main
+from scripts import predict
 from scripts.lib.checkpoints import classifier_metadata, save_model
+from scripts.lib.cli import EXIT_USER_ERROR, UserError, parse_config, run_main
 from scripts.predict import PredictConfig, main
 
 CLASSES = ["black", "orange", "white"]
@@ -72,30 +76,56 @@ def test_matches_the_model_on_the_same_pixels(checkpoint, tmp_path):
     )
 
 
-def test_bad_images_get_their_own_message_and_a_failing_exit(checkpoint, tmp_path, capsys):
+def test_bad_images_get_their_own_line_and_a_failing_exit(checkpoint, tmp_path, capsys):
     good = write_image(tmp_path / "good.png", (30, 30, 30))
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not really a jpeg")
-    missing = tmp_path / "missing.png"
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    paths = [good, broken, tmp_path / "missing.png", folder]
     with pytest.raises(SystemExit) as caught:
-        run_main(
-            main,
-            PredictConfig,
-            "test",
-            [str(good), str(broken), str(missing), "--checkpoint", str(checkpoint), "--device", "cpu"],
-        )
+        run_main(main, PredictConfig, "", [*map(str, paths), "--checkpoint", str(checkpoint), "--device", "cpu"])
     assert caught.value.code == EXIT_USER_ERROR
     captured = capsys.readouterr()
-    assert str(good) in captured.out  # the readable image was still classified
-    assert "2 of 3 image(s) could not be classified" in captured.err
-    assert f"cannot read image {broken}" in captured.err and f"{missing}: no such file" in captured.err
+    assert captured.out.splitlines()[0] == str(good)  # the readable image was still classified
+    assert captured.err.splitlines() == [
+        f"cannot read image {broken}: not an image format Pillow can read — replace or delete the file",
+        f"{tmp_path / 'missing.png'}: no such file",
+        f"{folder}: is a folder — pass the image files in it (e.g. {folder}/*.jpg)",
+        "error: 3 of 4 image(s) could not be classified (the reasons are above)",
+    ]
+
+
+def test_file_names_cannot_drive_the_terminal_or_forge_result_lines(checkpoint, tmp_path, capsys):
+    name = "\x1b[2J\nFAKE: 100.00%  cat.png"
+    image, unreadable = write_image(tmp_path / name, (0, 0, 0)), tmp_path / f"{name}.jpg"
+    unreadable.write_bytes(b"")
+    with pytest.raises(UserError):
+        main(PredictConfig(images=[str(image), str(unreadable)], checkpoint=str(checkpoint), device="cpu"))
+    captured = capsys.readouterr()
+    assert "\x1b" not in captured.out + captured.err and captured.out.startswith(f"{tmp_path}/\\x1b[2J\\nFAKE")
+    assert not [line for line in (captured.out + captured.err).splitlines() if line.startswith("FAKE")]
+
+
+def test_images_are_decoded_one_batch_at_a_time(checkpoint, tmp_path, monkeypatch):
+    """Each batch is printed before the next is decoded: memory stays one batch's, whatever the number of files."""
+    events = []
+    decode = predict.load_rgb
+    monkeypatch.setattr(predict, "PREDICT_BATCH", 2)
+    monkeypatch.setattr(predict, "load_rgb", lambda *args: events.append("decode") or decode(*args))
+    monkeypatch.setattr(sys, "stdout", SimpleNamespace(write=lambda text: events.append("print"), flush=lambda: None))
+    images = [str(write_image(tmp_path / f"{i}.png", (i, i, i))) for i in range(5)]
+    main(PredictConfig(images=images, checkpoint=str(checkpoint), top_k=1, device="cpu"))
+    assert re.fullmatch("ddp+ddp+dp+", "".join(event[0] for event in events))  # (decode, decode, print...) x 2, ...
 
 
 def test_missing_checkpoint_and_bad_arguments_are_user_errors(checkpoint, tmp_path):
     image = str(write_image(tmp_path / "a.png", (0, 0, 0)))
-    with pytest.raises(UserError, match="checkpoint not found"):
-        main(PredictConfig(images=[image], checkpoint=str(tmp_path / "none.safetensors"), device="cpu"))
-    with pytest.raises(UserError, match="no images given"):
-        main(PredictConfig(images=[], checkpoint=str(checkpoint), device="cpu"))
-    with pytest.raises(UserError, match="--top-k must be positive"):
-        main(PredictConfig(images=[image], checkpoint=str(checkpoint), top_k=0, device="cpu"))
+    for cfg, message in [
+        (PredictConfig([image], str(tmp_path / "none.safetensors"), device="cpu"), "checkpoint not found"),
+        (PredictConfig([], str(checkpoint), device="cpu"), "no images given"),
+        (PredictConfig([image], str(checkpoint), top_k=0, device="cpu"), "--top-k must be positive"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            main(cfg)
+    assert parse_config(PredictConfig, [image, "--cpu-threads", "2"], "").cpu_threads == 2

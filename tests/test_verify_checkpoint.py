@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,19 +15,18 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from models.classifier import build_classifier
 from models.tiny_dit import build_dit
-from scripts.lib.checkpoints import save_weights
-from scripts.lib.cli import UserError
+from scripts.lib.cli import EXIT_USER_ERROR, UserError, parse_config, run_main
 from scripts.verify_checkpoint import VerifyConfig, checked_classes, format_report, main, verify
 from builders import (
     CLASSIFIER_BACKBONE,
     CLASS_NAMES,
     DIT_NAME,
     DIT_SIZE,
-    dit_test_metadata,
     look_trained,
     save_classifier,
     save_dit,
@@ -68,8 +68,11 @@ def test_trained_dit_passes_every_check_and_writes_a_sample_grid(dit_path, capsy
     assert report.parameters == sum(p.numel() for p in trained_dit().parameters())
     sample = dit_path.with_name("tinydit_final_verify.png")
     assert report.sample == str(sample) and sample.stat().st_size > 0
-    text = capsys.readouterr().out
-    assert "PASSED (10/10 checks passed)" in text and "step 100" in text and "tabby, black, ginger" in text
+    assert "euler 2 steps, cfg 2 ->" in report.checks[-1].detail  # the guidance the DiT was trained with
+    captured = capsys.readouterr()
+    assert "PASSED (10/10 checks passed)" in captured.out and "step 100" in captured.out
+    assert "tabby, black, ginger" in captured.out and re.search(r"sample check: +\d+%.*<", captured.err)
+    assert parse_config(VerifyConfig, ["--cpu-threads", "2"], "").cpu_threads == 2
 
 
 def test_json_report_parses(dit_path, tmp_path, capsys):
@@ -104,25 +107,42 @@ def test_classifier_before_its_first_step_fails_the_trained_check(tmp_path):
     assert set(failed) == {"trained"} and "running_mean" in failed["trained"]
 
 
-def test_nan_weights_fail_the_finite_check(tmp_path):
-    model = trained_dit()
-    with torch.no_grad():
-        model.blocks[1].mlp.fc1.weight[0, 0] = float("nan")
-    failed = failed_checks(save_dit(tmp_path / "nan.safetensors", model))
-    assert set(failed) == {"finite"} and "blocks.1.mlp.fc1.weight" in failed["finite"]
+def damaged(path: Path, damage) -> Path:
+    """`path` saved again with `damage(tensors)` and its header kept: a file no trainer writes (they refuse NaN)."""
+    with safe_open(str(path), framework="pt") as weights:
+        header = weights.metadata()
+    save_file(damage(load_file(str(path))), str(path), metadata=header)
+    return path
 
 
-def test_weights_of_another_shape_fail_the_shape_check(tmp_path):
-    path = save_dit(tmp_path / "wrong.safetensors", class_names=CLASS_NAMES + ["siamese", "sphynx"])
-    failed = failed_checks(path)
-    assert "y_embedder.embedding_table.weight" in failed["shapes"] and "parameters" in failed
+def with_nan(state: dict) -> dict:
+    state["blocks.1.mlp.fc1.weight"][0, 0] = float("nan")
+    return state
 
 
-def test_missing_tensors_fail_the_key_check(tmp_path):
-    state = trained_dit().state_dict()
+def with_int(state: dict) -> dict:
+    state["blocks.1.mlp.fc1.weight"] = state["blocks.1.mlp.fc1.weight"].long()
+    return state
+
+
+def without(state: dict) -> dict:
     del state["final_layer.linear.weight"]
-    failed = failed_checks(save_weights(tmp_path / "partial.safetensors", state, dit_test_metadata()))
-    assert "final_layer.linear.weight" in failed["keys"]
+    return state
+
+
+@pytest.mark.parametrize(
+    ("damage", "metadata", "failed", "named"),
+    [
+        (with_nan, {}, ("finite",), "blocks.1.mlp.fc1.weight"),
+        (with_int, {}, ("dtypes",), "blocks.1.mlp.fc1.weight torch.int64"),
+        (without, {}, ("keys", "parameters"), "missing final_layer.linear.weight"),
+        (dict, {"class_names": [*CLASS_NAMES, "siamese"]}, ("shapes", "parameters"), "y_embedder.embedding_table"),
+    ],
+    ids=["nan", "int", "missing", "shape"],
+)
+def test_damaged_tensors_fail_their_check_with_the_tensor_named(tmp_path, damage, metadata, failed, named):
+    found = failed_checks(damaged(save_dit(tmp_path / "bad.safetensors", **metadata), damage))
+    assert set(found) == set(failed) and named in found[failed[0]]
 
 
 def truncated(path: Path) -> Path:
@@ -192,10 +212,10 @@ def test_malicious_pickle_is_refused_and_never_run(tmp_path):
 
 
 def test_command_line_exits_2_and_still_prints_a_json_report(tmp_path):
-    model = trained_dit()
-    with torch.no_grad():
-        model.final_layer.linear.bias.fill_(float("inf"))
-    path = save_dit(tmp_path / "inf.safetensors", model)
+    path = damaged(
+        save_dit(tmp_path / "inf.safetensors"),
+        lambda state: {**state, "final_layer.linear.bias": state["final_layer.linear.bias"] + float("inf")},
+    )
     result = subprocess.run(
         [sys.executable, "scripts/verify_checkpoint.py", "--checkpoint", str(path), "--json", "--device", "cpu"],
         cwd=PROJECT_ROOT,
@@ -219,3 +239,28 @@ def test_a_dit_with_many_classes_is_checked_on_a_spread_of_them(tmp_path):
     width, height = Image.open(report.sample).size
     assert height > width * 3  # 16 rows of 4 samples, not 40
     assert "breed_19 (+20 more)" in format_report(report)
+
+
+def test_an_unwritable_sample_out_is_a_failed_check_in_one_line(dit_path, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("")
+    argv = ["--checkpoint", str(dit_path), "--device", "cpu", "--sample-steps", "1"]
+    with pytest.raises(SystemExit) as exited:
+        run_main(main, VerifyConfig, "", [*argv, "--sample-out", str(tmp_path / "notes.txt" / "s.png")])
+    assert exited.value.code == EXIT_USER_ERROR
+    error = capsys.readouterr().err.split("\r")[-1].strip()
+    assert "\n" not in error and re.match(r"error: .* failed verification — sample: could not write the check", error)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--sample-steps", "0"), "--sample-steps must be positive"),
+        (("--cfg-scale", "-1"), "--cfg-scale must be >= 0"),
+        (("--sample-out", "grid.txt"), "--sample-out must end in .png, .jpg, .jpeg, .webp"),
+        (("--sample-out", "{tmp}"), "is a folder — pass e.g. "),
+    ],
+)
+def test_bad_flags_are_refused_before_any_check(dit_path, tmp_path, args, message):
+    cfg = parse_config(VerifyConfig, ["--checkpoint", str(dit_path), *(a.format(tmp=tmp_path) for a in args)], "")
+    with pytest.raises(UserError, match=message):
+        verify(cfg)
