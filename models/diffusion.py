@@ -66,57 +66,21 @@ def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
 
 
 class Objective:
-    """What the trainer, sampler and ONNX export need from a diffusion objective."""
+    """What the trainer, sampler and ONNX export need from a diffusion objective. A subclass defines
+
+    - `draw_training_noise(shape, generator, device)`: per-sample time t (B,) and noise of `shape` for a global batch,
+      drawn on the generator's device (so the stream does not depend on where training runs), moved to `device`;
+    - `add_noise(x0, t, noise)`: the network input x_t; `training_target(x0, noise)`: what the network predicts;
+    - `model_time(t)`: the timestep the network is fed (0..1000 scale); `time_grid(steps)`: the times a sampler
+      visits, from noise towards data;
+    - `sidecar()`: a JSON description that lets a torch-free program re-run the samplers; `options()`: the
+      constructor arguments (`build_objective(self.name, **self.options())` rebuilds it);
+    - `_sample(model, x, y, steps, cfg_scale, sampler, generator, on_step)`: one of its `samplers`.
+    """
 
     name: str
     samplers: tuple[str, ...]
     default_sampler: str
-
-    def draw_training_noise(
-        self, shape: tuple, generator: torch.Generator, device: torch.device | str
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-sample time t (B,) and noise of `shape` for a global batch, moved to `device`.
-
-        Drawn on the generator's device so the stream does not depend on where training runs.
-        """
-        raise NotImplementedError
-
-    def add_noise(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """The network input x_t for clean data x0 at time t."""
-        raise NotImplementedError
-
-    def training_target(self, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """What the network is trained to predict."""
-        raise NotImplementedError
-
-    def model_time(self, t: torch.Tensor) -> torch.Tensor:
-        """The objective's time -> the float timestep the network is fed (0..1000 scale)."""
-        raise NotImplementedError
-
-    def time_grid(self, steps: int) -> torch.Tensor:
-        """The times a `steps`-step sampler visits, from noise towards data."""
-        raise NotImplementedError
-
-    def sidecar(self) -> dict[str, Any]:
-        """JSON-ready description that lets a torch-free program re-run the samplers (see subclasses)."""
-        raise NotImplementedError
-
-    def options(self) -> dict[str, Any]:
-        """The constructor arguments: `build_objective(self.name, **self.options())` rebuilds this objective."""
-        raise NotImplementedError
-
-    def _sample(
-        self,
-        model: nn.Module,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        steps: int,
-        cfg_scale: float,
-        sampler: str,
-        generator: torch.Generator | None,
-        on_step: Callable[[], None],
-    ) -> torch.Tensor:
-        raise NotImplementedError
 
     def training_loss(
         self, model: nn.Module, x0: torch.Tensor, y: torch.Tensor, t: torch.Tensor, noise: torch.Tensor

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
@@ -122,15 +123,20 @@ def test_a_preset_file_supplies_defaults_that_the_command_line_still_overrides(t
         ('{"classes": "a"}', "classes must be a list of str"),
         ("[1, 2]", "expected a JSON object"),
         ("{not json", "not a readable JSON file"),
+        ("[" * 100_000 + "]" * 100_000, "maximum recursion depth"),
+        ('{"scale": NaN}', "--scale nan: not a finite number"),
+        ("/dev/zero", "larger than 1024 KiB"),
     ],
 )
 def test_a_bad_preset_is_one_line_naming_the_option(tmp_path, capsys, content, message):
-    preset = tmp_path / "bad.json"
-    preset.write_text(content)
+    preset = Path(content) if content == "/dev/zero" else tmp_path / "bad.json"
+    if content != "/dev/zero":
+        preset.write_text(content)
     with pytest.raises(SystemExit) as stop:
         run_main(lambda cfg: None, _Config, "", ["data", "--preset", str(preset)])
     assert stop.value.code == EXIT_USER_ERROR
-    assert message in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert message in error and error.count("\n") == 1
 
 
 def test_a_runs_config_json_is_a_preset_that_gives_back_its_config(tmp_path):

@@ -587,3 +587,11 @@ def test_gather_batch_keeps_the_requested_order():
     images = np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1) * np.ones((1, 3, 2, 2), dtype=np.uint8)
     batch = data.gather_batch(images, np.array([7, 2, 9, 2]))
     assert batch[:, 0, 0, 0].tolist() == [7, 2, 9, 2]
+
+
+def test_two_unicode_spellings_of_one_class_name_are_refused_by_the_scan(tmp_path):
+    for name in ("caf\u00e9", "cafe\u0301"):  # NFC and NFD: they print identically
+        (tmp_path / name).mkdir()
+        Image.new("RGB", (8, 8)).save(tmp_path / name / "a.png")
+    with pytest.raises(UserError, match="one name in two Unicode spellings"):
+        data.scan_image_folder(tmp_path)

@@ -32,7 +32,7 @@ from torch import nn
 
 from models.diffusion import DDPM, OBJECTIVES, FlowMatching, build_objective
 from models.tiny_dit import DIT_SIZES, TinyDiT, build_dit
-from scripts.lib.cli import UserError, name_problem, printable, write_atomic, write_failure
+from scripts.lib.cli import FILE_MODE, UserError, name_problem, printable, write_atomic, write_failure
 from scripts.lib.data import MAX_CLASSES, class_names_problem
 
 FORMAT_NAME, FORMAT_VERSION = "tiny-cats", 1
@@ -539,6 +539,7 @@ def save_training_state(root: str | Path, step: int, state: dict[str, Any]) -> P
         tmp.mkdir(parents=True)
         save_file(tensors, str(tmp / TENSORS_FILE))
         (tmp / STRUCTURE_FILE).write_text(json.dumps({"step": step, "state": structure}))
+        os.chmod(tmp / TENSORS_FILE, FILE_MODE)
         _fsync(tmp)
         shutil.rmtree(final, ignore_errors=True)  # an unmarked leftover of a killed run at the same step
         os.replace(tmp, final)

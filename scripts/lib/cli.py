@@ -268,13 +268,13 @@ def run_main(main: Callable[[Any], Any], config_cls: type, description: str, arg
 # ---------------------------------------------------------------------------------------------------------
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK  # what a plain open() gives: some writers, safetensors among them, create files 0600
 
 
 def write_atomic(path: Path, content: str | bytes | Callable[[Path], None]) -> Path:
     """Replace `path` with `content` (text, bytes, or a writer called with a temporary path) so that a reader sees
     the old file or the new one, never half of one; a failed write removes its temporary file and re-raises. The
-    temporary name is unique: several processes may write one file at once. Files get the umask's permissions
-    (some writers, safetensors among them, create theirs 0600)."""
+    temporary name is unique: several processes may write one file at once. Files get FILE_MODE."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
     try:
@@ -282,7 +282,7 @@ def write_atomic(path: Path, content: str | bytes | Callable[[Path], None]) -> P
             content(tmp)
         else:
             tmp.write_bytes(content.encode() if isinstance(content, str) else content)
-        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

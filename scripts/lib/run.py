@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import importlib.util
 import json
 import logging
 import math
@@ -45,30 +46,11 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list, gather_object
 
-from scripts.lib.checkpoints import (
-    TrainingState,
-    find_resume_state,
-    list_complete_states,
-    load_training_state,
-    prune_states,
-    remove_unfinished_writes,
-    save_model,
-    save_training_state,
-)
-from scripts.lib.cli import (
-    EXIT_SIGNAL_BASE,
-    EXIT_TIME_LIMIT,
-    LOGGER_NAME,
-    UserError,
-    cpu_threads_option,
-    name_problem,
-    non_finite_flags,
-    option,
-    printable,
-    resolve_device_type,
-    write_atomic,
-    write_failure,
-)
+from scripts.lib.checkpoints import TrainingState, find_resume_state, list_complete_states, load_training_state
+from scripts.lib.checkpoints import prune_states, remove_unfinished_writes, save_model, save_training_state
+from scripts.lib.cli import DEVICES, EXIT_SIGNAL_BASE, EXIT_TIME_LIMIT, LOGGER_NAME, UserError, cpu_threads_option
+from scripts.lib.cli import name_problem, non_finite_flags, option, printable, resolve_device_type, write_atomic
+from scripts.lib.cli import write_failure
 from scripts.lib.data import AUGMENTATION_LEVELS, ImageCache, available_memory_bytes, load_or_build_cache
 from scripts.lib.data import scan_image_folder
 
@@ -89,7 +71,7 @@ class TrainerConfig:
     weight_decay: float = option(0.0, "AdamW weight decay")
     augmentation_level: str = option("full", "training augmentation", choices=AUGMENTATION_LEVELS)
     image_size: int = option(64, "training resolution (images are resized + centre-cropped once, then cached)")
-    device: str = option("auto", "where to train", choices=("auto", "cpu", "cuda", "mps"))
+    device: str = option("auto", "where to train", choices=DEVICES)
     mixed_precision: str = option("auto", "auto: bf16 where the GPU/CPU has it, fp16 on T4", choices=PRECISIONS)
     seed: int = option(0, "seed of the initial weights, the data order, augmentation and noise")
     run_name: str = option("run", "run folder under --output-dir; the same name resumes the same run")
@@ -118,19 +100,13 @@ def common_problems(cfg: TrainerConfig, num_processes: int, min_image_size: int,
         problems.append(f"--image-size must be from {min_image_size} to {max_image_size} (got {cfg.image_size})")
     if problem := name_problem(cfg.run_name):
         problems.append(f"--run-name {printable(cfg.run_name)!r} {problem}")
-    if cfg.report_to != "none" and not _installed(cfg.report_to):
+    if cfg.report_to != "none" and importlib.util.find_spec(cfg.report_to) is None:
         problems.append(f"--report-to {cfg.report_to}: the {cfg.report_to} package is not installed — pip install it")
     return problems
 
 
 def positive_problems(cfg: Any, *names: str) -> list[str]:
     return [f"--{n.replace('_', '-')} must be positive (got {getattr(cfg, n)})" for n in names if getattr(cfg, n) < 1]
-
-
-def _installed(package: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(package) is not None
 
 
 def learning_rate(step: int, peak: float, warmup: int, schedule: str = "constant", total_steps: int = 0) -> float:
@@ -853,6 +829,8 @@ def open_run(cfg: Any, spec: RunSpec, on_checkpoint: Callable[[Path], None] | No
     setup_logger(run_dir / "training.log", accelerator.is_main_process)
     status = StatusFile(run_dir / "status.json", accelerator.is_main_process, run=cfg.run_name, kind=spec.kind)
     run = Run(cfg, spec, accelerator, run_dir, status, lock, on_checkpoint=on_checkpoint)
+    if cfg.cpu_threads > 0:  # also when a launcher calls main() itself, not through run_main
+        torch.set_num_threads(cfg.cpu_threads)
     try:
         log_run_header(cfg, accelerator)
         if warning := precision_warning(accelerator.mixed_precision, accelerator.device.type):
