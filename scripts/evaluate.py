@@ -1,14 +1,10 @@
 """How good is a trained TinyDiT? Class fidelity, feature-space FID/KID and a memorisation check.
 
-    python scripts/evaluate.py --dit checkpoints/tinydit_final.safetensors \
-        --classifier checkpoints/cats_model.safetensors --data data/cats --heldout-data data/cats_heldout
-
-Samples of every class are judged by the project's classifier (beside its accuracy on held-out real images: the
-ceiling), compared with held-out real images by FID/KID in its feature space (NOT Inception FID: read it against the
-report's real-vs-real baseline) and by Inception FID when torchvision's weights are local (never downloaded), and
-checked for copying (nearest training image of each sample vs of each held-out image). Held-out images are clean
-only if the DiT never saw them: pass `--heldout-data`; without it the classifier's validation split of --data is
-used and the report says it is not clean. `--summarize` puts several reports in one table judged against a bar.
+Samples of every class are judged by the project's classifier (its accuracy on held-out real images is the ceiling),
+compared with held-out real images by FID/KID in its feature space (NOT Inception FID: read it against the report's
+real-vs-real baseline) and by Inception FID when torchvision's weights are local (never downloaded), and checked for
+copying. Held-out images are clean only if the DiT never saw them (`--heldout-data`); the fallback, the classifier's
+validation split of --data, is marked not clean. `--summarize` puts several reports in one table judged by a bar.
 """
 
 from __future__ import annotations
@@ -42,32 +38,21 @@ FEATURE_FID_NOTE = (
     "space, NOT Inception FID; compare it only with real_vs_real_baseline in this report"
 )
 MEMORISATION_NOTE = (
-    "ratio = median NN distance (sample -> training set) / median NN distance (held-out real -> "
-    "training set); > 1: samples are not closer to the training images than unseen real images "
-    "are (no copying); near or below 1: possible memorisation"
+    "ratio = median distance to the nearest training image, of samples / of held-out real images; > 1: samples are "
+    "no closer to the training images than unseen real images are (no copying); near or below 1: possible copying"
 )
 
 
-# ---------------------------------------------------------------------------------------------------------
 # Metrics: plain functions of (N, D) feature matrices
-# ---------------------------------------------------------------------------------------------------------
-def as_float64(features: np.ndarray | torch.Tensor) -> np.ndarray:
-    array = np.asarray(features, np.float64)
-    if array.ndim != 2:
-        raise ValueError(f"features must be a 2-D (N, D) matrix, got shape {array.shape}")
-    return array
-
-
 def gaussian_fit(features: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """(mean (D,), unbiased covariance (D, D)) of an (N, D) feature matrix, N >= 2."""
-    array = as_float64(features)
+    """(mean (D,), unbiased covariance (D, D)) of an (N, D) feature matrix."""
+    array = np.asarray(features, np.float64)
     if len(array) < 2:
         raise ValueError(f"need at least 2 feature vectors to fit a Gaussian, got {len(array)}")
     return array.mean(axis=0), np.cov(array, rowvar=False).reshape(array.shape[1], array.shape[1])
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2)."""
     # tr sqrt(sigma1 sigma2) = tr sqrt(S sigma2 S) with S = sqrt(sigma1): a symmetric matrix, so eigh applies and
     # round-off cannot make the roots complex; its tiny negative eigenvalues are clipped to 0.
     values, vectors = np.linalg.eigh((sigma1 + sigma1.T) / 2)
@@ -79,79 +64,57 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 
 
 def fid(features_a: np.ndarray | torch.Tensor, features_b: np.ndarray | torch.Tensor) -> float:
-    """FID between two (N, D) feature sets (the formula of Inception FID, in whatever feature space)."""
+    """The formula of Inception FID, in whatever feature space."""
     return frechet_distance(*gaussian_fit(features_a), *gaussian_fit(features_b))
 
 
-def mmd2_unbiased(features_a: np.ndarray, features_b: np.ndarray) -> float:
+def mmd2_unbiased(a: np.ndarray, b: np.ndarray) -> float:
     """Unbiased MMD^2 with KID's cubic polynomial kernel, between two sets of >= 2 rows each."""
-
-    def mean_kernel(x: np.ndarray, y: np.ndarray, within: bool) -> float:
-        k = (x @ y.T / x.shape[1] + 1.0) ** 3
-        return (k.sum() - np.trace(k)) / (len(x) * (len(x) - 1)) if within else k.mean()  # within: no self-pairs
-
-    return float(
-        mean_kernel(features_a, features_a, True)
-        + mean_kernel(features_b, features_b, True)
-        - 2 * mean_kernel(features_a, features_b, False)
-    )
+    k_aa, k_bb, k_ab = ((x @ y.T / a.shape[1] + 1.0) ** 3 for x, y in ((a, a), (b, b), (a, b)))
+    within = [(k.sum() - np.trace(k)) / (len(k) * (len(k) - 1)) for k in (k_aa, k_bb)]  # unbiased: no self-pairs
+    return float(sum(within) - 2 * k_ab.mean())
 
 
 def kid(features_a, features_b, subset_size: int, num_subsets: int = KID_SUBSETS, seed: int = 0) -> tuple[float, float]:
-    """KID: (mean, std) of the unbiased MMD^2 of `num_subsets` random subsets of `subset_size` rows of each set."""
-    a, b = as_float64(features_a), as_float64(features_b)
-    rng = np.random.default_rng(seed)
-    draws = [
-        (rng.choice(len(a), subset_size, replace=False), rng.choice(len(b), subset_size, replace=False))
-        for _ in range(num_subsets)
-    ]
-    values = [mmd2_unbiased(a[rows_a], b[rows_b]) for rows_a, rows_b in draws]
+    """(mean, std) of the unbiased MMD^2 of `num_subsets` random subsets of `subset_size` rows of each set."""
+    a, b, rng = np.asarray(features_a, np.float64), np.asarray(features_b, np.float64), np.random.default_rng(seed)
+    draws = ([x[rng.choice(len(x), subset_size, replace=False)] for x in (a, b)] for _ in range(num_subsets))
+    values = [mmd2_unbiased(*subsets) for subsets in draws]
     return float(np.mean(values)), float(np.std(values))
 
 
 def nearest_neighbour_distances(queries, references, chunk: int = 1024) -> np.ndarray:
     """(Q,) Euclidean distance from each query row to its nearest reference row (flatten images first)."""
-    query, reference = torch.from_numpy(as_float64(queries)), torch.from_numpy(as_float64(references))
-    if query.shape[1] != reference.shape[1]:
-        raise ValueError(f"queries have {query.shape[1]} features but references {reference.shape[1]}")
+    reference = torch.from_numpy(np.asarray(references, np.float64))
     # Chunks bound the (chunk, R) distance matrix; float64 keeps small distances exact enough to compare.
-    return torch.cat([torch.cdist(part, reference).min(dim=1).values for part in query.split(chunk)]).numpy()
+    parts = torch.from_numpy(np.asarray(queries, np.float64)).split(chunk)
+    return torch.cat([torch.cdist(part, reference).min(dim=1).values for part in parts]).numpy()
 
 
 def memorisation(samples: np.ndarray, heldout: np.ndarray, train: np.ndarray) -> dict[str, float]:
-    """Nearest-training-row distances of samples vs of held-out rows; ratio = median(sample) / median(held-out) > 1
-    means the samples are not closer to the training set than unseen real images are: not copies."""
+    """Nearest-training-row distances of samples vs of held-out rows (ratio: see MEMORISATION_NOTE)."""
     sample_nn, heldout_nn = nearest_neighbour_distances(samples, train), nearest_neighbour_distances(heldout, train)
     sample_median, heldout_median = float(np.median(sample_nn)), float(np.median(heldout_nn))
     ratio = sample_median / heldout_median if heldout_median else (math.inf if sample_median > 0 else math.nan)
-    return {
-        "ratio": ratio,
-        "sample_nn_median": sample_median,
-        "heldout_nn_median": heldout_median,
-        "sample_nn_min": float(sample_nn.min()),
-    }
+    return {"ratio": ratio, "sample_nn_median": sample_median, "heldout_nn_median": heldout_median,
+            "sample_nn_min": float(sample_nn.min())}  # fmt: skip
 
 
 def class_fidelity(predicted, requested, class_names: list[str]) -> dict[str, Any]:
     """How often the classifier sees a sample as the class it was generated for: per class (NaN for a class no
-    sample asked for), the mean over the classes that have samples, and over all samples."""
-    predicted, requested = np.asarray(predicted).reshape(-1), np.asarray(requested).reshape(-1)
-    if predicted.shape != requested.shape:
-        raise ValueError(f"{len(predicted)} predictions for {len(requested)} requested labels")
-    correct = predicted == requested
+    sample asked for: not a zero in the mean), the mean over classes, and over all samples."""
+    predicted, requested = np.asarray(predicted), np.asarray(requested)
     counts = np.bincount(requested, minlength=len(class_names))
     with np.errstate(invalid="ignore", divide="ignore"):
-        per_class = np.bincount(requested, weights=correct, minlength=len(class_names)) / counts
+        per_class = np.bincount(requested, weights=predicted == requested, minlength=len(class_names)) / counts
     return {
-        "mean": float(per_class[counts > 0].mean()) if counts.any() else math.nan,
-        "overall": float(correct.mean()) if len(correct) else math.nan,
+        "mean": float(per_class[counts > 0].mean()),
+        "overall": float((predicted == requested).mean()),
         "per_class": dict(zip(class_names, per_class.tolist(), strict=True)),
     }
 
 
-# ---------------------------------------------------------------------------------------------------------
 # Features: the judge classifier's, and torchvision's Inception-v3 from a local weights file only
-# ---------------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def batched_outputs(forward, images_unit: torch.Tensor, size: int, batch_size: int, device, desc: str) -> list:
     """The float64 outputs of `forward` over unit-range images resized to size x size, batch by batch."""
@@ -172,9 +135,9 @@ def inception_weights_file() -> Path:
 
 
 def load_inception(device: torch.device) -> nn.Module:
-    """torchvision's Inception-v3 returning 2048-d pool features, from the LOCAL weights file only (weights_only:
-    the file cannot run code). Built as torchvision builds it for these weights: transform_input=True turns the
-    ImageNet-normalised input into the (x - 0.5) / 0.5 scaling the weights were trained on."""
+    """Inception-v3 returning 2048-d pool features, from the LOCAL weights file only (weights_only: the file cannot
+    run code). transform_input=True, as torchvision builds it for these weights, turns the ImageNet-normalised input
+    into the (x - 0.5) / 0.5 scaling the weights were trained on."""
     from torchvision.models import inception_v3
 
     model = inception_v3(weights=None, aux_logits=True, init_weights=False, transform_input=True)
@@ -200,10 +163,8 @@ def inception_report(samples, heldout, baseline, batch_size: int, device: torch.
         }
     model = load_inception(device)
     forward = lambda batch: (model(classifier_normalize(batch)),)  # noqa: E731
-    features = [
-        batched_outputs(forward, x, INCEPTION_SIZE, batch_size, device, "inception")[0]
-        for x in (samples, heldout, baseline)
-    ]
+    sets = (samples, heldout, baseline)
+    features = [batched_outputs(forward, images, INCEPTION_SIZE, batch_size, device, "inception")[0] for images in sets]
     return {
         "available": True,
         "note": "torchvision Inception-v3 pool features (2048-d); close to, not identical with, the TF "
@@ -212,9 +173,7 @@ def inception_report(samples, heldout, baseline, batch_size: int, device: torch.
     }
 
 
-# ---------------------------------------------------------------------------------------------------------
 # The report's sections, its JSON file and printout, and the --summarize table of several reports
-# ---------------------------------------------------------------------------------------------------------
 def distance_report(sample_f: np.ndarray, heldout_f: np.ndarray, baseline_f: np.ndarray, seed: int) -> dict[str, Any]:
     """FID and KID of samples vs held-out, beside the same for real (training) images vs held-out."""
     # Subsets of half the smallest set: with subsets as big as the sets every draw is the same and kid_std reads 0.
@@ -223,35 +182,21 @@ def distance_report(sample_f: np.ndarray, heldout_f: np.ndarray, baseline_f: np.
         kid(f, heldout_f, subset, seed=seed) for f in (sample_f, baseline_f)
     )
     return {
-        "fid": fid(sample_f, heldout_f),
-        "fid_real_vs_real_baseline": fid(baseline_f, heldout_f),
-        "kid": kid_mean,
-        "kid_std": kid_std,
-        "kid_real_vs_real_baseline": baseline_mean,
-        "kid_real_vs_real_baseline_std": baseline_std,
-        "kid_subset_size": subset,
-        "kid_subsets": KID_SUBSETS,
-        "num_samples": len(sample_f),
-        "num_baseline_real": len(baseline_f),
-        "num_heldout": len(heldout_f),
+        "fid": fid(sample_f, heldout_f), "fid_real_vs_real_baseline": fid(baseline_f, heldout_f),
+        "kid": kid_mean, "kid_std": kid_std,
+        "kid_real_vs_real_baseline": baseline_mean, "kid_real_vs_real_baseline_std": baseline_std,
+        "kid_subset_size": subset, "kid_subsets": KID_SUBSETS,
+        "num_samples": len(sample_f), "num_baseline_real": len(baseline_f), "num_heldout": len(heldout_f),
         "feature_dim": int(sample_f.shape[1]),
-    }
-
-
-def json_safe(value: Any) -> Any:
-    """JSON has no NaN/inf: they are written as null."""
-    if isinstance(value, dict):
-        return {key: json_safe(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [json_safe(item) for item in value]
-    return None if isinstance(value, float) and not math.isfinite(value) else value
+    }  # fmt: skip
 
 
 def write_json(path: Path, data: dict[str, Any], what: str) -> None:
-    """Indented JSON, written whole or not at all; a folder that cannot take it is one line."""
+    # JSON has no NaN/inf: parse_constant turns the NaN/Infinity that json.dumps writes into null.
+    text = json.dumps(json.loads(json.dumps(data), parse_constant=lambda _: None), indent=2) + "\n"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, json.dumps(json_safe(data), indent=2) + "\n")
+        write_atomic(path, text)
     except OSError as error:
         raise write_failure(what, path, error) from error
 
@@ -260,17 +205,13 @@ def print_report(report: dict[str, Any]) -> None:
     fidelity, features, inception, copying = (
         report[section] for section in ("class_fidelity", "classifier_feature_fid", "inception_fid", "memorisation")
     )
-    print(
-        f"class fidelity (mean over classes): {fidelity['mean']:.1%}   "
-        f"[classifier on held-out real images: {fidelity['classifier_heldout_accuracy']:.1%}]"
-    )
-    for name, accuracy in fidelity["per_class"].items():
-        print(f"  {name:>16}: {accuracy:.1%}")
+    accuracy = fidelity["classifier_heldout_accuracy"]
+    print(f"class fidelity (mean over classes): {fidelity['mean']:.1%}   [classifier on held-out real: {accuracy:.1%}]")
+    for name, share in fidelity["per_class"].items():
+        print(f"  {name:>16}: {share:.1%}")
     print(
         f"classifier-feature FID (not Inception FID): {features['fid']:.2f}   "
-        f"real-vs-real baseline: {features['fid_real_vs_real_baseline']:.2f}"
-    )
-    print(
+        f"real-vs-real baseline: {features['fid_real_vs_real_baseline']:.2f}\n"
         f"classifier-feature KID: {features['kid']:.4f} ± {features['kid_std']:.4f}   "
         f"baseline: {features['kid_real_vs_real_baseline']:.4f}"
     )
@@ -320,9 +261,7 @@ def summarize(paths: list[str], fidelity_bar: float) -> dict[str, Any]:
         try:
             rows[label] = {"report": str(path), **summarize_report(json.loads(path.read_text()), fidelity_bar)}
         except OSError as error:  # missing, a folder, unreadable
-            raise UserError(
-                f"--summarize {printable(path)}: {error.strerror} — pass the report evaluate.py wrote"
-            ) from error
+            raise UserError(f"--summarize {printable(path)}: {error.strerror} — pass an evaluate.py report") from error
         except (KeyError, TypeError, ValueError) as error:  # ValueError: not JSON, or no classes in it
             raise UserError(f"--summarize {printable(path)} is not an evaluate.py report ({error!r})") from error
     bar = {"mean_class_fidelity_at_least": fidelity_bar, "memorisation_ratio_above": 1.0, "heldout_unseen_by_dit": True}
@@ -330,10 +269,7 @@ def summarize(paths: list[str], fidelity_bar: float) -> dict[str, Any]:
 
 
 def print_summary(summary: dict[str, Any]) -> None:
-    print(
-        f"{'data set':<10} {'fidelity':>8}  {'worst class':<20} {'judge':>6}  {'feature FID (real-vs-real)':<27} "
-        f"{'memorisation px/feat':<21} bar"
-    )
+    print("data set   fidelity  worst class           judge  feature FID (real-vs-real)  memorisation px/feat  bar")
     for label, row in summary["data_sets"].items():
         worst = f"{row['worst_class']} {row['worst_class_fidelity']:.0%}"
         fid_text = f"{row['feature_fid']:.1f} ({row['feature_fid_real_vs_real_baseline']:.1f})"
@@ -349,18 +285,13 @@ def print_summary(summary: dict[str, Any]) -> None:
     )
 
 
-# ---------------------------------------------------------------------------------------------------------
 # The command
-# ---------------------------------------------------------------------------------------------------------
 @dataclass
 class EvaluateConfig:
     dit: str = option("checkpoints/tinydit_final.safetensors", "TinyDiT weights file to evaluate")
     classifier: str = option("checkpoints/cats_model.safetensors", "the project's classifier weights file")
     data: str = option("data/cats", "image folder the DiT was trained on (the memorisation reference)")
-    heldout_data: str = option(
-        "",
-        "image folder neither model saw (default: the classifier's validation split of --data, not clean for the DiT)",
-    )
+    heldout_data: str = option("", "images neither model saw (default: the classifier's val split of --data; unclean)")
     num_per_class: int = option(50, "samples per class")
     cfg_scale: float | None = option(None, "classifier-free guidance scale (1 = none; default: the DiT's training one)")
     steps: int = option(50, "sampling steps")
@@ -372,33 +303,26 @@ class EvaluateConfig:
     batch_size: int = option(128, "images per classifier / feature batch")
     cache_dir: str = option("", "where the image caches go (default: DATA_DIR/.tiny-cats-cache, else ~/.cache)")
     cpu_threads: int = cpu_threads_option()
-    summarize: list[str] = option(
-        [], "instead of evaluating: combine these reports (one per data set) into one summary table, written to --out"
-    )
+    summarize: list[str] = option([], "instead of evaluating: combine these reports into one summary, written to --out")
     fidelity_bar: float = option(0.9, "the mean class fidelity a data set must reach (the summary's verdict)")
 
 
 def validate_config(cfg: EvaluateConfig) -> None:
-    for name in ("dit", "classifier"):
-        if not Path(getattr(cfg, name)).is_file():
-            raise UserError(
-                f"--{name} {printable(getattr(cfg, name))} does not exist — train it first or pass the right path"
-            )
+    missing = "does not exist — train it first or pass the right path"
     rules = (
-        ("--num-per-class", cfg.num_per_class, cfg.num_per_class >= 2, ">= 2 to fit FID/KID statistics"),
-        ("--steps", cfg.steps, cfg.steps >= 1, "positive"),
-        ("--batch-size", cfg.batch_size, cfg.batch_size >= 1, "positive"),
-        ("--cfg-scale", cfg.cfg_scale, cfg.cfg_scale is None or cfg.cfg_scale >= 0, ">= 0"),
+        ("--dit", Path(cfg.dit).is_file(), f"{printable(cfg.dit)} {missing}"),
+        ("--classifier", Path(cfg.classifier).is_file(), f"{printable(cfg.classifier)} {missing}"),
+        ("--num-per-class", cfg.num_per_class >= 2, f"must be >= 2 for FID/KID statistics (got {cfg.num_per_class})"),
+        ("--steps", cfg.steps >= 1, f"must be positive (got {cfg.steps})"),
+        ("--batch-size", cfg.batch_size >= 1, f"must be positive (got {cfg.batch_size})"),
+        ("--cfg-scale", cfg.cfg_scale is None or cfg.cfg_scale >= 0, f"must be >= 0 (got {cfg.cfg_scale})"),
     )
-    problems = [f"{flag} must be {rule} (got {value})" for flag, value, ok, rule in rules if not ok]
-    if problems:
+    if problems := [f"{flag} {problem}" for flag, ok, problem in rules if not ok]:
         raise UserError("; ".join(problems))
 
 
 @dataclass
-class RealImages:
-    """Unit-range images at the DiT's resolution with labels: the training reference and the held-out set."""
-
+class RealImages:  # unit-range images at the DiT's resolution
     train: torch.Tensor
     train_labels: np.ndarray
     heldout: torch.Tensor
@@ -430,10 +354,7 @@ def load_real_images(cfg: EvaluateConfig, image_size: int, class_names: list[str
         return RealImages(*both, f"folder {cfg.heldout_data}", clean_for_dit=True)
     val_fraction = float(classifier_config.get("val_split") or 0.0)
     if val_fraction <= 0:
-        raise UserError(
-            "the classifier checkpoint records no validation split, so there are no held-out images in --data — "
-            "pass --heldout-data DIR (e.g. toy cats drawn with another --seed)"
-        )
+        raise UserError("the classifier checkpoint has no validation split to hold out — pass --heldout-data DIR")
     # The split the classifier trainer drew, so the held-out images were never trained on by it.
     train_idx, val_idx = stratified_split(cache.labels, val_fraction, int(classifier_config.get("seed", 0)))
     source = f"classifier validation split of {cfg.data} (fraction {val_fraction})"
@@ -442,15 +363,13 @@ def load_real_images(cfg: EvaluateConfig, image_size: int, class_names: list[str
 
 def balanced_subset(labels: np.ndarray, per_class: int, num_classes: int, seed: int) -> np.ndarray:
     """Up to `per_class` random indices of each class, so the baseline has the samples' class mix."""
-    rng = np.random.default_rng(seed)
-    return np.sort(
-        np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in range(num_classes)])
-    )
+    permutation = np.random.default_rng(seed).permutation
+    return np.sort(np.concatenate([permutation(np.flatnonzero(labels == c))[:per_class] for c in range(num_classes)]))
 
 
 def main(cfg: EvaluateConfig) -> dict[str, Any]:
-    """Evaluate, write the JSON report and the grid, print a summary; returns the report.
-    With --summarize: combine existing reports into one summary instead, and return that."""
+    """Evaluate, write the JSON report and the grid, print a summary; returns the report (with --summarize: the
+    summary of existing reports instead)."""
     if cfg.summarize:
         if not cfg.out:
             raise UserError("--summarize needs --out, the path of the summary JSON")
@@ -490,10 +409,11 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
     except OSError as error:
         raise write_failure("the sample grid", grid, error) from error
 
-    def classify(images: torch.Tensor, desc: str) -> tuple[np.ndarray, np.ndarray]:
-        """(predicted classes, penultimate features) at the classifier's own input size."""
-        forward = lambda batch: features_and_logits(classifier, classifier_normalize(batch, classifier_meta))  # noqa: E731
-        features, logits = batched_outputs(forward, images, classifier_meta["image_size"], cfg.batch_size, device, desc)
+    def judge(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return features_and_logits(classifier, classifier_normalize(batch, classifier_meta))
+
+    def classify(images: torch.Tensor, desc: str) -> tuple[np.ndarray, np.ndarray]:  # (predictions, features)
+        features, logits = batched_outputs(judge, images, classifier_meta["image_size"], cfg.batch_size, device, desc)
         return logits.argmax(axis=1), features
 
     sample_pred, sample_f = classify(samples, "classify samples")
@@ -501,28 +421,15 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
     train_f = classify(real.train, "training features")[1]
     baseline_idx = balanced_subset(real.train_labels, cfg.num_per_class, len(class_names), cfg.seed)
     report = {
-        "dit": cfg.dit,
-        "classifier": cfg.classifier,
-        "data": cfg.data,
-        "grid": str(grid),
-        "dit_step": meta.get("step"),
-        "dit_model": meta.get("model"),
-        "image_size": meta["image_size"],
-        "classifier_backbone": classifier_meta.get("backbone"),
-        "classifier_image_size": classifier_meta["image_size"],
+        "dit": cfg.dit, "classifier": cfg.classifier, "data": cfg.data, "grid": str(grid),
+        "dit_step": meta.get("step"), "dit_model": meta.get("model"), "image_size": meta["image_size"],
+        "classifier_backbone": classifier_meta.get("backbone"), "classifier_image_size": classifier_meta["image_size"],
         "sampling": {
-            "num_per_class": cfg.num_per_class,
-            "cfg_scale": cfg_scale,
-            "steps": cfg.steps,
-            "sampler": sampler,
-            "seed": cfg.seed,
-            "seconds": sampling_seconds,
-            "images_per_second": len(samples) / sampling_seconds,
+            "num_per_class": cfg.num_per_class, "cfg_scale": cfg_scale, "steps": cfg.steps, "sampler": sampler,
+            "seed": cfg.seed, "seconds": sampling_seconds, "images_per_second": len(samples) / sampling_seconds,
         },
         "heldout": {
-            "source": real.heldout_source,
-            "count": len(real.heldout),
-            "clean_for_dit": real.clean_for_dit,
+            "source": real.heldout_source, "count": len(real.heldout), "clean_for_dit": real.clean_for_dit,
             "training_reference_count": len(real.train),
         },
         "class_fidelity": {
@@ -530,8 +437,7 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
             "classifier_heldout_accuracy": float((heldout_pred == real.heldout_labels).mean()),
         },
         "classifier_feature_fid": {
-            "note": FEATURE_FID_NOTE,
-            **distance_report(sample_f, heldout_f, train_f[baseline_idx], cfg.seed),
+            "note": FEATURE_FID_NOTE, **distance_report(sample_f, heldout_f, train_f[baseline_idx], cfg.seed),
         },
         "inception_fid": inception_report(
             samples, real.heldout, real.train[baseline_idx], cfg.batch_size, device, cfg.seed
@@ -541,7 +447,7 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
             "pixel": memorisation(*(images.flatten(1) for images in (samples, real.heldout, real.train))),
             "classifier_features": memorisation(sample_f, heldout_f, train_f),
         },
-    }
+    }  # fmt: skip
     report["seconds"] = time.perf_counter() - started
     out = Path(cfg.out) if cfg.out else dit_path.with_name(dit_path.stem + "_eval.json")
     write_json(out, report, "the report")

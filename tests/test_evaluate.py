@@ -133,8 +133,11 @@ def test_class_fidelity_counts_per_class():
     assert [result["per_class"][name] for name in "abc"] == [0.75, 0.5, 1.0]
     assert math.isnan(result["per_class"]["d"])  # no sample asked for it: not a zero in the mean
     assert result["mean"] == pytest.approx((0.75 + 0.5 + 1.0) / 3) and result["overall"] == pytest.approx(6 / 8)
-    with pytest.raises(ValueError):
-        class_fidelity([0, 1], [0], ["a", "b"])
+
+
+def test_json_files_write_non_finite_numbers_as_null(tmp_path):
+    evaluate.write_json(tmp_path / "r.json", {"a": math.nan, "b": [math.inf, -math.inf, 1.5]}, "the report")
+    assert json.loads((tmp_path / "r.json").read_text()) == {"a": None, "b": [None, None, 1.5]}
 
 
 def test_inception_is_built_as_torchvision_builds_it_for_its_imagenet_weights(tmp_path, monkeypatch):
@@ -262,6 +265,8 @@ def test_sampling_shows_one_progress_bar_over_all_chunks_and_steps(setup, tmp_pa
         ({"batch_size": 0}, "--batch-size must be positive"),
         ({"cfg_scale": -1.0}, "--cfg-scale must be >= 0"),
         ({"dit": "nope.safetensors"}, "--dit nope.safetensors does not exist"),
+        ({"classifier": "nope.safetensors"}, "--classifier nope.safetensors does not exist"),
+        ({"steps": 0, "batch_size": 0}, "--steps must be positive (got 0); --batch-size must be positive (got 0)"),
         ({"sampler": "ddim"}, "--sampler 'ddim' is not a sampler of the flow objective"),
     ],
 )
