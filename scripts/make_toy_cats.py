@@ -1,8 +1,7 @@
 """Draw the built-in "toy cats" data set, so everything runs offline.
 
 Six classes that differ the way breeds do — coat colour and pattern — while every picture varies in what a model
-should learn to ignore: position, scale, head tilt, ear shape, eye colour, background and lighting. Seeding and
-anti-aliasing as in scripts/lib/toy_sets.py.
+should learn to ignore: position, scale, head tilt, ear shape, eye colour, background and lighting.
 
     python scripts/make_toy_cats.py --out data/cats --per-class 200 --size 64
 """
@@ -21,8 +20,6 @@ from scripts.lib.toy_sets import OUT_HELP, RGB, SUPERSAMPLE, ToySet, ToySetConfi
 
 
 class Coat(NamedTuple):
-    """What makes a class: fur colour and pattern, and the breed's range of eye colours."""
-
     base: RGB
     pattern: str  # "solid" | "stripes" | "patches" | "points"
     marking: RGB  # stripe / point colour (unused for solid)
@@ -36,7 +33,7 @@ _WARM_EYES = ((215, 175, 40), (225, 140, 30), (110, 175, 60), (200, 110, 40))  #
 _BLUE_EYES = ((70, 140, 230), (40, 100, 210), (110, 170, 235))
 _PINK, _PALE_PINK, _NONE = (225, 140, 150), (240, 170, 180), (0, 0, 0)
 
-# In this order the classes seed their images. Columns: base, pattern, marking, eyes, nose, whiskers, inner ear.
+# What makes each class (fur colour and pattern, the breed's range of eye colours), in the order that seeds the images.
 COATS = {
     "black": Coat((28, 26, 30), "solid", _NONE, _WARM_EYES, (70, 55, 60), (200, 200, 200), (90, 60, 70)),
     "white": Coat((240, 238, 232), "solid", _NONE, (_BLUE_EYES[0], *_WARM_EYES), _PINK, (160, 160, 160), _PALE_PINK),
@@ -113,11 +110,10 @@ class Body:
         cx, cy = head.cx + head.body_dx * r, head.cy + rng.uniform(1.35, 1.6) * r
         rx, ry = rng.uniform(0.95, 1.2) * r, rng.uniform(1.15, 1.4) * r
         self.cx, self.cy, self.rx, self.ry = cx, cy, rx, ry
-        start = (cx + side * 0.75 * rx, cy + 0.6 * ry)
-        control = (cx + side * rng.uniform(1.5, 1.9) * rx, cy + 0.5 * ry)
-        end = (cx + side * rng.uniform(1.3, 1.7) * rx, cy - rng.uniform(0.1, 0.6) * ry)
-        a, b, c = np.array(start), np.array(control), np.array(end)
-        self.tail = [tuple((1 - t) ** 2 * a + 2 * (1 - t) * t * b + t**2 * c) for t in np.linspace(0.0, 1.0, 12)]
+        p0 = np.array((cx + side * 0.75 * rx, cy + 0.6 * ry))  # start, control point, end
+        p1 = np.array((cx + side * rng.uniform(1.5, 1.9) * rx, cy + 0.5 * ry))
+        p2 = np.array((cx + side * rng.uniform(1.3, 1.7) * rx, cy - rng.uniform(0.1, 0.6) * ry))
+        self.tail = [tuple((1 - t) ** 2 * p0 + 2 * (1 - t) * t * p1 + t**2 * p2) for t in np.linspace(0.0, 1.0, 12)]
         paw_y, paw_r = cy + 0.92 * ry, 0.26 * r
         self.paws = [
             (cx + dx * rx - paw_r, paw_y - paw_r * 0.8, cx + dx * rx + paw_r, paw_y + paw_r * 0.8) for dx in (-0.4, 0.4)
@@ -162,38 +158,32 @@ def _body_markings(draw: ImageDraw.ImageDraw, body: Body, coat: Coat, rng: np.ra
 
 def _draw_coat(head: Head, body: Body, coat: Coat, rng: np.random.Generator) -> tuple[Image.Image, Image.Image]:
     """The fur (RGB) and the silhouette (L): head and body are separate layers, so body stripes never cross the face."""
-    canvas = head.canvas
-    coat = coat._replace(base=_jitter(coat.base, rng, 0.08), marking=_jitter(coat.marking, rng, 0.1))
-    fur = Image.new("RGB", (canvas, canvas), coat.base)
-    _body_markings(ImageDraw.Draw(fur), body, coat, rng)
-    silhouette = Image.new("L", (canvas, canvas), 0)
-    body_draw = ImageDraw.Draw(silhouette)
-    body_draw.ellipse((body.cx - body.rx, body.cy - body.ry, body.cx + body.rx, body.cy + body.ry), fill=255)
-    body_draw.line(body.tail, fill=255, width=body.tail_width, joint="curve")
-    for paw in body.paws:
-        body_draw.ellipse(paw, fill=255)
+    size = (head.canvas, head.canvas)
 
-    head_fur = Image.new("RGB", (canvas, canvas), coat.base)
+    def mask(polygons: list, boxes: list, tail_width: int = 0) -> Image.Image:  # 255 inside every shape
+        layer = Image.new("L", size, 0)
+        draw = ImageDraw.Draw(layer)
+        for polygon in polygons:
+            draw.polygon(polygon, fill=255)
+        for box in boxes:
+            draw.ellipse(box, fill=255)
+        if tail_width:
+            draw.line(body.tail, fill=255, width=tail_width, joint="curve")
+        return layer
+
+    coat = coat._replace(base=_jitter(coat.base, rng, 0.08), marking=_jitter(coat.marking, rng, 0.1))
+    fur, head_fur = Image.new("RGB", size, coat.base), Image.new("RGB", size, coat.base)
+    _body_markings(ImageDraw.Draw(fur), body, coat, rng)
     _head_markings(ImageDraw.Draw(head_fur), head, coat, rng)
-    head_mask = Image.new("L", (canvas, canvas), 0)
-    head_draw = ImageDraw.Draw(head_mask)
-    head_draw.polygon(head.ellipse(0.0, 0.0, 1.05, 0.95, n=40), fill=255)
-    for side in (-1, 1):
-        head_draw.polygon(head.ear(side), fill=255)
+    ears = [head.ear(side) for side in (-1, 1)]
+    head_mask = mask([head.ellipse(0.0, 0.0, 1.05, 0.95, n=40), *ears], [])
+    body_box = (body.cx - body.rx, body.cy - body.ry, body.cx + body.rx, body.cy + body.ry)
+    silhouette = mask([], [body_box, *body.paws], body.tail_width)
     fur.paste(head_fur, mask=head_mask)
     silhouette.paste(255, mask=head_mask)
-
     if coat.pattern == "points":  # Siamese: ears, face mask, paws and tail, blurred to fade into the cream coat
-        points = Image.new("L", (canvas, canvas), 0)
-        draw = ImageDraw.Draw(points)
-        for side in (-1, 1):
-            draw.polygon(head.ear(side), fill=255)
-        draw.polygon(head.ellipse(0.0, 0.25, 0.55, 0.6), fill=255)
-        draw.line(body.tail, fill=255, width=body.tail_width + 2, joint="curve")
-        for paw in body.paws:
-            draw.ellipse(paw, fill=255)
-        points = points.filter(ImageFilter.GaussianBlur(head.r * 0.12))
-        fur.paste(Image.new("RGB", (canvas, canvas), coat.marking), mask=points)
+        points = mask([*ears, head.ellipse(0.0, 0.25, 0.55, 0.6)], body.paws, body.tail_width + 2)
+        fur.paste(Image.new("RGB", size, coat.marking), mask=points.filter(ImageFilter.GaussianBlur(head.r * 0.12)))
     return fur, silhouette
 
 
@@ -233,9 +223,7 @@ def draw_toy_cat(class_name: str, rng: np.random.Generator, size: int) -> Image.
 
 
 TOY_CATS = ToySet("toy cat", tuple(COATS), draw_toy_cat)
-TOY_CAT_CLASSES = TOY_CATS.classes
-generate_toy_cats = TOY_CATS.generate  # (out, per_class, size, seed, classes=None) -> images per class
-main = TOY_CATS.main
+TOY_CAT_CLASSES, generate_toy_cats, main = TOY_CATS.classes, TOY_CATS.generate, TOY_CATS.main
 
 
 @dataclass

@@ -1,11 +1,9 @@
 """Draw the built-in "toy glyphs" data set: ten classes that only orientation tells apart.
 
-b, d, p and q are one shape (a stem and a bowl) in four orientations, arrow_left and arrow_right one arrow in two;
-L, J, S and Z turn into shapes of no class when mirrored. A left-right mirror therefore turns b <-> d, p <-> q and
-arrow_left <-> arrow_right and the rest into nonsense: a model trained with horizontal flips learns the wrong thing
-(train with `--augmentation-level none`). Colour carries no class information: every picture has its own stroke
-colour, background gradient and lighting, and varies in position, scale, stroke width, proportions and a small
-rotation. Seeding and anti-aliasing as in scripts/lib/toy_sets.py.
+b, d, p and q are one stem-and-bowl shape in four orientations, arrow_left and arrow_right one arrow in two, and L,
+J, S and Z mirror into no class (MIRROR_OF): a model trained with horizontal flips learns the wrong thing (train with
+`--augmentation-level none`). Colour carries no class information: every picture has its own stroke colour,
+background and lighting, and varies in position, scale, stroke width, proportions and a small rotation.
 
     python scripts/make_toy_glyphs.py --out data/glyphs --per-class 200 --size 32
 """
@@ -28,6 +26,7 @@ Stroke = list[tuple[float, float]]
 MAX_ROTATION = 0.2
 # Minimum luma difference (0..1) between stroke and background: every glyph stays easy to see.
 MIN_CONTRAST = 0.35
+LUMA = np.array([0.299, 0.587, 0.114])
 
 
 def _arc(cx: float, cy: float, rx: float, ry: float, start: float, end: float, n: int = 24) -> Stroke:
@@ -46,8 +45,7 @@ def _stem_and_bowl(stem_side: int, bowl_low: bool, rng: np.random.Generator) -> 
 def _arrow(direction: int, rng: np.random.Generator) -> list[Stroke]:
     """A shaft and an open head pointing left (-1) or right (+1)."""
     head, spread = rng.uniform(0.4, 0.6), rng.uniform(0.35, 0.55)
-    tip = 0.95 * direction
-    back = tip - direction * head
+    tip, back = 0.95 * direction, (0.95 - head) * direction
     return [[(-tip, 0.0), (tip, 0.0)], [(back, -spread), (tip, 0.0), (back, spread)]]
 
 
@@ -79,21 +77,14 @@ def _letter_z(rng: np.random.Generator) -> list[Stroke]:
 
 # Each class's strokes in glyph units (x, y within about [-1, 1], y down), in the order that seeds the images.
 GLYPH_STROKES = {
-    "b": partial(_stem_and_bowl, -1, True),
-    "d": partial(_stem_and_bowl, 1, True),
-    "p": partial(_stem_and_bowl, -1, False),
-    "q": partial(_stem_and_bowl, 1, False),
-    "arrow_left": partial(_arrow, -1),
-    "arrow_right": partial(_arrow, 1),
-    "L": _letter_l,
-    "J": _letter_j,
-    "S": _letter_s,
-    "Z": _letter_z,
-}
+    "b": partial(_stem_and_bowl, -1, True), "d": partial(_stem_and_bowl, 1, True),
+    "p": partial(_stem_and_bowl, -1, False), "q": partial(_stem_and_bowl, 1, False),
+    "arrow_left": partial(_arrow, -1), "arrow_right": partial(_arrow, 1),
+    "L": _letter_l, "J": _letter_j, "S": _letter_s, "Z": _letter_z,
+}  # fmt: skip
 # What a left-right mirror turns each class into (None: into no class at all).
-MIRROR_OF = dict(
-    b="d", d="b", p="q", q="p", arrow_left="arrow_right", arrow_right="arrow_left", L=None, J=None, S=None, Z=None
-)
+MIRROR_OF = dict(b="d", d="b", p="q", q="p", arrow_left="arrow_right", arrow_right="arrow_left",
+                 L=None, J=None, S=None, Z=None)  # fmt: skip
 
 
 def _place(strokes: list[Stroke], rng: np.random.Generator, canvas: int, margin: float) -> list[Stroke]:
@@ -110,16 +101,12 @@ def _place(strokes: list[Stroke], rng: np.random.Generator, canvas: int, margin:
     return [[(x + dx, y + dy) for x, y in stroke] for stroke in placed]
 
 
-def _luma(rgb: np.ndarray) -> float:
-    return float(rgb @ np.array([0.299, 0.587, 0.114]) / 255)
-
-
 def _stroke_colour(background: Image.Image, rng: np.random.Generator) -> RGB:
     """Any hue, but far enough in brightness from the background to be read at a glance."""
-    background_luma = _luma(np.asarray(background, dtype=np.float64).reshape(-1, 3).mean(axis=0))
+    background_luma = np.asarray(background, dtype=np.float64).reshape(-1, 3).mean(axis=0) @ LUMA / 255
     for _ in range(20):
         colour = np.array(colorsys.hsv_to_rgb(rng.uniform(0, 1), rng.uniform(0.0, 0.9), rng.uniform(0.0, 1.0))) * 255
-        if abs(_luma(colour) - background_luma) >= MIN_CONTRAST:
+        if abs(colour @ LUMA / 255 - background_luma) >= MIN_CONTRAST:
             return tuple(int(c) for c in colour)  # type: ignore[return-value]
     # A mid-grey background can leave few colours: fall back to black or white, whichever is further.
     return (0, 0, 0) if background_luma > 0.5 else (255, 255, 255)
@@ -130,9 +117,8 @@ def draw_toy_glyph(class_name: str, rng: np.random.Generator, size: int) -> Imag
     canvas = size * SUPERSAMPLE
     image = gradient_background(rng, size, canvas)
     colour = _stroke_colour(image, rng)
-    # Strokes scale with the picture, not the glyph: 2.4-3.5 px at 32 px. Bold on purpose: with strokes of
-    # 1-2 px (the first draft) a T/4 DiT reached only 67 % class fidelity in the 10-minute CPU budget of
-    # `make quality`, drawing the backgrounds well and the strokes as broken dashes.
+    # Strokes scale with the picture, not the glyph: 2.4-3.5 px at 32 px. Bold on purpose: with 1-2 px strokes a T/4
+    # DiT reached only 67 % class fidelity in `make quality`, drawing the strokes as broken dashes.
     width = max(SUPERSAMPLE, int(rng.uniform(0.075, 0.11) * canvas))
     strokes = _place(GLYPH_STROKES[class_name](rng), rng, canvas, margin=width / 2 + SUPERSAMPLE)
     draw = ImageDraw.Draw(image)
@@ -144,9 +130,7 @@ def draw_toy_glyph(class_name: str, rng: np.random.Generator, size: int) -> Imag
 
 
 TOY_GLYPHS = ToySet("toy glyph", tuple(GLYPH_STROKES), draw_toy_glyph)
-TOY_GLYPH_CLASSES = TOY_GLYPHS.classes
-generate_toy_glyphs = TOY_GLYPHS.generate  # (out, per_class, size, seed, classes=None) -> images per class
-main = TOY_GLYPHS.main
+TOY_GLYPH_CLASSES, generate_toy_glyphs, main = TOY_GLYPHS.classes, TOY_GLYPHS.generate, TOY_GLYPHS.main
 
 
 @dataclass

@@ -2,9 +2,8 @@
 
     python scripts/predict.py --checkpoint checkpoints/cats_model.safetensors photo1.jpg photo2.png
 
-Each image is decoded exactly as training data is (`load_rgb` at the checkpoint's image size: upright, RGB, shorter
-side resized, centre-cropped) and normalised with the checkpoint's mean/std. An unreadable file gets its own line
-on stderr; the others are still classified, and the exit status is then 2.
+Each image is decoded and normalised exactly as training data is (`load_rgb`, the checkpoint's mean/std). An
+unreadable file gets its own line on stderr; the others are still classified, and the exit status is then 2.
 """
 
 from __future__ import annotations
@@ -40,7 +39,6 @@ class Prediction:
 
 
 def decode(path: Path, image_size: int) -> np.ndarray:
-    """HxWx3 uint8 pixels of one image file; UserError saying why not."""
     if path.is_dir():
         raise UserError(f"{printable(path)}: is a folder — pass the image files in it (e.g. {printable(path)}/*.jpg)")
     if not path.is_file():
@@ -49,18 +47,6 @@ def decode(path: Path, image_size: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def classify(model: torch.nn.Module, metadata: dict, arrays: list[np.ndarray], top_k: int, device: str):
-    """Top-k (class name, probability) lists for HxWx3 uint8 images."""
-    names = metadata["class_names"]
-    batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).to(device)
-    probabilities = model(classifier_normalize(to_unit_float(batch), metadata)).float().softmax(dim=1)
-    values, indices = probabilities.topk(min(top_k, len(names)), dim=1)
-    return [
-        [(names[i], p) for i, p in zip(row_i, row_p, strict=True)]
-        for row_i, row_p in zip(indices.tolist(), values.tolist(), strict=True)
-    ]
-
-
 def main(cfg: PredictConfig) -> list[Prediction]:
     """Print and return the top-k predictions, a batch at a time; UserError at the end if any image was bad."""
     if not cfg.images:
@@ -69,7 +55,7 @@ def main(cfg: PredictConfig) -> list[Prediction]:
         raise UserError(f"--top-k must be positive (got {cfg.top_k})")
     device = resolve_device_type(cfg.device)
     model, metadata = load_classifier(cfg.checkpoint, device=device)
-    paths, predictions, failures = [Path(p) for p in cfg.images], [], 0
+    names, paths, predictions, failures = metadata["class_names"], [Path(p) for p in cfg.images], [], 0
     for start in range(0, len(paths), PREDICT_BATCH):
         readable, arrays = [], []
         for path in paths[start : start + PREDICT_BATCH]:
@@ -79,11 +65,15 @@ def main(cfg: PredictConfig) -> list[Prediction]:
             except UserError as error:  # UnreadableImage is one
                 print(error, file=sys.stderr)
                 failures += 1
-        tops = classify(model, metadata, arrays, cfg.top_k, device) if arrays else []
-        for path, top in zip(readable, tops, strict=True):
-            print(printable(path))
-            print("\n".join(f"  {probability:7.2%}  {name}" for name, probability in top), flush=True)
-            predictions.append(Prediction(path, top))
+        if not arrays:
+            continue
+        batch = to_unit_float(torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).to(device))
+        probabilities = model(classifier_normalize(batch, metadata)).float().softmax(dim=1)
+        values, indices = probabilities.topk(min(cfg.top_k, len(names)), dim=1)
+        for path, row_p, row_i in zip(readable, values.tolist(), indices.tolist(), strict=True):
+            predictions.append(Prediction(path, [(names[i], p) for i, p in zip(row_i, row_p, strict=True)]))
+            lines = [printable(path), *(f"  {p:7.2%}  {name}" for name, p in predictions[-1].top)]
+            print("\n".join(lines), flush=True)
     if failures:
         raise UserError(f"{failures} of {len(paths)} image(s) could not be classified (the reasons are above)")
     return predictions

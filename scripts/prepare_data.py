@@ -1,14 +1,9 @@
 """Turn real photos into the ImageFolder data sets the training scripts read.
 
-Oxford-IIIT Pet (default): the 12 cat breeds become `OUT_DIR/cats/<Breed>/` (for the DiT and a breed classifier),
-and every cat vs every dog becomes `OUT_DIR/cat-vs-other/{cat,other}/`. In Oxford's file names cat breeds are
-Capitalised (`Abyssinian_1.jpg`) and dog breeds lowercase (`beagle_3.jpg`). The conversion reads
-`ROOT/oxford-iiit-pet/images/*.jpg`, which torchvision downloads first when it is missing and --download is on.
-
---from-folder DIR imports any tree of `DIR/<class>/**/image` into `OUT_DIR/<name>/<class>/`.
-
-Files are hard-linked (no extra disk space) or copied (--no-link). Re-running skips files that are already in place,
-so it never duplicates anything, and replaces those whose source changed since (even at the same size).
+Oxford-IIIT Pet (default; `ROOT/oxford-iiit-pet/images/*.jpg`, downloaded by torchvision when missing and --download
+is on): the 12 cat breeds become `OUT_DIR/cats/<Breed>/`, every cat vs every dog `OUT_DIR/cat-vs-other/{cat,other}/`.
+--from-folder DIR imports any tree of `DIR/<class>/**/image` into `OUT_DIR/<name>/<class>/`. Files are hard-linked (no
+extra disk space) or copied (--no-link); a re-run skips files already in place and replaces those whose source changed.
 
     python scripts/prepare_data.py --root data/oxford-pets --out-dir data
     python scripts/prepare_data.py --from-folder ~/Pictures/my-cats --name my-cats
@@ -31,29 +26,25 @@ CAT_BREEDS = ("Abyssinian", "Bengal", "Birman", "Bombay", "British_Shorthair", "
               "Persian", "Ragdoll", "Russian_Blue", "Siamese", "Sphynx")  # fmt: skip
 
 
-def place_file(src: Path, dst: Path, link: bool) -> bool:
-    """Hard-link or copy src to dst; False when dst already holds src's bytes (re-runs are no-ops), and a changed
-    source replaces the stale copy. A hard link (the same file) and a copy made by an earlier run (copy2 keeps the
-    time) have src's size and modification time until src changes; on any doubt the bytes are compared."""
-    if dst.exists():
-        old, new = dst.stat(), src.stat()
-        if old.st_size == new.st_size and (old.st_mtime_ns == new.st_mtime_ns or filecmp.cmp(src, dst, shallow=False)):
-            return False
-        dst.unlink()
-    if link:
-        with contextlib.suppress(OSError):  # another file system, or links not allowed there: a copy still works
-            os.link(src, dst)
-            return True
-    shutil.copy2(src, dst)
-    return True
-
-
 def place_all(files: list[tuple[Path, Path]], link: bool) -> None:
-    """Place (src, dst) pairs, creating folders, and say how many were new."""
+    """Hard-link or copy each (src, dst) and say how many were new. Files already in place are skipped: a hard link
+    (the same file) and an earlier copy (copy2 keeps the time) have src's size and modification time until src
+    changes, and on any doubt the bytes are compared. A changed source replaces the stale file."""
     new = 0
     for src, dst in files:
+        if dst.exists():
+            old, now = dst.stat(), src.stat()
+            same_time = old.st_mtime_ns == now.st_mtime_ns
+            if old.st_size == now.st_size and (same_time or filecmp.cmp(src, dst, shallow=False)):
+                continue
+            dst.unlink()
         dst.parent.mkdir(parents=True, exist_ok=True)
-        new += place_file(src, dst, link)
+        new += 1
+        if link:
+            with contextlib.suppress(OSError):  # another file system, or links not allowed there: a copy still works
+                os.link(src, dst)
+                continue
+        shutil.copy2(src, dst)
     print(f"{new} new files ({len(files) - new} already in place)")
 
 
@@ -93,7 +84,7 @@ def prepare_oxford(root: Path, out_dir: Path, download: bool, link: bool) -> dic
     placements = []  # (image, data set, class)
     for image in images:
         breed = image.stem.rsplit("_", 1)[0]  # British_Shorthair_12 -> British_Shorthair
-        if breed in CAT_BREEDS:  # every other Oxford breed (all lowercase names) is a dog
+        if breed in CAT_BREEDS:  # Oxford capitalises cat breeds; every other (all lowercase: beagle_3) is a dog
             placements += [(image, "cats", breed), (image, "cat-vs-other", "cat")]
         else:
             placements.append((image, "cat-vs-other", "other"))
@@ -161,5 +152,4 @@ def main(cfg: PrepareDataConfig) -> dict[str, Counter[str]]:
 
 
 if __name__ == "__main__":
-    description = "Prepare ImageFolder data sets from Oxford-IIIT Pet or any folder of class subfolders."
-    run_main(main, PrepareDataConfig, description)
+    run_main(main, PrepareDataConfig, "Make ImageFolder data sets from Oxford-IIIT Pet or a folder of class folders.")

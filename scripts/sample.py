@@ -1,9 +1,7 @@
-"""Draw class-conditional samples from a trained TinyDiT: one grid (a row per class) or a folder of PNGs.
+"""Draw class-conditional samples from a trained TinyDiT, whose checkpoint holds everything but the request: one grid
+(a row per class) or a folder of PNGs.
 
-    python scripts/sample.py --checkpoint checkpoints/tinydit_final.safetensors --class calico 2 --num 8 \
-        --out checkpoints/grid.png
-
-The model, objective, class names and (unless --cfg-scale is given) the guidance scale come from the checkpoint.
+    python scripts/sample.py --checkpoint checkpoints/tinydit_final.safetensors --class calico 2 --num 8 --out grid.png
 """
 
 from __future__ import annotations
@@ -34,16 +32,10 @@ class SampleConfig:
     classes: list[str] = option([], "class names or ids to sample, a grid row each; none: all", flag="--class")
     num: int = option(8, "images per class")
     steps: int = option(50, "sampling steps")
-    cfg_scale: float | None = option(
-        None, f"classifier-free guidance scale (1 = none); default: the DiT's training scale, else {DEFAULT_CFG_SCALE}"
-    )
-    sampler: str | None = option(
-        None, "sampler of the checkpoint's objective (flow: euler/heun, ddpm: ddim/ddpm); default: the objective's"
-    )
+    cfg_scale: float | None = option(None, f"guidance scale (1 = none); default: as trained, else {DEFAULT_CFG_SCALE}")
+    sampler: str | None = option(None, "flow: euler/heun, ddpm: ddim/ddpm; default: the checkpoint objective's own")
     seed: int = option(0, "seed of the starting noise; the same seed gives the same images")
-    out: str = option(
-        "checkpoints/samples.png", f"a path ending in {'/'.join(GRID_SUFFIXES)}: one grid; any other: a folder of PNGs"
-    )
+    out: str = option("checkpoints/samples.png", f"a {'/'.join(GRID_SUFFIXES)} file: one grid; else a folder of PNGs")
     device: str = option("auto", "where to run", choices=DEVICES)
     cpu_threads: int = cpu_threads_option()
 
@@ -59,8 +51,7 @@ def check_request(cfg: SampleConfig) -> bool:
         f"--out {shown} is a folder, not a grid file — pass e.g. {shown}/grid.png": is_grid and out.is_dir(),
         f"--out {shown} is a file, not a folder — pass a new folder or a {kinds} file": not is_grid and out.is_file(),
     }
-    failed = [refusal for refusal, applies in refusals.items() if applies]
-    if failed:
+    if failed := [refusal for refusal, applies in refusals.items() if applies]:
         raise UserError("; ".join(failed))
     return is_grid
 
@@ -78,20 +69,14 @@ def refuse_what_cannot_fit(cfg: SampleConfig, num_classes: int, model: torch.nn.
             )
 
 
-def file_name(index: int, class_name: str) -> str:
-    return f"{index:04d}_{class_name.encode()[:NAME_BYTES_IN_FILE_NAME].decode(errors='ignore')}.png"
-
-
 def main(cfg: SampleConfig) -> list[Path]:
-    """Sample and write the grid (or the folder of images); returns the written paths."""
-    is_grid = check_request(cfg)
+    is_grid, out = check_request(cfg), Path(cfg.out)
     device = torch.device(resolve_device_type(cfg.device))
     model, objective, metadata = load_dit(cfg.checkpoint, device=device)
     sampler, cfg_scale = resolve_sampler(objective, cfg.sampler), guidance_scale(cfg.cfg_scale, metadata)
     class_names = metadata["class_names"]
     class_ids = resolve_classes(cfg.classes, class_names)
     refuse_what_cannot_fit(cfg, len(class_ids), model, device)
-    out = Path(cfg.out)
     try:  # a folder that cannot be made fails now, not after the sampling
         (out.parent if is_grid else out).mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -103,7 +88,8 @@ def main(cfg: SampleConfig) -> list[Path]:
     if is_grid:
         batches, paths = [images], [out]
     else:  # batches of one image: save_grid adds no padding then
-        batches, paths = images[:, None], [out / file_name(i, class_names[c]) for i, c in enumerate(labels.tolist())]
+        short = [name.encode()[:NAME_BYTES_IN_FILE_NAME].decode(errors="ignore") for name in class_names]
+        batches, paths = images[:, None], [out / f"{i:04d}_{short[c]}.png" for i, c in enumerate(labels.tolist())]
     for batch, path in zip(batches, paths, strict=True):
         try:
             save_grid(batch, path, per_row=cfg.num)

@@ -1,12 +1,10 @@
 """Check that a weights file is complete, sane and trained, and that the model it describes runs.
 
-    python scripts/verify_checkpoint.py --checkpoint checkpoints/tinydit_final.safetensors
     python scripts/verify_checkpoint.py --checkpoint checkpoints/cats_model.safetensors --json
 
-The model is rebuilt from the metadata alone; every check is reported PASS/FAIL, and a failure ends in exit status 2
-naming it. Where the other commands refuse a damaged file outright, verify reads it to report all that is wrong.
-"Trained": the file records progress (step or epoch > 0) AND every tensor a fresh model initialises to a constant
-(adaLN-Zero and final layers of a DiT, biases, BatchNorm statistics) has moved off it.
+The model is rebuilt from the metadata alone. Where the other commands refuse a damaged file outright, verify reads
+it to report all that is wrong. "Trained": the file records progress (step or epoch > 0) AND every tensor a fresh
+model initialises to a constant (adaLN-Zero and final layers of a DiT, biases, BatchNorm statistics) has moved off it.
 """
 
 from __future__ import annotations
@@ -29,19 +27,14 @@ SAMPLES_PER_CLASS = 4
 # classes would otherwise need a batch of thousands of images just to be checked.
 MAX_CHECKED_CLASSES = 16
 GRID_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-WEIGHT_CHECKS = {  # the checks of `weight_problems`, and what each says when it passes
-    "keys": "every tensor of the model present, none extra",
-    "shapes": "every shape matches the model",
-    "dtypes": "every dtype fits the model",
-    "finite": "no NaN or inf in any tensor",
-}
+# The checks of `weight_problems`, and what each says when it passes.
+WEIGHT_CHECKS = {"keys": "every tensor of the model present, none extra", "shapes": "every shape matches the model",
+                 "dtypes": "every dtype fits the model", "finite": "no NaN or inf in any tensor"}  # fmt: skip
 
 
 def checked_classes(num_classes: int) -> list[int]:
     """Every class id, or MAX_CHECKED_CLASSES of them spread evenly from the first to the last."""
-    if num_classes <= MAX_CHECKED_CLASSES:
-        return list(range(num_classes))
-    return torch.linspace(0, num_classes - 1, MAX_CHECKED_CLASSES).round().long().tolist()
+    return torch.linspace(0, num_classes - 1, min(num_classes, MAX_CHECKED_CLASSES)).round().long().tolist()
 
 
 @dataclass
@@ -49,13 +42,9 @@ class VerifyConfig:
     checkpoint: str = option("checkpoints/tinydit_final.safetensors", "weights file (.safetensors, or .pt + .pt.json)")
     json: bool = option(False, "print the report as JSON instead of text")
     device: str = option("auto", "device for the forward pass and the sampling run", choices=DEVICES)
-    sample_out: str | None = option(
-        None, f"DiT only: {'/'.join(GRID_SUFFIXES)} grid of the check samples; default: <checkpoint stem>_verify.png"
-    )
+    sample_out: str | None = option(None, "DiT only: grid of the check samples; default: <checkpoint stem>_verify.png")
     sample_steps: int = option(8, "DiT only: sampler steps of the check samples (few: this is a smoke test)")
-    cfg_scale: float | None = option(
-        None, f"DiT only: guidance of the check samples; default: its training scale, else {sampling.DEFAULT_CFG_SCALE}"
-    )
+    cfg_scale: float | None = option(None, f"DiT only: guidance; default as trained, else {sampling.DEFAULT_CFG_SCALE}")
     seed: int = option(0, "seed of the random inputs and sampling noise")
     cpu_threads: int = cpu_threads_option()
 
@@ -108,8 +97,7 @@ def check_trained(state: dict[str, torch.Tensor], fresh: dict[str, torch.Tensor]
 
 @torch.no_grad()
 def check_forward(model: nn.Module, metadata: dict[str, Any], generator: torch.Generator, device: str) -> Check:
-    """DiT: one evaluation per checked class and the null class at spread-out timesteps; classifier: logits of 4
-    random images. Each must have the right shape, be finite and not ignore its input."""
+    """A DiT on each checked class and the null class, a classifier on 4 random images: right shape, finite, alive."""
     if metadata["kind"] == checkpoints.DIT_KIND:
         labels = torch.tensor([*checked_classes(model.num_classes), model.null_class])
         size = (len(labels), model.in_channels, model.image_size, model.image_size)
@@ -132,7 +120,6 @@ def check_forward(model: nn.Module, metadata: dict[str, Any], generator: torch.G
 
 
 def check_sample(model: nn.Module, metadata: dict[str, Any], cfg: VerifyConfig, out: Path, device: str) -> Check:
-    """A short guided sampling run, SAMPLES_PER_CLASS per checked class, saved as a grid with a row per class."""
     objective = checkpoints.build_objective_from_metadata(metadata)
     sampler, cfg_scale = sampling.resolve_sampler(objective, None), sampling.guidance_scale(cfg.cfg_scale, metadata)
     labels = sampling.class_grid_labels(checked_classes(model.num_classes), SAMPLES_PER_CLASS, device)
@@ -150,9 +137,8 @@ def check_sample(model: nn.Module, metadata: dict[str, Any], cfg: VerifyConfig, 
     return Check("sample", True, f"{len(labels)} images, {how} -> {out}")
 
 
-def describe(metadata: dict[str, Any]) -> tuple[str, str]:
-    """(model description, training progress) for the report header."""
-    m = metadata
+def describe(m: dict[str, Any]) -> tuple[str, str]:
+    """(model description, training progress) of the metadata, for the report header."""
     if m["kind"] == checkpoints.DIT_KIND:
         model = f"TinyDiT {m['model']}, {m['image_size']} px, {m['in_channels']} channels, objective {m['objective']}"
         return model, f"step {m['step']} ({m['weights']} weights)"
@@ -161,22 +147,17 @@ def describe(metadata: dict[str, Any]) -> tuple[str, str]:
     return f"{m['backbone']} classifier, {m['image_size']} px", progress
 
 
-def refuse_bad_flags(cfg: VerifyConfig) -> None:
-    out = Path(cfg.sample_out or "verify.png")
+def verify(cfg: VerifyConfig) -> Report:
+    """Run every check that the file allows; later checks are skipped once an earlier one makes them moot."""
+    asked = Path(cfg.sample_out or "verify.png")
     refusals = {
         f"--sample-steps must be positive (got {cfg.sample_steps})": cfg.sample_steps < 1,
         f"--cfg-scale must be >= 0 (got {cfg.cfg_scale})": cfg.cfg_scale is not None and cfg.cfg_scale < 0,
-        f"--sample-out must end in {', '.join(GRID_SUFFIXES)}": out.suffix.lower() not in GRID_SUFFIXES,
-        f"--sample-out {printable(out)} is a folder — pass e.g. {printable(out / 'verify.png')}": out.is_dir(),
+        f"--sample-out must end in {', '.join(GRID_SUFFIXES)}": asked.suffix.lower() not in GRID_SUFFIXES,
+        f"--sample-out {printable(asked)} is a folder — pass e.g. {printable(asked / 'verify.png')}": asked.is_dir(),
     }
-    failed = [refusal for refusal, applies in refusals.items() if applies]
-    if failed:
+    if failed := [refusal for refusal, applies in refusals.items() if applies]:
         raise UserError("; ".join(failed))
-
-
-def verify(cfg: VerifyConfig) -> Report:
-    """Run every check that the file allows; later checks are skipped once an earlier one makes them moot."""
-    refuse_bad_flags(cfg)
     device, path = resolve_device_type(cfg.device), Path(cfg.checkpoint)
     report = Report(checkpoint=str(path))
     try:
@@ -235,10 +216,9 @@ def format_report(report: Report) -> str:
 
 
 def main(cfg: VerifyConfig) -> Report:
-    """Print the report (text or JSON); raise UserError (exit 2) naming the failed checks."""
     report = verify(cfg)
-    as_json = {**dataclasses.asdict(report), "passed": report.passed}
-    print(json.dumps(as_json, indent=2) if cfg.json else format_report(report))
+    as_json = json.dumps({**dataclasses.asdict(report), "passed": report.passed}, indent=2)
+    print(as_json if cfg.json else format_report(report))
     if not report.passed:
         failed = "; ".join(f"{c.name}: {c.detail}" for c in report.checks if not c.passed)
         raise UserError(f"{printable(report.checkpoint)} failed verification — {failed}")

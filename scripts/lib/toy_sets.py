@@ -1,9 +1,7 @@
 """What the built-in toy data sets (make_toy_cats.py, make_toy_glyphs.py) share: the generate loop with its checks,
 the command's flags and summary line, and the drawing that is not about a class (background, lighting, supersampling).
-
 Each image's randomness comes from a generator seeded by (seed, class index, image index): the same seed gives
-identical bytes, and changing --per-class or --classes leaves every other image unchanged.
-"""
+identical bytes, and changing --per-class or --classes leaves every other image unchanged."""
 
 from __future__ import annotations
 
@@ -67,7 +65,6 @@ class ToySet:
         return dict.fromkeys(chosen, per_class)
 
     def main(self, cfg: ToySetConfig) -> dict[str, int]:
-        """The command: generate, then print one summary line."""
         start = time.perf_counter()
         counts = self.generate(cfg.out, cfg.per_class, cfg.size, cfg.seed, cfg.classes)
         print(
@@ -78,9 +75,8 @@ class ToySet:
 
 
 def gradient_background(rng: np.random.Generator, size: int, canvas: int) -> Image.Image:
-    """A canvas x canvas two-colour linear gradient in a random direction (muted colours, as in a room). Computed at
-    the output size and blown up into SUPERSAMPLE-wide blocks, which the final box downscale averages back to exactly
-    these pixels: far cheaper than a full-size ramp."""
+    """A canvas x canvas two-colour gradient in a random direction (muted, as in a room), computed cheaply at the
+    output size and blown up into SUPERSAMPLE-wide blocks, which the final box downscale averages back exactly."""
     colours = [
         np.array(colorsys.hsv_to_rgb(rng.uniform(0, 1), rng.uniform(0.1, 0.55), rng.uniform(0.35, 0.85))) * 255
         for _ in range(2)
