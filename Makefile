@@ -48,7 +48,7 @@ help: ## list the targets
 
 install: $(STAMP) ## build .venv from requirements*.txt (re-runs only when they change)
 
-$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+$(STAMP): requirements.txt requirements-train.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
@@ -137,7 +137,7 @@ bench: $(SETUP) ## speed report (JSON): the CPU suite on a CPU, the GPU suite (S
 .PHONY: modal-check modal-data modal-upload modal-train modal-dit modal-status modal-download
 # --- Modal (modal_app.py) ----------------------------------------------------------------------------------
 # Variables: STEPS, BATCH, ACCUM, AUG, GPU (empty = each entrypoint's default: T4 classifier, A10G DiT), TRACKER
-# (none, tensorboard, wandb), DETACH (1: modal-dit returns once started; 0: it follows the run to the end),
+# (none, tensorboard, wandb), DETACH (1: the run goes on when this terminal closes; 0: closing it stops the run),
 # MODAL_DATA (data set name on the volume), RUN (run name), EPOCHS, CLS_BATCH. MODAL_PROFILE picks a profile.
 MODAL := $(VENV)/bin/modal
 BATCH ?= 256
@@ -155,11 +155,9 @@ MODAL_RUN_FLAG = $(if $(RUN),--run-name $(RUN))
 MODAL_DETACH_FLAG = $(if $(filter 1,$(DETACH)),--detach)
 NEED_RUN = $(if $(RUN),,$(error RUN=<run name> is required, e.g. make $@ RUN=dit-20261128-213012))
 
-modal-check: $(SETUP) ## Modal: token valid, entrypoints load, image builds and imports the project
+modal-check: $(SETUP) ## Modal: the token works, then GPU (default A10G) starts once: CUDA, device, a bf16 matmul
 	$(MODAL) token info
-	$(MODAL) run modal_app.py::dit --help > /dev/null
-	$(MODAL) run modal_app.py::classifier --help > /dev/null
-	$(MODAL) shell modal_app.py::prepare_data_remote --cmd "python -c 'import scripts.train_dit, scripts.train, models.tiny_dit; print(\"image ok\")'"
+	$(MODAL) run modal_app.py::check $(MODAL_GPU_FLAG)
 
 modal-data: $(SETUP) ## Modal: download Oxford-IIIT Pet on Modal into the data volume (cats, cat-vs-other)
 	$(MODAL) run modal_app.py::prepare_data
@@ -176,13 +174,13 @@ modal-dit: $(SETUP) ## Modal: train TinyDiT, detached unless DETACH=0 (STEPS, BA
 		--gradient-accumulation-steps $(ACCUM) --augmentation-level $(AUG) --report-to $(TRACKER) \
 		--data $(MODAL_DATA) $(MODAL_GPU_FLAG) $(MODAL_RUN_FLAG)
 
-modal-status: $(SETUP) ## Modal: where run RUN stands (attempt, step, img/s, ETA, newest checkpoint and grid)
+modal-status: $(SETUP) ## Modal: where run RUN stands (attempt, step, img/s, ETA); reads the volume, starts nothing
 	$(NEED_RUN)
-	$(MODAL) run modal_app.py::status --run $(RUN)
+	$(PY) modal_app.py status $(RUN)
 
 modal-download: $(SETUP) ## Modal: copy run RUN to $(CKPT)/RUN/, then verify its weights and export them to ONNX
 	$(NEED_RUN)
-	$(MODAL) run modal_app.py::download --run $(RUN) --local-dir $(CKPT)
+	$(PY) modal_app.py download $(RUN) --local-dir $(CKPT)
 
 clean: ## remove generated data, caches and run outputs (keeps .venv)
 	rm -rf data/cats data/toy* data/quality checkpoints/* .pytest_cache

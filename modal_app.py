@@ -1,49 +1,45 @@
-"""Train tiny-cats on Modal GPUs: the same trainers as local runs, carried as a chain of attempts past preemption
-and Modal's 24 h limit per attempt.
+"""Train tiny-cats on Modal GPUs: the trainers of a local run, carried past preemption and the 24 h limit per
+attempt by Modal's retries (the long-training pattern of modal-examples `06_gpu_and_ml/long-training.py`).
 
-    modal run --detach modal_app.py::dit --steps 300000        # prints the run name and how to follow it
-    modal run modal_app.py::status --run dit-20261128-213012   # attempt, step, img/s, ETA, newest outputs
-    modal run modal_app.py::download --run dit-20261128-213012 # weights, grids, logs; then verify + ONNX export
-
-Every entrypoint first checks on this machine what it can (credentials, the trainer's own flag checks for the GPU
-count, Modal's GPU limits, the data on the volume), so a typo never pays for a GPU. A run is then `.spawn()`ed and
-carried by scripts/lib/attempts.py (what each trainer exit status leads to, the lease, the journal): an attempt
-that reaches its --time-limit (set below the 24 h function timeout) spawns the next one; a preempted attempt is
-restarted by Modal from its last checkpoint; a user error ends the run at once; only a crash is retried.
+    modal run --detach modal_app.py::dit --steps 300000   # pre-flight here, then one call that runs to the end
+    python modal_app.py status dit-20261128-213012          # attempt, step, img/s, ETA (reads the volume only)
+    python modal_app.py download dit-20261128-213012        # weights, grids, logs; then verify + ONNX export
 
 What this relies on in Modal (modal 1.6.4's source in site-packages/modal/, and Modal's docs):
-- `.spawn()` is an ASYNC invocation, retried by Modal's servers; `.remote()` is retried by the local client only
-  (_functions.py `run_function`), so nobody retries it once a detached terminal is closed.
-- Preemption sends SIGINT (docs/guide/preemption: "restart it on the same input"). A KeyboardInterrupt leaving the
-  function is re-raised past the output handler (_runtime/container_io_manager.py `handle_input_exception`): the
-  container ends without an output and the input is rescheduled; any other exception is a failure that spends a
-  retry.
-- `single_use_containers=True`: a container handles one input (app.py), so a retry never inherits a broken CUDA
-  context. `max_containers=1`: one container of the function at a time. Retries: delays of 1..60 s (retries.py).
-- `modal run --detach` keeps the last triggered function alive after the client leaves (cli/run.py), and the
-  entrypoint can read the flag from the click context (`ctx.obj["detach"]`).
-- GPU counts per container (docs/guide/gpu, "Specifying GPU count"): A10/A10G up to 4, the other types up to 8;
-  the client checks neither type nor count (_utils/function_utils.py `parse_gpu_config`).
-- `modal run --profile NAME ...` (before the FUNC_REF) and `modal --profile NAME run ...` select a profile
-  (cli/run.py consumes global options ahead of the FUNC_REF); after it the option would reach the entrypoint.
+- A retry runs in a fresh container (`single_use_containers`, app.py) with a fresh timeout (guide "Timeouts"); a
+  spawned call is retried by Modal's servers and, unlike a `.remote()` one, does not expire after 24 h.
+- A sync function runs in the container's main thread (_container_entrypoint.py), where the trainer's handler sees
+  a preemption's SIGINT; a KeyboardInterrupt leaving the function reschedules the input without spending a retry
+  (_runtime/container_io_manager.py `handle_input_exception`), any other exception spends one.
+- A Volume is last-write-wins without locks (volume.py `_Volume`); `commit()` reloads, and a reload fails while a
+  file on the volume is open. A child process is not the function (`is_local()`): this process commits for ranks.
+- `Dict.put(key, value, skip_if_exists=True)` creates the key only if absent and says whether it did (dict.py).
+- Calls of a `with_options(...)` Function run in a distinct container pool (_functions.py).
+- GPUs per container (docs/guide/gpu): A10/A10G up to 4, the other types up to 8; the client checks neither.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import json
-import logging
 import os
+import re
 import shlex
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 from types import ModuleType
-from typing import Any, Literal, NoReturn
+from typing import Any, Literal, NamedTuple, NoReturn
 
 import modal
 from modal.exception import NotFoundError
@@ -52,40 +48,51 @@ from models.classifier import BACKBONES
 from models.tiny_dit import DIT_SIZES
 from scripts import prepare_data as prepare_data_script
 from scripts import train, train_dit
-from scripts.lib import attempts
-from scripts.lib.attempts import Chain
+from scripts.lib.checkpoints import list_complete_states
+from scripts.lib.cli import EXIT_DIR_ENV, EXIT_SIGNAL_BASE, EXIT_TIME_LIMIT, EXIT_USER_ERROR, UserError
+from scripts.lib.cli import config_to_argv, flag_name, name_problem, parse_config, parse_duration
 from scripts.lib.data import AUGMENTATION_LEVELS
-from scripts.lib.cli import EXIT_USER_ERROR, UserError, config_to_argv, flag_name, parse_config, parse_duration
-from scripts.lib.run import OWNER_ENV
-from scripts.lib.run import default_run_name
+from scripts.lib.run import OWNER_ENV, REPORT_TO, STATE_DIR, append_log_line, default_run_name, format_duration
+from scripts.lib.run import heartbeat_is_stale, stale_after_s
 
-APP_NAME = "tiny-cats"
 PROJECT_DIR = Path(__file__).resolve().parent
-# Where the volumes are mounted in the container; tests point these at a temp dir and run the bodies here.
-DATA_ROOT = Path("/data")
-OUTPUT_ROOT = Path("/outputs")
-CHECKPOINTS_DIR = "checkpoints"  # runs land in OUTPUT_ROOT/checkpoints/<run-name>/, like local runs
-OXFORD_DIR = "oxford-pets"
+# Where a container sees the volumes and its own disk; a fake container (tests/fake_modal.py) sets its own.
+DATA_ROOT = Path(os.environ.get("TINY_CATS_DATA_ROOT", "/data"))
+OUTPUT_ROOT = Path(os.environ.get("TINY_CATS_OUTPUT_ROOT", "/outputs"))
+LOCAL_ROOT = Path(os.environ.get("TINY_CATS_LOCAL_ROOT", "/tmp/tiny-cats"))
+CHECKPOINTS_DIR, JOURNAL_NAME = "checkpoints", "attempts.jsonl"  # runs: OUTPUT_ROOT/checkpoints/<run>/, as locally
+RUN_ENV = "TINY_CATS_RUN"  # set per run through with_options: it gives each run its own container pool
 
 CLASSIFIER_GPU = "T4"  # a ResNet-18 at 64-224 px is input-bound: a bigger GPU mostly waits for data
 DIT_GPU = "A10G"  # 24 GB with bf16 fits the S and B DiTs at batch 256; A100/H100 for larger or faster runs
 GPUS_UP_TO_8 = ("T4", "L4", "L40S", "A100", "A100-40GB", "A100-80GB", "H100", "H100!", "H200", "B200", "B200+")
 GPU_MAX_COUNT = {"A10": 4, "A10G": 4} | dict.fromkeys(GPUS_UP_TO_8, 8)  # per container (see the docstring)
-TIMEOUT_S = 24 * 60 * 60  # Modal's per-attempt maximum (docs/guide/timeouts)
-STARTUP_TIMEOUT_S = 20 * 60  # unset, it would be TIMEOUT_S: a container stuck starting would hold on for 24 h
+TIMEOUT_S = 24 * 60 * 60  # Modal's per-attempt maximum; every retry gets it afresh
 # The DiT stops (after saving) when its next save would pass this; the rest of the 24 h covers the container start,
 # the image cache, torch.compile and the final commit.
 ATTEMPT_TIME_LIMIT_S = TIMEOUT_S - 30 * 60
-# Only crashes reach these (a user error returns, a preemption restarts without spending one); each retry redoes at
-# most one save interval, in a fresh container.
-RETRIES = modal.Retries(max_retries=3, initial_delay=10.0, backoff_coefficient=1.0)
+STARTUP_TIMEOUT_S = 20 * 60  # unset, it would be TIMEOUT_S: a container stuck starting would hold on for a day
+# Time-limit continuations and crashes spend these (a preemption does not): at most 11 attempts per call.
+RETRIES = modal.Retries(max_retries=10, initial_delay=0.0)
+# Seconds torch's elastic agent (under `accelerate launch --multi_gpu`) gives its workers after a stop signal before
+# SIGKILL (its default, 30 s, can cut a large model's final save short).
+LAUNCHER_SHUTDOWN_TIMEOUT_S = 120
 TRACKER_PACKAGES = {"tensorboard": "tensorboard==2.21.0", "wandb": "wandb==0.31.0"}
 WANDB_SECRET = "wandb"  # `modal secret create wandb WANDB_API_KEY=...`
+FINISHED, CONTINUED, INTERRUPTED, FAILED, CRASHED = "finished", "continued", "interrupted", "failed", "crashed"
 
 data_volume = modal.Volume.from_name("tiny-cats-data", create_if_missing=True)
 outputs_volume = modal.Volume.from_name("tiny-cats-outputs", create_if_missing=True)
-VOLUMES = {str(DATA_ROOT): data_volume, str(OUTPUT_ROOT): outputs_volume}
-log = logging.getLogger("tiny_cats.modal")  # a child of the trainers' logger: lands in training.log too
+leases = modal.Dict.from_name("tiny-cats-leases", create_if_missing=True)  # run name -> its one writer
+VOLUMES = {"/data": data_volume, "/outputs": outputs_volume}
+
+
+class RunContinues(Exception):
+    """Raised by an attempt that saved at its --time-limit: Modal's retry continues the run in a fresh container."""
+
+
+class AttemptCrashed(RuntimeError):
+    """The trainer failed in a way a retry may fix (a CUDA error, a lost GPU, a killed process)."""
 
 
 def _started_by_modal_cli() -> bool:
@@ -96,145 +103,49 @@ def _started_by_modal_cli() -> bool:
 def requested_tracker(argv: list[str]) -> str:
     """The `--report-to` of a `modal run ...::dit` command line: the image is defined when this file is imported,
     before the entrypoint's options are parsed, and holds a tracker package only when one is asked for."""
-    for index, word in enumerate(argv):
-        if word == "--report-to" and index + 1 < len(argv):
-            return argv[index + 1]
-        if word.startswith("--report-to="):
-            return word.partition("=")[2]
-    return "none"
+    found = re.search(r"--report-to[= ](\S+)", " ".join(argv)) if _started_by_modal_cli() else None
+    return found[1] if found else "none"
 
 
-def build_image(tracker: str) -> modal.Image:
-    requirements = str(PROJECT_DIR / "requirements.txt")
-    image = modal.Image.debian_slim(python_version="3.11").pip_install_from_requirements(requirements)
-    if tracker in TRACKER_PACKAGES:
-        image = image.pip_install(TRACKER_PACKAGES[tracker])
-    # The local packages must be the last image steps: they are added at container start, not baked in a layer.
-    return image.add_local_python_source("models", "scripts")
+# What training needs (export runs on this machine after download: no ONNX packages), and a requested tracker.
+image = modal.Image.debian_slim(python_version="3.11").pip_install_from_requirements(
+    str(PROJECT_DIR / "requirements-train.txt")
+)
+if requested_tracker(sys.argv) in TRACKER_PACKAGES:
+    image = image.pip_install(TRACKER_PACKAGES[requested_tracker(sys.argv)])
+# The local packages must be the last image steps: they are added at container start, not baked in a layer. A
+# container imports this file again and hydrates each function's image with the app's built one: only the number of
+# a function's Modal objects must match there (_container_entrypoint.py `hydrate_function`), and an image is one.
+app = modal.App("tiny-cats", image=image.add_local_python_source("models", "scripts"))
 
 
-# A container imports this file again and hydrates each function's image with the app's built one: only the number
-# of a function's Modal objects must match there (_container_entrypoint.py `hydrate_function`), and an image is one.
-app = modal.App(APP_NAME, image=build_image(requested_tracker(sys.argv) if _started_by_modal_cli() else "none"))
-
-
-@dataclasses.dataclass(frozen=True)
-class Trainer:
+class Trainer(NamedTuple):
     module: ModuleType
     config_cls: type
-    prefix: str  # of default run names
+    kind: str  # the prefix of default run names
     function_name: str
-    default_gpu: str
     final_name: str  # the final weights in the run folder
 
 
 TRAINERS = {
-    "dit": Trainer(train_dit, train_dit.TrainDiTConfig, "dit", "train_dit_remote", DIT_GPU, train_dit.FINAL_NAME),
-    "classifier": Trainer(
-        train, train.TrainConfig, "classifier", "train_classifier_remote", CLASSIFIER_GPU, "cats_model.safetensors"
-    ),
+    "dit": Trainer(train_dit, train_dit.TrainDiTConfig, "dit", "train_dit_remote", train_dit.FINAL_NAME),
+    "classifier": Trainer(train, train.TrainConfig, "classifier", "train_classifier_remote", "cats_model.safetensors"),
 }
+# Set by modal_app for every attempt: where the run's files go, and container-local disk for the files that stay
+# open while training (the memory-mapped image cache, tracker event files), which would make commits fail.
+PLACED_FIELDS = ("data_dir", "run_name", "output_dir", "output", "resume", "cache_dir", "tracker_dir")
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Every call to Modal's servers, in one object
-# ---------------------------------------------------------------------------------------------------------
-class ModalBackend:
-    """What this app asks of Modal: volumes, function calls, the CLI's mode. Tests replace this one object with an
-    in-process stand-in that records commits and spawns and runs the spawned attempts itself."""
-
-    def __init__(self) -> None:
-        self._commit_lock = threading.Lock()  # the periodic commit and the checkpoint hook run in two threads
-
-    def commit_outputs(self) -> None:
-        """Make /outputs durable now (a preempted container loses what is not committed). A failed commit is logged,
-        not raised: the next one carries the same files, and resume only trusts complete checkpoints anyway."""
-        with self._commit_lock:
-            _commit_quietly(outputs_volume)
-
-    def reload_outputs(self) -> None:
-        outputs_volume.reload()
-
-    def commit_data(self) -> None:
-        _commit_quietly(data_volume)  # the image cache the trainer built, for the next attempt
-
-    def has_data_set(self, name: str) -> bool:
-        with contextlib.suppress(NotFoundError):
-            return bool(data_volume.listdir(f"/{name}"))
-        return False
-
-    def upload_data(self, local_dir: Path, name: str) -> None:
-        with data_volume.batch_upload(force=True) as batch:
-            batch.put_directory(str(local_dir), f"/{name}")
-
-    def list_outputs(self, folder: str) -> list[str]:
-        with contextlib.suppress(NotFoundError):
-            entries = outputs_volume.listdir(folder, recursive=True)
-            return [entry.path for entry in entries if entry.type == modal.volume.FileEntryType.FILE]
-        return []
-
-    def read_output(self, path: str) -> Iterator[bytes]:
-        try:
-            yield from outputs_volume.read_file(path)
-        except NotFoundError as error:
-            raise FileNotFoundError(path) from error
-
-    def call_id(self) -> str:
-        return modal.current_function_call_id() or "local"
-
-    def spawn(self, trainer: Trainer, chain: Chain, *args: Any) -> str:
-        function = globals()[trainer.function_name]
-        options: dict[str, Any] = {}
-        if chain.gpu != trainer.default_gpu:
-            options["gpu"] = chain.gpu
-        if chain.secrets:
-            options["secrets"] = [modal.Secret.from_name(name) for name in chain.secrets]
-        if options:  # with_options makes a variant with its own container pool: one container there too
-            function = function.with_options(max_containers=1, **options)
-        return function.spawn(*args, chain).object_id
-
-    def result(self, call_id: str) -> Any:
-        return modal.FunctionCall.from_id(call_id).get()
-
-    def call(self, function_name: str) -> Any:
-        return globals()[function_name].remote()
-
-    def detached(self) -> bool:
-        import click
-
-        context = click.get_current_context(silent=True)  # the entrypoint's, whose obj `modal run` filled
-        return bool(context and isinstance(context.obj, dict) and context.obj.get("detach"))
-
-    def app_id(self) -> str:
-        return app.app_id or "<app id>"
-
-
-def _commit_quietly(volume: modal.Volume) -> None:
-    try:
-        volume.commit()
-    except (RuntimeError, modal.exception.Error) as error:
-        log.warning("committing volume %s failed (the next commit retries): %s", volume.name, error)
-
-
-backend = ModalBackend()
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Pre-flight: everything that can be checked before a container (let alone a GPU) is requested
-# ---------------------------------------------------------------------------------------------------------
-def auth_message() -> str:
-    profile = os.environ.get("MODAL_PROFILE")
-    which = f" for profile {profile!r} (`modal token new --profile {profile}`)" if profile else ""
-    return (
-        f"not authenticated{which} — run `modal token new` (Modal 1.0+; `modal token set` is the old command), "
-        "check with `modal token info`"
-    )
-
-
+# --- Pre-flight: everything that can be checked before a container (let alone a GPU) is requested ---------------------
 def require_modal_auth() -> None:
     """Offline check that a token is configured (MODAL_TOKEN_* or ~/.modal.toml); a wrong one fails later."""
     if not (modal.config.config.get("token_id") and modal.config.config.get("token_secret")):
-        raise UserError(auth_message())
+        profile = os.environ.get("MODAL_PROFILE")
+        which = f" for profile {profile!r} (`modal token new --profile {profile}`)" if profile else ""
+        raise UserError(
+            f"not authenticated{which} — run `modal token new` (or `modal token set` with an existing token id "
+            "and secret), check with `modal token info`; `modal profile list` shows the profiles"
+        )
 
 
 def _fail(message: str, status: int = EXIT_USER_ERROR) -> NoReturn:
@@ -244,7 +155,6 @@ def _fail(message: str, status: int = EXIT_USER_ERROR) -> NoReturn:
 
 @contextlib.contextmanager
 def exit_on_user_error() -> Iterator[None]:
-    """In a local entrypoint: a UserError becomes one line on stderr and exit status 2, not a traceback."""
     try:
         yield
     except UserError as error:
@@ -266,201 +176,390 @@ def gpu_count(gpu: str) -> int:
 
 
 def require_data_on_volume(name: str) -> None:
-    if not backend.has_data_set(name):
-        raise UserError(
-            f"no data set {name!r} on the Modal volume {data_volume.name} — upload a local ImageFolder with "
-            f"`modal run modal_app.py::upload_data --local-dir data/{name} --name {name}`, or download "
-            "Oxford-IIIT Pet on Modal with `modal run modal_app.py::prepare_data` (makes `cats` and "
-            "`cat-vs-other`)"
-        )
+    with contextlib.suppress(NotFoundError, FileNotFoundError):
+        if data_volume.listdir(f"/{name}"):
+            return
+    raise UserError(
+        f"no data set {name!r} on the Modal volume {data_volume.name} — upload a local ImageFolder with "
+        f"`modal run modal_app.py::upload_data --local-dir data/{name} --name {name}`, or download "
+        "Oxford-IIIT Pet on Modal with `modal run modal_app.py::prepare_data` (makes `cats` and `cat-vs-other`)"
+    )
 
 
-def build_config(config_cls: type, data_dir: str, extra_args: str, options: dict[str, Any]) -> Any:
-    """A trainer config: `extra_args` parsed by the script's own parser, the entrypoint's options on top.
-
-    A flag given both ways is refused, so no value is silently dropped.
-    """
+def trainer_flags(trainer: Trainer, extra_args: str, options: dict[str, Any]) -> list[str]:
+    """The trainer flags of every attempt: --extra-args, then the entrypoint's options (a flag given both ways, or
+    one that modal_app places itself, is refused, so that no value is silently dropped)."""
+    fields = {field.name: field for field in dataclasses.fields(trainer.config_cls)}
     extra = shlex.split(extra_args)
-    owned = {flag_name(field) for field in dataclasses.fields(config_cls) if field.name in options}
-    given_twice = sorted({token.split("=")[0] for token in extra} & owned)
-    if given_twice:
+    owned = {flag_name(fields[name]) for name in (*options, *PLACED_FIELDS) if name in fields}
+    if given_twice := sorted({token.split("=")[0] for token in extra} & owned):
         raise UserError(
             f"{', '.join(given_twice)} in --extra-args is set by modal_app.py or by one of its "
             "own options — pass it as that option (see --help)"
         )
-    cfg = parse_config(config_cls, [data_dir, *extra], f"{config_cls.__name__} (--extra-args)")
-    return dataclasses.replace(cfg, **options)
+    return [*extra, *(word for name, value in options.items() for word in (flag_name(fields[name]), str(value)))]
 
 
-def attempt_time_limit(requested: str) -> str:
-    """Each attempt's --time-limit: the user's if shorter, else what leaves room below the function timeout."""
-    limit = min(parse_duration(requested), ATTEMPT_TIME_LIMIT_S) if requested else ATTEMPT_TIME_LIMIT_S
-    return f"{limit:.0f}"
+def trainer_config(trainer: Trainer, run: str, data: str, flags: list[str]) -> Any:
+    """The config of an attempt of `run`, placed under this process's roots (the volumes' mounts in a container)."""
+    cfg = parse_config(trainer.config_cls, [str(DATA_ROOT / data), *flags], f"{trainer.config_cls.__name__} flags")
+    run_dir = OUTPUT_ROOT / CHECKPOINTS_DIR / run
+    places = dict(run_name=run, output_dir=run_dir.parent, resume="auto", output=run_dir / trainer.final_name)
+    places.update(cache_dir=LOCAL_ROOT / "cache", tracker_dir=LOCAL_ROOT / "tracker")
+    return dataclasses.replace(cfg, **{name: str(value) for name, value in places.items() if hasattr(cfg, name)})
 
 
-def prepare_run(trainer: Trainer, *, gpu: str, data: str, run_name: str, extra_args: str, **options: Any) -> Any:
-    """The pre-flight of a training entrypoint; returns the config every attempt of the run will use.
-
-    The run name is fixed here, outputs go to the volume, resume is auto. The trainer's own `validate_config` runs
-    for this GPU count; the tracker package is checked in the container, whose image holds it (not this machine).
-    """
-    require_modal_auth()
-    num_gpus = gpu_count(gpu)
-    run_name = run_name or default_run_name(trainer.prefix)
-    run_dir = OUTPUT_ROOT / CHECKPOINTS_DIR / run_name
-    fields = {field.name for field in dataclasses.fields(trainer.config_cls)}
-    options.update(run_name=run_name, output_dir=str(run_dir.parent), resume="auto")
-    if "output" in fields:  # the classifier's final weights: in the run folder, so `download` gets them
-        options["output"] = str(run_dir / trainer.final_name)
-    cfg = build_config(trainer.config_cls, str(DATA_ROOT / data), extra_args, options)
-    if "time_limit" in fields:
-        cfg = dataclasses.replace(cfg, time_limit=attempt_time_limit(cfg.time_limit))
-    local_view = dataclasses.replace(cfg, report_to="none") if "report_to" in fields else cfg
-    trainer.module.validate_config(local_view, num_processes=num_gpus)
-    require_data_on_volume(data)
-    return cfg
+# --- The run's lease in a modal.Dict: one writer per run across containers (a Volume cannot lock) ---------------------
+def claim_lease(run: str, owner: str, attempt: int) -> None:
+    """Hold the run's lease for `owner` (a launch and its attempts), or raise the one-line refusal. A free lease is
+    created atomically; an earlier attempt's or a stale one is taken over by a get and a put, which is not atomic:
+    two launches could both pass, and each attempt's heartbeat re-reads the owner (the loser's container ends)."""
+    record = {"owner": owner, "attempt": attempt, "heartbeat": time.time(), "host": socket.gethostname()}
+    if leases.put(run, record, skip_if_exists=True):
+        return
+    holder = leases.get(run) or {}
+    if holder.get("owner") != owner and not heartbeat_is_stale(holder.get("heartbeat", 0.0)):
+        raise UserError(
+            f"run {run} is being written by another run (attempt {holder['attempt']} of {holder['owner']} on "
+            f"{holder['host']}, last heartbeat {time.time() - holder['heartbeat']:.0f} s ago) — wait for it, stop "
+            f"it, or use another --run-name; a lease whose holder died expires {stale_after_s():.0f} s after its "
+            "last heartbeat"
+        )
+    leases.put(run, record)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# In the container: one attempt
-# ---------------------------------------------------------------------------------------------------------
-def train_attempt(trainer: Trainer, cfg: Any, chain: Chain) -> dict[str, Any]:
-    """One attempt of the run (scripts.lib.attempts.run_attempt), on one GPU in this process or on several under
-    `accelerate launch`."""
-    backend.reload_outputs()  # what the previous attempt committed
-    num_gpus = gpu_count(chain.gpu)
+def release_lease(run: str, owner: str) -> None:
+    if (leases.get(run) or {}).get("owner") == owner:
+        leases.pop(run, None)
 
-    def train() -> attempts.Exit:
-        if num_gpus == 1:
-            ended = attempts.run_in_process(trainer.module.main, cfg, chain.owner, backend.commit_outputs)
-        else:
-            script = Path(trainer.module.__file__).resolve()
-            ended = attempts.run_launched(
-                script, config_to_argv(cfg), num_gpus, launcher_env(script, chain.owner), backend.commit_outputs
+
+# --- In the container: one attempt ------------------------------------------------------------------------------------
+class Exit(NamedTuple):
+    """How an attempt's trainer ended: its exit status (scripts.lib.cli), why it failed, each rank's own status."""
+
+    status: int
+    message: str | None = None
+    error: BaseException | None = None
+    ranks: dict[int, int] | None = None
+
+
+def newest_step(run_dir: Path) -> int:
+    states = list_complete_states(run_dir / STATE_DIR)
+    return states[-1][0] if states else 0
+
+
+def read_lines(path: Path) -> list[str]:
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return []
+
+
+class Attempt:
+    """One container's attempt at a run: its lease, its commits and its records in <run>/attempts.jsonl."""
+
+    def __init__(self, trainer: Trainer, run: str, data: str, flags: list[str], owner: str, gpu: str):
+        self.trainer, self.run, self.owner, self.gpu = trainer, run, owner, gpu
+        self.cfg = trainer_config(trainer, run, data, flags)
+        self.run_dir = Path(self.cfg.output_dir) / run
+        self.journal_path = self.run_dir / JOURNAL_NAME
+        self.number = 1 + sum(json.loads(line)["event"] == "start" for line in read_lines(self.journal_path))
+        self.name = f"attempt {self.number} ({modal.current_function_call_id()} on {gpu})"
+        self.committed_step = -1
+        self._commit_lock = threading.RLock()  # the heartbeat's thread and the trainer's both commit
+
+    def note(self, text: str, level: str = "INFO") -> None:
+        """A line in the container's log and, once the run has one, in its training.log."""
+        print(f"{self.name} {text}", file=sys.stderr, flush=True)
+        append_log_line(self.run_dir / "training.log", f"{self.name} {text}", level=level)
+
+    def journal(self, **record: Any) -> None:
+        with open(self.journal_path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"attempt": self.number, **record, "time": round(time.time(), 3)}) + "\n")
+
+    def commit(self) -> None:
+        """Publish the run folder, the tracker's files copied in first. A failure is logged loudly, not raised: the
+        next commit carries the same files, and resume only trusts complete checkpoints."""
+        with self._commit_lock:
+            try:
+                if Path(self.cfg.tracker_dir).is_dir():
+                    shutil.copytree(self.cfg.tracker_dir, self.run_dir / "tracker", dirs_exist_ok=True)
+                outputs_volume.commit()
+            except (OSError, RuntimeError, modal.exception.Error) as error:
+                self.note(f"COMMIT FAILED of volume {outputs_volume.name} (the next one retries): {error}", "ERROR")
+
+    def commit_new_checkpoint(self, _saved: Path | None = None) -> None:
+        """The trainer's on_checkpoint (and, for launched ranks, the heartbeat's): commit a new complete save."""
+        with self._commit_lock:
+            if (step := newest_step(self.run_dir)) > self.committed_step:
+                self.commit()
+                self.committed_step = step
+
+    def keep_lease(self, stop: threading.Event, launched: bool) -> None:
+        """The heartbeat thread: renew the lease every stale/8 s (and commit each new save of launched ranks). A lost
+        lease ends the container at once; Modal's retry then finds the lease taken and ends the call naming it."""
+        while not stop.wait(stale_after_s() / 8):
+            with contextlib.suppress(modal.exception.Error):  # Modal unreachable just now: the next beat retries
+                holder = leases.get(self.run)
+                if (holder or {}).get("owner") != self.owner:
+                    self.note(f"lost the lease of run {self.run} to another launch: ending this container", "ERROR")
+                    os.kill(os.getpid(), signal.SIGKILL)
+                leases.put(self.run, {**holder, "heartbeat": time.time()})
+            if launched:
+                self.commit_new_checkpoint()
+
+    def train(self) -> Exit:
+        """The trainer on one GPU in this process, or on several under `accelerate launch`."""
+        os.environ[OWNER_ENV] = self.owner  # the trainer's run lock: attempts of one launch take it over at once
+        num_gpus, stop = gpu_count(self.gpu), threading.Event()
+        heartbeat = threading.Thread(target=self.keep_lease, args=(stop, num_gpus > 1), daemon=True)
+        heartbeat.start()
+        try:
+            if num_gpus == 1:
+                return run_in_process(self.trainer.module.main, self.cfg, self.commit_new_checkpoint)
+            script = Path(self.trainer.module.__file__).resolve()
+            ended = run_launched(script, config_to_argv(self.cfg), num_gpus)
+            self.commit_new_checkpoint()  # the ranks' last save (at a stop, the only commit of the grace period)
+            return ended
+        finally:
+            stop.set()
+            heartbeat.join()
+
+    def __call__(self) -> dict[str, Any]:
+        """Take the lease, train, record, commit; returns the run's result, or raises for Modal to go on."""
+        summary: dict[str, Any] = {"run": self.run, "attempt": self.number, "gpu": self.gpu}
+        try:
+            claim_lease(self.run, self.owner, self.number)
+        except UserError as refused:  # another launch holds the run: write nothing, commit nothing
+            return {**summary, "outcome": FAILED, "message": str(refused)}
+        start = newest_step(self.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        last = json.loads((read_lines(self.journal_path) or ["{}"])[-1])
+        if last.get("event") == "start":  # the previous container ended without a word
+            gone = "ended without its own record (preempted, timed out or killed)"
+            self.journal(
+                **{**last, "event": "end", "steps": [last["step"], start], "outcome": INTERRUPTED, "message": gone}
             )
-        backend.commit_data()
-        return ended
-
-    def continue_run(next_chain: Chain) -> str:
-        return backend.spawn(trainer, next_chain, cfg)
-
-    return attempts.run_attempt(
-        cfg, chain, train, call_id=backend.call_id(), commit=backend.commit_outputs, continue_run=continue_run
-    )
-
-
-def launcher_env(script: Path, owner: str) -> dict[str, str]:
-    project_root = str(script.parents[1])  # `python scripts/x.py` imports `scripts`
-    python_path = os.pathsep.join(p for p in (project_root, os.environ.get("PYTHONPATH")) if p)
-    return {**os.environ, "PYTHONPATH": python_path, OWNER_ENV: owner}
-
-
-TRAINING_OPTIONS = dict(
-    volumes=VOLUMES,
-    timeout=TIMEOUT_S,
-    startup_timeout=STARTUP_TIMEOUT_S,
-    retries=RETRIES,
-    single_use_containers=True,
-    max_containers=1,
-)
-
-
-@app.function(gpu=DIT_GPU, **TRAINING_OPTIONS)
-def train_dit_remote(cfg: train_dit.TrainDiTConfig, chain: Chain) -> dict[str, Any]:
-    return train_attempt(TRAINERS["dit"], cfg, chain)
+        self.journal(event="start", name=self.name, gpu=self.gpu, owner=self.owner, step=start)
+        self.note(f"starts at step {start}")
+        self.commit()
+        ended = self.train()
+        known = {0: FINISHED, EXIT_USER_ERROR: FAILED, EXIT_TIME_LIMIT: CONTINUED}
+        outcome = known.get(ended.status) or (INTERRUPTED if ended.status > EXIT_SIGNAL_BASE else CRASHED)
+        message, end = ended.message, newest_step(self.run_dir)
+        if outcome == INTERRUPTED:  # Modal reschedules the input; the next attempt records this one's end
+            raise KeyboardInterrupt
+        if outcome == CONTINUED and end <= start:
+            outcome, message = FAILED, f"stopped at its --time-limit without a new checkpoint (still step {end})"
+        if outcome in (FAILED, CRASHED) and not message:  # a launcher's workers: their error is in training.log
+            message = (read_lines(self.run_dir / "training.log") or [None])[-1]
+        summary.update(outcome=outcome, message=message, steps=[start, end], ranks=ended.ranks)
+        self.journal(event="end", name=self.name, **summary)
+        self.note(f"covered steps {start}-{end}: {outcome}" + (f": {message}" if message else ""))
+        self.commit()
+        if outcome in (FINISHED, FAILED):
+            release_lease(self.run, self.owner)
+        if outcome == CONTINUED:
+            raise RunContinues(f"{self.name} of {self.run} saved step {end} at its --time-limit")
+        if outcome == CRASHED:
+            raise AttemptCrashed(f"{self.name} of {self.run} crashed: {message}") from ended.error
+        return summary
 
 
-@app.function(gpu=CLASSIFIER_GPU, **TRAINING_OPTIONS)
-def train_classifier_remote(cfg: train.TrainConfig, chain: Chain) -> dict[str, Any]:
-    return train_attempt(TRAINERS["classifier"], cfg, chain)
+def run_in_process(main: Callable[..., Any], cfg: Any, on_checkpoint: Callable[[Path], None]) -> Exit:
+    try:
+        main(cfg, on_checkpoint=on_checkpoint)
+    except UserError as error:
+        return Exit(EXIT_USER_ERROR, str(error))
+    except SystemExit as stop:  # --time-limit or a signal, after saving
+        return Exit(stop.code if isinstance(stop.code, int) else 1)
+    except KeyboardInterrupt:  # a signal before the training loop had its own handlers in place
+        return Exit(EXIT_SIGNAL_BASE + signal.SIGINT)
+    except Exception as error:  # noqa: BLE001 — a crash: the attempt re-raises it so that Modal retries
+        return Exit(1, f"{type(error).__name__}: {error}", error)
+    return Exit(0)
 
 
-@app.function(volumes=VOLUMES, timeout=2 * 60 * 60, retries=RETRIES)
+def run_launched(script: Path, argv: list[str], num_processes: int) -> Exit:
+    """`accelerate launch --multi_gpu` of the trainer, each rank writing its exit status (cli.EXIT_DIR_ENV). SIGINT
+    and SIGTERM go on to the launcher's whole process group as SIGTERM: the elastic agent passes on what it gets,
+    and a worker that gets SIGINT twice stops without saving (a second Ctrl-C), while SIGTERM twice is harmless."""
+    with tempfile.TemporaryDirectory() as exit_dir, socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))  # a free port for the ranks' rendezvous (a fixed one collides with others)
+        python_path = os.pathsep.join(p for p in (str(script.parents[1]), os.environ.get("PYTHONPATH")) if p)
+        env = {**os.environ, "PYTHONPATH": python_path, EXIT_DIR_ENV: exit_dir}
+        env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = str(LAUNCHER_SHUTDOWN_TIMEOUT_S)
+        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1"]
+        launcher += ["--num_processes", str(num_processes), "--main_process_port", str(probe.getsockname()[1])]
+        probe.close()
+        process = subprocess.Popen([*launcher, str(script), *argv], env=env, start_new_session=True)
+        received: list[int] = []
+
+        def forward(signum: int, _frame: Any) -> None:
+            received.append(signum)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+
+        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            process.wait()  # the agent waits for its workers (SIGKILL after the shutdown timeout) before it exits
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        statuses = {int(path.name[4:]): int(path.read_text()) for path in Path(exit_dir).glob("rank*")}
+    return Exit(launched_exit_status(statuses, received[0] if received else None), ranks=statuses)
+
+
+def launched_exit_status(statuses: dict[int, int], signalled: int | None) -> int:
+    """One exit status from each rank's own (a killed rank has none). Rank 0 saves, so its word decides once it
+    finished or saved at the time limit; a rank's signal status is a stop only if this process got a signal (else
+    the launcher tore the group down because another rank failed: a crash)."""
+    if EXIT_USER_ERROR in statuses.values():
+        return EXIT_USER_ERROR
+    if statuses.get(0) in (0, EXIT_TIME_LIMIT):
+        return statuses[0]
+    return EXIT_SIGNAL_BASE + signalled if signalled else 1
+
+
+TRAINING_OPTIONS = dict(volumes=VOLUMES, timeout=TIMEOUT_S, retries=RETRIES, single_use_containers=True)
+
+
+@app.function(gpu=DIT_GPU, startup_timeout=STARTUP_TIMEOUT_S, **TRAINING_OPTIONS)
+def train_dit_remote(run: str, data: str, flags: list[str], owner: str, gpu: str) -> dict[str, Any]:
+    return Attempt(TRAINERS["dit"], run, data, flags, owner, gpu)()
+
+
+@app.function(gpu=CLASSIFIER_GPU, startup_timeout=STARTUP_TIMEOUT_S, **TRAINING_OPTIONS)
+def train_classifier_remote(run: str, data: str, flags: list[str], owner: str, gpu: str) -> dict[str, Any]:
+    return Attempt(TRAINERS["classifier"], run, data, flags, owner, gpu)()
+
+
+@app.function(volumes=VOLUMES, timeout=2 * 60 * 60, retries=3)
 def prepare_data_remote() -> dict[str, dict[str, int]]:
     """Download Oxford-IIIT Pet on Modal and write the ImageFolder data sets onto the data volume."""
-    cfg = prepare_data_script.PrepareDataConfig(root=str(DATA_ROOT / OXFORD_DIR), out_dir=str(DATA_ROOT))
+    cfg = prepare_data_script.PrepareDataConfig(root=str(DATA_ROOT / "oxford-pets"), out_dir=str(DATA_ROOT))
     try:
         counts = prepare_data_script.main(cfg)
     finally:
-        backend.commit_data()
+        data_volume.commit()
     return {name: dict(counter) for name, counter in counts.items()}
 
 
-# ---------------------------------------------------------------------------------------------------------
-# On this machine: start, follow, fetch
-# ---------------------------------------------------------------------------------------------------------
-def launch(trainer: Trainer, cfg: Any, gpu: str, secrets: tuple[str, ...] = ()) -> None:
-    """Spawn the run's first attempt and say how to follow it; attached, follow it to the end and fetch it."""
-    call_id = backend.spawn(trainer, Chain.start(cfg.run_name, gpu, secrets), cfg)
-    run = cfg.run_name
-    print(
-        f"run {run} on {gpu}: first attempt {call_id}\n"
-        f"  outputs:  volume {outputs_volume.name}, folder {CHECKPOINTS_DIR}/{run}/\n"
-        f"  status:   make modal-status RUN={run}   (modal run modal_app.py::status --run {run})\n"
-        f"  logs:     modal app logs {backend.app_id()}\n"
-        f"  results:  make modal-download RUN={run}   (weights, grids, logs; then verify and ONNX export)\n"
-        f"  continue: the same command with --run-name {run} (e.g. more --steps)"
+@app.function(gpu=DIT_GPU, timeout=10 * 60)
+def check_gpu_remote() -> str:
+    """What a training container sees: torch and CUDA, the GPUs, and whether a bf16 matmul computes right."""
+    import torch
+
+    report = f"torch {torch.__version__} (CUDA {torch.version.cuda}): cuda available {torch.cuda.is_available()}"
+    if torch.cuda.is_available():
+        ones = torch.ones(1024, 1024, device="cuda", dtype=torch.bfloat16)
+        report += f"\n{torch.cuda.device_count()} x {torch.cuda.get_device_name()}: bf16 matmul right "
+        report += str(bool(((ones @ ones) == 1024).all()))
+    return report
+
+
+# --- On this machine: start a run, wait for it, fetch it --------------------------------------------------------------
+def preflight(trainer: Trainer, gpu: str, data: str, run: str, extra_args: str, options: dict[str, Any]) -> tuple:
+    """Every check of a launch that needs no container; returns the trainer flags of every attempt, and its config."""
+    num_gpus = gpu_count(gpu)
+    if problem := name_problem(data):  # the run name is the trainer's to check
+        raise UserError(f"--data {data!r} {problem}")
+    flags = trainer_flags(trainer, extra_args, options)
+    cfg = trainer_config(trainer, run, data, flags)
+    if hasattr(cfg, "time_limit"):  # the user's --time-limit if shorter, else what fits below the timeout
+        limit = min(parse_duration(cfg.time_limit), ATTEMPT_TIME_LIMIT_S) if cfg.time_limit else ATTEMPT_TIME_LIMIT_S
+        flags, cfg = [*flags, "--time-limit", f"{limit:.0f}"], dataclasses.replace(cfg, time_limit=f"{limit:.0f}")
+    # The tracker package is checked in the container, whose image holds it (not on this machine).
+    trainer.module.validate_config(dataclasses.replace(cfg, report_to="none"), num_processes=num_gpus)
+    require_data_on_volume(data)
+    return flags, cfg
+
+
+def launch(trainer: Trainer, *, gpu: str, data: str, run_name: str, extra_args: str, **options: Any) -> tuple:
+    """The pre-flight, the run's lease, then the run's one call; returns (run, owner, call)."""
+    require_modal_auth()
+    run = run_name or default_run_name(trainer.kind)
+    flags, cfg = preflight(trainer, gpu, data, run, extra_args, options)
+    owner = f"{run}/{uuid.uuid4().hex[:12]}"
+    claim_lease(run, owner, attempt=0)
+    secrets = [modal.Secret.from_name(WANDB_SECRET)] if cfg.report_to == "wandb" else []
+    function = globals()[trainer.function_name].with_options(
+        gpu=gpu, secrets=secrets, max_containers=1, env={RUN_ENV: run}
     )
-    if backend.detached():
-        return
-    follow(call_id)
-    fetch_run(run, Path(CHECKPOINTS_DIR), include_state=False, check=True)
+    try:
+        call = function.spawn(run, data, flags, owner, gpu)
+    except BaseException:
+        release_lease(run, owner)
+        raise
+    print(
+        f"run {run} on {gpu}: call {call.object_id}\n"
+        f"  outputs:  volume {outputs_volume.name}, folder {CHECKPOINTS_DIR}/{run}/\n"
+        f"  status:   make modal-status RUN={run}   (python modal_app.py status {run})\n"
+        f"  logs:     modal app logs {app.app_id or '<app id>'}\n"
+        f"  results:  make modal-download RUN={run}   (weights, grids, logs; then verify and ONNX export)\n"
+        f"  continue: the same command with --run-name {run} (e.g. more --steps)",
+        flush=True,
+    )
+    return run, owner, call
 
 
-def follow(call_id: str) -> dict[str, Any]:
-    """Wait for each attempt of the chain in turn; returns the finishing attempt's summary."""
-    while True:
-        try:
-            result = backend.result(call_id)
-        except Exception as error:  # noqa: BLE001 — a crash after the retries, or Modal's own failure
-            _fail(f"the run stopped: {type(error).__name__}: {error}", status=1)
-        steps = "steps {}-{}, ".format(*result["steps"]) if "steps" in result else ""
-        print(f"attempt {result['attempt']} ({call_id}): {steps}{result['outcome']}")
-        if result["outcome"] == attempts.FAILED:
-            _fail(result["message"])
-        if result["outcome"] != attempts.CONTINUED:
-            return result
-        call_id = result["next_call_id"]
-        print(f"  continues in {call_id}")
+def wait_for(run: str, owner: str, call: Any) -> dict[str, Any]:
+    """The run's result; a user error, or Modal's retries used up, end this process with one line."""
+    try:
+        result = call.get()
+    except (RunContinues, AttemptCrashed, modal.exception.FunctionTimeoutError) as error:
+        release_lease(run, owner)  # the call is over: no container of it writes any more
+        more = f"Modal's {RETRIES.max_retries} retries are used up; the same command with --run-name {run} continues"
+        _fail(f"{error} — {more}", EXIT_TIME_LIMIT if isinstance(error, RunContinues) else 1)
+    except Exception as error:  # noqa: BLE001 — Modal's own failure: the call may still be running
+        _fail(f"lost the call ({type(error).__name__}: {error}) — see `python modal_app.py status {run}`", 1)
+    if result["outcome"] == FAILED:
+        _fail(result["message"])
+    print(f"run {run}: attempt {result['attempt']} finished at step {result['steps'][1]}", flush=True)
+    return result
+
+
+def train_on_modal(trainer: Trainer, options: dict[str, Any]) -> None:
+    with exit_on_user_error():
+        run, owner, call = launch(trainer, **options)
+        wait_for(run, owner, call)
+        fetch_run(run, Path(CHECKPOINTS_DIR), include_state=False, check=True)
 
 
 def fetch_run(run: str, local_dir: Path, include_state: bool, check: bool) -> None:
     """Copy checkpoints/<run>/ from the volume (without state/ unless asked), then verify and export its weights."""
-    files = backend.list_outputs(f"{CHECKPOINTS_DIR}/{run}")
+    try:
+        entries = outputs_volume.listdir(f"{CHECKPOINTS_DIR}/{run}", recursive=True)
+    except (NotFoundError, FileNotFoundError):
+        entries = []
+    files = [entry.path.lstrip("/") for entry in entries if entry.type == modal.volume.FileEntryType.FILE]
     if not files:
         raise no_such_run(run)
     for remote_path in files:
-        if include_state or "/state/" not in remote_path:
+        if include_state or f"/{STATE_DIR}/" not in remote_path:
             local_path = local_dir / PurePosixPath(remote_path).relative_to(CHECKPOINTS_DIR)
-            _download_file(remote_path, local_path)
+            local_path.parent.mkdir(parents=True, exist_ok=True)
+            partial = local_path.with_name(local_path.name + ".part")  # an interrupted download never looks complete
+            with open(partial, "wb") as handle:
+                for chunk in outputs_volume.read_file(remote_path):
+                    handle.write(chunk)
+            os.replace(partial, local_path)
             print(local_path)
     finals = [local_dir / run / t.final_name for t in TRAINERS.values() if (local_dir / run / t.final_name).is_file()]
     if not finals:
-        print(f"{run} has no final weights yet — see `modal run modal_app.py::status --run {run}`")
+        print(f"{run} has no final weights yet — see `python modal_app.py status {run}`")
     elif check:
-        check_weights(finals[0])
-
-
-def _download_file(remote_path: str, local_path: Path) -> None:
-    local_path.parent.mkdir(parents=True, exist_ok=True)
-    partial = local_path.with_name(local_path.name + ".part")  # an interrupted download never looks complete
-    with open(partial, "wb") as handle:
-        for chunk in backend.read_output(remote_path):
-            handle.write(chunk)
-    os.replace(partial, local_path)
+        check_weights(finals[0].resolve())  # the commands run from the project folder
 
 
 def check_weights(weights: Path) -> None:
     """What `make verify export` does with local weights: the checkpoint report, then ONNX with parity checks."""
-    weights = weights.resolve()  # the commands run from the project folder
     if weights.name == train_dit.FINAL_NAME:
         export = ["scripts/export_dit_onnx.py", "--output", str(weights.with_name("tinydit.onnx")), "--test"]
     else:
         export = ["scripts/export_onnx.py", "--output", str(weights.with_name("cats_model.onnx"))]
-    for command in (
-        ["scripts/verify_checkpoint.py", "--checkpoint", str(weights)],
-        [*export, "--checkpoint", str(weights), "--verify"],
-    ):
+    for command in (["scripts/verify_checkpoint.py"], [*export, "--verify"]):
+        command += ["--checkpoint", str(weights)]
         print(f"$ {shlex.join(['python', *command])}", flush=True)
         env = {**os.environ, "PYTHONPATH": str(PROJECT_DIR)}
         result = subprocess.run([sys.executable, *command], cwd=PROJECT_DIR, env=env, check=False)
@@ -469,22 +568,31 @@ def check_weights(weights: Path) -> None:
 
 
 def no_such_run(run: str) -> UserError:
-    return UserError(
-        f"no run {run!r} in volume {outputs_volume.name} — list the runs with "
-        f"`modal volume ls {outputs_volume.name} {CHECKPOINTS_DIR}`"
-    )
+    volume = outputs_volume.name
+    return UserError(f"no run {run!r} in volume {volume} — list the runs with `modal volume ls {volume} checkpoints`")
 
 
-def read_output_text(path: str) -> str | None:
-    try:
-        return b"".join(backend.read_output(path)).decode()
-    except FileNotFoundError:
-        return None
+def status_lines(run: str, status: dict[str, Any] | None, journal: list[dict[str, Any]], now: float) -> list[str]:
+    """Human lines from a run's status.json and attempts.jsonl: attempt, step, speed, ETA, newest outputs."""
+    lines = [f"run {run}: {journal[-1]['name']} " + journal[-1].get("outcome", "running")] if journal else []
+    if status:
+        speed = f", {status['img_per_s']:.0f} img/s" if status.get("img_per_s") else ""
+        eta = (
+            f", ETA {format_duration(status['eta_s'])}" if status.get("eta_s") and status["state"] == "training" else ""
+        )
+        updated = f"updated {format_duration(now - status['updated'])} ago on {status.get('host')}"
+        lines.append(f"trainer: {status['state']} at step {status['step']}/{status['steps']}{speed}{eta}, {updated}")
+        lines += [f"message: {status['message']}"] if status.get("message") else []
+        newest = status.get("newest_checkpoint") or "-", status.get("newest_grid") or "-"
+        lines.append("newest checkpoint: {}; newest sample grid: {}".format(*newest))
+    ends = [entry for entry in journal if entry["event"] == "end"]
+    lines += [
+        f"  attempt {end['attempt']}: steps {end['steps'][0]}-{end['steps'][1]}, {end['outcome']}" for end in ends
+    ]
+    return lines or [f"run {run}: no status yet (not started, or its first attempt is still starting)"]
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Local entrypoints (`modal run modal_app.py::NAME --help` lists the options)
-# ---------------------------------------------------------------------------------------------------------
+# --- Local entrypoints (`modal run modal_app.py::NAME --help` lists the options) --------------------------------------
 def _default(config_cls: type, name: str) -> Any:
     """A trainer flag's default, so each entrypoint option starts where the script's own flag does."""
     return next(field.default for field in dataclasses.fields(config_cls) if field.name == name)
@@ -504,17 +612,14 @@ def dit(
     lr: float = _default(_DIT, "lr"),
     model: Literal[DIT_MODELS] = _default(_DIT, "model"),
     image_size: int = _default(_DIT, "image_size"),
-    report_to: Literal[train_dit.REPORT_TO] = _default(_DIT, "report_to"),
+    report_to: Literal[REPORT_TO] = _default(_DIT, "report_to"),
     gpu: str = DIT_GPU,
     data: str = "cats",
     run_name: str = "",
     extra_args: str = "",
 ) -> None:
     """TinyDiT on Modal GPUs; flags as scripts/train_dit.py, others in --extra-args "--ema-decay 0.999"."""
-    options = locals()  # every parameter: gpu, data, run_name, extra_args, and the trainer flags of the same names
-    secrets = (WANDB_SECRET,) if report_to == "wandb" else ()
-    with exit_on_user_error():
-        launch(TRAINERS["dit"], prepare_run(TRAINERS["dit"], **options), gpu, secrets)
+    train_on_modal(TRAINERS["dit"], locals())
 
 
 @app.local_entrypoint()
@@ -531,31 +636,25 @@ def classifier(
     extra_args: str = "",
 ) -> None:
     """The classifier on Modal GPUs; flags as scripts/train.py, others in --extra-args."""
-    options = locals()  # every parameter: gpu, data, run_name, extra_args, and the trainer flags of the same names
-    with exit_on_user_error():
-        launch(TRAINERS["classifier"], prepare_run(TRAINERS["classifier"], **options), gpu)
+    train_on_modal(TRAINERS["classifier"], locals())
 
 
 @app.local_entrypoint()
-def status(run: str) -> None:
-    """Where a run stands: attempt, step, img/s, ETA, newest checkpoint and sample grid, and each attempt's steps."""
+def check(gpu: str = DIT_GPU) -> None:
+    """Start GPU once: torch sees CUDA, the device, a bf16 matmul (a driver/torch mismatch shows here, not later)."""
     with exit_on_user_error():
-        require_modal_auth()
-        status_text = read_output_text(f"{CHECKPOINTS_DIR}/{run}/status.json")
-        journal_text = read_output_text(f"{CHECKPOINTS_DIR}/{run}/{attempts.JOURNAL_NAME}")
-        if status_text is None and journal_text is None:
-            raise no_such_run(run)
-        journal = attempts.read_journal(journal_text or "")
-        for line in attempts.status_lines(run, status_text and json.loads(status_text), journal, time.time()):
-            print(line)
+        gpu_count(gpu)
+        report = check_gpu_remote.with_options(gpu=gpu).remote()
+        print(report)
+        if not report.endswith("bf16 matmul right True"):
+            _fail(f"the GPU check on {gpu} failed (above) — the image's torch may not match Modal's driver", 1)
 
 
 @app.local_entrypoint()
 def prepare_data() -> None:
     """Download Oxford-IIIT Pet on Modal into the data volume (`cats` = 12 breeds, `cat-vs-other`)."""
     with exit_on_user_error():
-        require_modal_auth()
-        for name, counts in backend.call("prepare_data_remote").items():
+        for name, counts in prepare_data_remote.remote().items():
             print(f"{name}: {sum(counts.values())} images in {len(counts)} classes")
 
 
@@ -563,25 +662,43 @@ def prepare_data() -> None:
 def upload_data(local_dir: str = "data/cats", name: str = "") -> None:
     """Upload a local ImageFolder (<class>/<images>) to the data volume as /<name> (default: folder name)."""
     with exit_on_user_error():
-        require_modal_auth()
-        source = Path(local_dir)
+        source, target = Path(local_dir), name or Path(local_dir).resolve().name
         if not source.is_dir() or not any(p.is_dir() for p in source.iterdir()):
-            raise UserError(
-                f"{source} is not a folder of class subfolders — make one with `make data` or "
-                "`python scripts/prepare_data.py`"
-            )
-        target = name or source.resolve().name
-        backend.upload_data(source, target)
+            raise UserError(f"{source} is not a folder of class subfolders — make one with `make data`")
+        if problem := name_problem(target):
+            raise UserError(f"--name {target!r} {problem}")
+        with data_volume.batch_upload(force=True) as batch:
+            batch.put_directory(str(source), f"/{target}")
         print(f"uploaded {source} to volume {data_volume.name} as /{target}: train with --data {target}")
 
 
-@app.local_entrypoint()
-def download(run: str, local_dir: str = CHECKPOINTS_DIR, include_state: bool = False, check: bool = True) -> None:
-    """Copy a run (weights, samples, logs; --include-state adds the resumable state) to LOCAL_DIR/<run>/, then
-    verify its final weights and export them to ONNX (--no-check skips that)."""
+# --- `python modal_app.py status|download RUN`: the volume read from this machine, with no app, image or container ----
+def cli_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python modal_app.py", description="Read a Modal run from this machine.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("status", help="attempt, step, img/s, ETA, newest checkpoint and grid").add_argument("run")
+    download = commands.add_parser("download", help="copy a run to LOCAL_DIR/<run>/, then verify and export it")
+    download.add_argument("run")
+    download.add_argument("--local-dir", default=CHECKPOINTS_DIR)
+    download.add_argument("--include-state", action="store_true", help="also the resumable state/ folders")
+    download.add_argument("--check", action=argparse.BooleanOptionalAction, default=True, help="verify, export")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = cli_parser().parse_args(argv)
     with exit_on_user_error():
         require_modal_auth()
-        fetch_run(run, Path(local_dir), include_state, check)
+        if args.command == "download":
+            return fetch_run(args.run, Path(args.local_dir), args.include_state, args.check)
+        texts = {}
+        for name in ("status.json", JOURNAL_NAME):
+            with contextlib.suppress(FileNotFoundError, NotFoundError):
+                texts[name] = b"".join(outputs_volume.read_file(f"{CHECKPOINTS_DIR}/{args.run}/{name}")).decode()
+        if not texts:
+            raise no_such_run(args.run)
+        status, journal = json.loads(texts.get("status.json", "null")), texts.get(JOURNAL_NAME, "").splitlines()
+        print("\n".join(status_lines(args.run, status, [json.loads(line) for line in journal], time.time())))
 
 
 # `modal run` creates the app on Modal's servers before an entrypoint's body runs, so the credentials check
@@ -589,3 +706,6 @@ def download(run: str, local_dir: str = CHECKPOINTS_DIR, include_state: bool = F
 if modal.is_local() and _started_by_modal_cli() and not {"--help", "-h"} & set(sys.argv):
     with exit_on_user_error():
         require_modal_auth()
+
+if __name__ == "__main__":
+    main()

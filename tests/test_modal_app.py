@@ -1,127 +1,42 @@
-"""modal_app.py offline: the CLI without an account, the pre-flight, the function specs, and whole runs carried as
-chains of attempts in this process. No Modal server is contacted: the volumes are folders under a temp dir and
-`modal_app.backend`, the one object that talks to Modal, is replaced by `StandIn`, which records commits and spawns
-and runs a spawned attempt here when it is waited for."""
+"""modal_app.py without Modal's servers: the CLI without an account, the pre-flight, the function specs, and whole
+runs on tests/fake_modal.py, a fake of Modal's documented semantics (volumes seen as at mount, last-write-wins
+commits that reload, retries in fresh containers with fresh timeouts, preemption as SIGINT then a kill, an atomic
+Dict). Every container there is a real subprocess running modal_app's function bodies."""
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import json
+import mmap
 import os
-import signal
 import subprocess
 import sys
-import threading
 import time
-import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any
 
 import pytest
 import torch
+from builders import make_toy_data
+from fake_modal import FakeFunction, FakeModal, MountedVolume, ServerVolume
 
 import modal_app
+from models.tiny_dit import TinyDiT
 from scripts import train_dit
-from scripts.lib import attempts
-from scripts.lib.attempts import Chain
-from scripts.lib.checkpoints import list_complete_states
 from scripts.lib.checkpoints import load_weights
 from scripts.lib.cli import UserError, parse_config
-from scripts.lib.run import RunLock, read_lock_holder
-from scripts.lib.run import read_status
-from scripts.make_toy_cats import generate_toy_cats
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 MODAL_CLI = Path(sys.executable).with_name("modal")
-TINY_DIT_ARGS = (
-    "--device cpu --mixed-precision no --warmup-steps 1 --save-interval 2 --sample-interval 1000 "
-    "--log-interval 1 --sample-steps 2"
-)
-RUN = "dit-test"
+TINY = "--device cpu --mixed-precision no --warmup-steps 1 --save-interval 2 --sample-interval 1000 --log-interval 1"
+TINY += " --sample-steps 2"
+TINY_DIT = dict(batch_size=4, model="T/4", image_size=16, lr=1e-3, augmentation_level="basic", report_to="none")
+DIT = modal_app.TRAINERS["dit"]
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The stand-in for Modal
+# Fixtures and helpers
 # ---------------------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class Spawn:
-    call_id: str
-    function_name: str
-    chain: Chain
-    args: tuple
-
-
-class StandIn:
-    """modal_app.backend for tests: the volumes are folders, and a spawned call runs in this process (once: what
-    Modal does with an interrupt or a crash is Modal's business) when someone waits for its result."""
-
-    def __init__(self, data_root: Path, output_root: Path):
-        self.data_root, self.output_root = data_root, output_root
-        self.commits: list[dict[str, list[int]]] = []  # per commit: each run's complete checkpoints at that moment
-        self.spawns: list[Spawn] = []
-        self.reloads = self.data_commits = 0
-        self.uploads: list[tuple[Path, str]] = []
-        self.detach, self.current = True, "fc-local"
-
-    def commit_outputs(self) -> None:
-        runs = sorted(p for p in (self.output_root / "checkpoints").glob("*") if p.is_dir())
-        self.commits.append({run.name: [step for step, _ in list_complete_states(run / "state")] for run in runs})
-
-    def reload_outputs(self) -> None:
-        self.reloads += 1
-
-    def commit_data(self) -> None:
-        self.data_commits += 1
-
-    def has_data_set(self, name: str) -> bool:
-        return (self.data_root / name).is_dir()
-
-    def upload_data(self, local_dir: Path, name: str) -> None:
-        self.uploads.append((local_dir, name))
-
-    def list_outputs(self, folder: str) -> list[str]:
-        return sorted(
-            p.relative_to(self.output_root).as_posix() for p in (self.output_root / folder).rglob("*") if p.is_file()
-        )
-
-    def read_output(self, path: str):
-        data = (self.output_root / path).read_bytes()  # FileNotFoundError, as the real backend raises
-        yield data[:3]
-        yield data[3:]
-
-    def call_id(self) -> str:
-        return self.current
-
-    def spawn(self, trainer: modal_app.Trainer, chain: Chain, *args: Any) -> str:
-        self.spawns.append(Spawn(f"fc-{len(self.spawns) + 1}", trainer.function_name, chain, args))
-        return self.spawns[-1].call_id
-
-    def result(self, call_id: str) -> Any:
-        spawn = next(s for s in self.spawns if s.call_id == call_id)
-        return self.run(spawn.function_name, *spawn.args, spawn.chain, call_id=call_id)
-
-    def run(self, function_name: str, *args: Any, call_id: str = "fc-local") -> Any:
-        """A function body as its container would run it."""
-        self.current = call_id
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*executing locally")
-            return getattr(modal_app, function_name).local(*args)
-
-    def call(self, function_name: str) -> Any:
-        return self.run(function_name)
-
-    def detached(self) -> bool:
-        return self.detach
-
-    def app_id(self) -> str:
-        return "ap-test"
-
-    def committed_steps(self, run: str = RUN) -> list[list[int]]:
-        return [commit.get(run, []) for commit in self.commits]
-
-
 @pytest.fixture
 def no_token(monkeypatch, tmp_path) -> dict[str, str]:
     """No Modal credentials: an empty config file, no token variables. Returns the env for subprocesses."""
@@ -137,116 +52,203 @@ def no_token(monkeypatch, tmp_path) -> dict[str, str]:
 
 
 @pytest.fixture
-def fake_token(monkeypatch) -> None:
+def fake(monkeypatch, tmp_path) -> Iterator[FakeModal]:
+    """modal_app's volumes, lease Dict and functions on the fake, toy cats as data set `cats`, a token set."""
     monkeypatch.setenv("MODAL_TOKEN_ID", "ak-test")
     monkeypatch.setenv("MODAL_TOKEN_SECRET", "as-test")
+    server = FakeModal(tmp_path / "modal")
+    server.install(modal_app, monkeypatch)
+    make_toy_data(server.volume("tiny-cats-data").root / "cats")
+    yield server
+    server.close()
 
 
-@pytest.fixture
-def modal(monkeypatch, tmp_path, fake_token) -> StandIn:
-    """Volume roots in tmp (toy cats as data set `cats`) and the stand-in as modal_app's backend."""
-    data_root, output_root = tmp_path / "data", tmp_path / "outputs"
-    generate_toy_cats(data_root / "cats", per_class=4, size=16, seed=0, classes=["black", "white", "calico"])
-    monkeypatch.setattr(modal_app, "DATA_ROOT", data_root)
-    monkeypatch.setattr(modal_app, "OUTPUT_ROOT", output_root)
-    stand_in = StandIn(data_root, output_root)
-    monkeypatch.setattr(modal_app, "backend", stand_in)
-    return stand_in
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict[int, dict[str, torch.Tensor]]:
+    """steps -> the final EMA weights of the same tiny run trained here without interruption (computed once)."""
+    root, weights = tmp_path_factory.mktemp("reference"), {}
+
+    def train(steps: int) -> dict[str, torch.Tensor]:
+        if steps not in weights:
+            flags = [str(make_toy_data(root / "data")), *TINY.split(), "--steps", str(steps), "--run-name", "ref"]
+            flags += [f"--{name.replace('_', '-')}={value}" for name, value in TINY_DIT.items()]
+            cfg = parse_config(train_dit.TrainDiTConfig, [*flags, "--output-dir", str(root / str(steps))], "")
+            weights[steps] = load_weights(train_dit.main(cfg)["final"])[0]
+        return weights[steps]
+
+    return train
+
+
+def launch(run: str, steps: int, extra: str = "", **options) -> tuple:
+    """The `::dit` entrypoint's launch of a tiny run; returns (run, owner, call)."""
+    settings = dict(TINY_DIT, steps=steps, gpu="A10G", data="cats", run_name=run, extra_args=f"{TINY} {extra}")
+    return modal_app.launch(DIT, **{**settings, **options})
+
+
+def server_run(fake: FakeModal, run: str) -> Path:
+    return fake.volume("tiny-cats-outputs").root / "checkpoints" / run
+
+
+def ends(fake: FakeModal, run: str) -> list[tuple]:
+    """(attempt, steps, outcome) of each end record in the run's committed journal."""
+    journal = (server_run(fake, run) / "attempts.jsonl").read_text().splitlines()
+    return [(e["attempt"], e["steps"], e["outcome"]) for e in map(json.loads, journal) if e["event"] == "end"]
+
+
+def assert_equal_weights(fake: FakeModal, run: str, expected: dict[str, torch.Tensor]) -> None:
+    final, _ = load_weights(server_run(fake, run) / train_dit.FINAL_NAME)
+    assert final.keys() == expected.keys() and all(torch.equal(final[k], expected[k]) for k in final)
+
+
+def view_step(container, run: str) -> int:
+    """The step in status.json as the container sees it (its own view of the outputs volume)."""
+    try:
+        return json.loads((container.mount("/outputs") / "checkpoints" / run / "status.json").read_text())["step"]
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def cuda_error_in_attempt_2(attempt: int) -> None:
+    """Injected into a container: in attempt 2 the DiT's forward fails as on a broken GPU (inside the loop)."""
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    if attempt == 2:
+        TinyDiT.forward = broken
+
+
+def nan_at_the_3rd_forward(attempt: int) -> None:
+    """Injected into a container: the DiT's 3rd forward (the 3rd step's) gives NaN."""
+    real_forward, calls = TinyDiT.forward, []
+
+    def forward(self, *args, **kwargs):
+        calls.append(1)
+        return real_forward(self, *args, **kwargs) * (float("nan") if len(calls) == 3 else 1.0)
+
+    TinyDiT.forward = forward
 
 
 def modal_run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(MODAL_CLI), "run", *args],
-        cwd=PROJECT_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+    command = [str(MODAL_CLI), "run", *args] if args[0] != "python" else [sys.executable, *args[1:]]
+    return subprocess.run(command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The fake itself: what the tests below rely on it to model
+# ---------------------------------------------------------------------------------------------------------
+def test_a_fake_volume_is_seen_as_at_mount_commits_last_write_wins_and_reloads_only_with_nothing_open(tmp_path):
+    server = ServerVolume("v", tmp_path / "server")
+    (server.root / "old.txt").write_text("old")
+    first, second = MountedVolume(server, tmp_path / "a"), MountedVolume(server, tmp_path / "b")
+    (first.view / "new.txt").write_text("from a")
+    (first.view / "old.txt").unlink()
+    assert not (second.view / "new.txt").exists() and not (server.root / "new.txt").exists()
+    first.commit()
+    assert (server.root / "new.txt").read_text() == "from a" and not (server.root / "old.txt").exists()
+    assert (second.view / "old.txt").exists()  # as at its mount, until it reloads
+    (second.view / "new.txt").write_text("from b")
+    second.commit()  # the last write wins
+    assert (server.root / "new.txt").read_text() == "from b" and not (second.view / "old.txt").exists()
+    with open(second.view / "new.txt", "rb") as handle:
+        with pytest.raises(RuntimeError, match="open files preventing the operation: path .*new.txt"):
+            second.reload()
+        mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+    with pytest.raises(RuntimeError, match="open files"):  # a memory map holds the file without a descriptor
+        second.reload()
+    mapped.close()
+    second.reload()
+
+
+def test_a_fake_dict_creates_a_key_only_once(tmp_path):
+    leases = FakeModal(tmp_path).dict("d")
+    assert leases.put("run", {"owner": "a"}, skip_if_exists=True)
+    assert not leases.put("run", {"owner": "b"}, skip_if_exists=True)
+    assert leases.get("run") == {"owner": "a"} and leases.pop("run") == {"owner": "a"} and leases.get("run") is None
+
+
+@pytest.mark.parametrize(
+    "plan, retries, timeout_s, grace_s, expected",
+    [
+        (["raise", "raise", "return"], 2, None, None, 2),  # each raise spends a retry
+        (["raise", "raise", "raise"], 2, None, None, "ValueError: run 2 failed"),  # the last error, when none is left
+        (["sleep", "return"], 1, 4.0, None, 1),  # a timeout spends a retry; the next container has a fresh timeout
+        (["sleep", "return"], 0, None, 20.0, 1),  # a preemption's SIGINT: rerun without spending a retry
+        (["deaf", "return"], 0, None, 0.5, 1),  # deaf to SIGINT: killed after the grace period, rerun as well
+        (["interrupt", "return"], 0, None, None, 1),  # a KeyboardInterrupt leaving the function is an interruption
+    ],
+)
+def test_a_fake_call_retries_and_reruns_as_modal_does(tmp_path, plan, retries, timeout_s, grace_s, expected):
+    server = FakeModal(tmp_path)
+    server.timeout_s = timeout_s
+    if grace_s is not None:
+        server.preempt_when(lambda container: (tmp_path / "runs" / "0").exists(), grace_s)
+    (tmp_path / "runs").mkdir()
+    call = FakeFunction(server, "fake_modal", "probe", {"timeout": 600, "retries": retries, "volumes": {}}).spawn(
+        plan, str(tmp_path / "runs")
     )
+    if isinstance(expected, int):
+        assert call.get() == expected
+    else:
+        with pytest.raises(Exception) as error:
+            call.get()
+        assert f"{type(error.value).__name__}: {error.value}" == expected
+    assert len(call.containers) == len(plan)
 
 
-def tiny_dit_config(steps: int, run_name: str = RUN, extra: str = TINY_DIT_ARGS, gpu: str = "A10G", **options):
-    """The config the `::dit` entrypoint would send for a few steps of T/4 at 16 px on the CPU."""
-    settings = dict(
-        steps=steps, batch_size=4, lr=1e-3, model="T/4", image_size=16, augmentation_level="basic", report_to="none"
-    )
-    settings.update(options)
-    return modal_app.prepare_run(
-        modal_app.TRAINERS["dit"], gpu=gpu, data="cats", run_name=run_name, extra_args=extra, **settings
-    )
-
-
-def run_dir(modal: StandIn, run: str = RUN) -> Path:
-    return modal.output_root / "checkpoints" / run
-
-
-def journal(modal: StandIn, run: str = RUN) -> list[dict]:
-    return attempts.read_journal((run_dir(modal, run) / attempts.JOURNAL_NAME).read_text())
-
-
-def signal_when_training(run: Path, step: int, signum: int = signal.SIGINT) -> threading.Thread:
-    """Send `signum` to this process once the run's status.json shows `step` (its training loop is running)."""
-
-    def wait_then_signal() -> None:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if ((read_status(run) or {}).get("step") or 0) >= step:
-                os.kill(os.getpid(), signum)
-                return
-            time.sleep(0.05)
-
-    thread = threading.Thread(target=wait_then_signal, daemon=True)
-    thread.start()
-    return thread
+def test_fake_calls_of_one_pool_take_turns_and_of_two_pools_run_at_once(tmp_path):
+    server = FakeModal(tmp_path)
+    probe = FakeFunction(server, "fake_modal", "probe", {"timeout": 600, "retries": 0, "volumes": {}})
+    calls = {}
+    for name, env in (("a", "x"), ("b", "x"), ("c", "y")):
+        (tmp_path / name).mkdir()
+        calls[name] = probe.with_options(max_containers=1, env={"RUN": env}).spawn(["nap"], str(tmp_path / name))
+    [call.get() for call in calls.values()]
+    [a], [b], [c] = (calls[name].containers for name in "abc")
+    assert not a.overlaps(b) and (a.overlaps(c) or b.overlaps(c))
 
 
 # ---------------------------------------------------------------------------------------------------------
 # The CLI without an account
 # ---------------------------------------------------------------------------------------------------------
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "entrypoint, flags",
-    [
-        (
-            "dit",
-            "--steps --batch-size --gradient-accumulation-steps --augmentation-level --gpu --data --run-name "
-            "--extra-args --report-to S/4 wandb",
-        ),
-        ("classifier", "--epochs --batch-size --backbone resnet18 --gpu --data"),
-        ("status", "--run"),
-        ("download", "--run --include-state --no-check"),
-    ],
-)
-def test_help_works_offline_without_a_token(no_token, entrypoint, flags):
-    result = modal_run([f"modal_app.py::{entrypoint}", "--help"], no_token)
-    assert result.returncode == 0, result.stderr
-    for flag in flags.split():
-        assert flag in result.stdout
+def test_help_works_offline_without_a_token(no_token):
+    result = modal_run(["modal_app.py::dit", "--help"], no_token)
+    assert result.returncode == 0 and "--extra-args" in result.stdout, result.stderr
 
 
 @pytest.mark.slow
-def test_run_without_a_token_stops_with_the_login_advice_before_any_remote_call(no_token):
+@pytest.mark.parametrize(
+    "command", ["modal_app.py::dit --steps 10", "--profile work modal_app.py::dit", "python modal_app.py status run"]
+)
+def test_a_command_without_a_token_stops_with_the_login_advice_before_any_remote_call(no_token, tmp_path, command):
+    config = tmp_path / "profiles.modal.toml"  # the active profile has a token, `work` has none
+    config.write_text('[default]\ntoken_id = "ak-x"\ntoken_secret = "as-x"\nactive = true\n\n[work]\n')
+    env = {**no_token, "MODAL_CONFIG_PATH": str(config)} if "--profile" in command else no_token
     started = time.monotonic()
-    result = modal_run(["modal_app.py::dit", "--steps", "10"], no_token)
+    result = modal_run(command.split(), env)
     assert result.returncode == 2
-    assert modal_app.auth_message() in result.stderr
-    assert "Token missing" not in result.stdout + result.stderr  # Modal's own client never got that far
+    which = " for profile 'work' (`modal token new --profile work`)" if "--profile" in command else ""
+    assert f"error: not authenticated{which} — run `modal token new` (or `modal token set`" in result.stderr
+    assert "`modal profile list`" in result.stderr and "Token missing" not in result.stdout + result.stderr
     assert time.monotonic() - started < 60  # seconds (an import of torch and modal), not a network timeout
 
 
-@pytest.mark.slow
-def test_the_profile_given_to_modal_run_is_the_one_checked(no_token, tmp_path):
-    config = tmp_path / "profiles.modal.toml"  # the active profile has a token, `work` has none
-    config.write_text(
-        '[default]\ntoken_id = "ak-x"\ntoken_secret = "as-x"\nactive = true\n\n[work]\n'
-        'server_url = "http://127.0.0.1:9"\n'
-    )
-    result = modal_run(
-        ["--profile", "work", "modal_app.py::dit", "--steps", "10"], {**no_token, "MODAL_CONFIG_PATH": str(config)}
-    )
-    assert result.returncode == 2
-    assert "not authenticated for profile 'work' (`modal token new --profile work`)" in result.stderr
+@pytest.mark.parametrize(
+    "entrypoint, flags",
+    [
+        ("dit", "--steps --batch-size --gradient-accumulation-steps --augmentation-level --lr --model --image-size"),
+        ("dit", "--report-to --gpu --data --run-name --extra-args"),
+        ("classifier", "--epochs --batch-size --lr --backbone --image-size --augmentation-level --gpu --data"),
+        ("check", "--gpu"),
+        ("upload_data", "--local-dir --name"),
+    ],
+)
+def test_the_entrypoints_options(entrypoint, flags):
+    from modal.cli.run import _get_click_command_for_local_entrypoint
+
+    command = _get_click_command_for_local_entrypoint(modal_app.app, getattr(modal_app, entrypoint))
+    assert set(flags.split()) <= {option for param in command.params for option in param.opts}
 
 
 def test_cli_options_take_extra_flags_and_offer_the_scripts_choices():
@@ -256,52 +258,73 @@ def test_cli_options_take_extra_flags_and_offer_the_scripts_choices():
     command = _get_click_command_for_local_entrypoint(modal_app.app, modal_app.dit)
     params = command.make_context("dit", ["--extra-args", "--ema-decay 0.99", "--model", "B/4"]).params
     assert (params["extra_args"], params["model"], params["steps"]) == ("--ema-decay 0.99", "B/4", 200000)
-    with pytest.raises(click.BadParameter, match="S/4"):
-        command.make_context("dit", ["--model", "Z/9"])
-    with pytest.raises(click.BadParameter, match="tensorboard"):
-        command.make_context("dit", ["--report-to", "mlflow"])
+    for flag, value, choice in (("--model", "Z/9", "S/4"), ("--report-to", "mlflow", "tensorboard")):
+        with pytest.raises(click.BadParameter, match=choice):
+            command.make_context("dit", [flag, value])
+    download = modal_app.cli_parser().parse_args(["download", "r", "--local-dir", "x", "--include-state", "--no-check"])
+    assert (download.run, download.local_dir, download.include_state, download.check) == ("r", "x", True, False)
 
 
-def test_preflight_without_a_token_raises_the_login_advice(no_token):
+def test_the_token_check_runs_offline(no_token, monkeypatch):
     with pytest.raises(UserError, match="modal token new"):
         modal_app.require_modal_auth()
-    with pytest.raises(UserError, match="modal token info"):
-        tiny_dit_config(steps=10)
-
-
-def test_preflight_accepts_a_configured_token(fake_token):
+    monkeypatch.setenv("MODAL_TOKEN_ID", "ak-test")
+    monkeypatch.setenv("MODAL_TOKEN_SECRET", "as-test")
     modal_app.require_modal_auth()
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Function specs
+# Function specs: what Modal is asked for
 # ---------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "function, gpu", [(modal_app.train_dit_remote, "A10G"), (modal_app.train_classifier_remote, "T4")]
 )
-def test_training_functions_have_the_stated_specs(function, gpu):
+def test_training_functions_follow_modals_long_training_pattern(function, gpu):
     info = function.info()  # static info of a not-yet-deployed function: no network
-    assert info.gpus == [(gpu, 1)]
-    assert (info.timeout, info.max_retries, info.single_use_containers) == (24 * 60 * 60, 3, True)
+    assert info.gpus == [(gpu, 1)] and info.startup_timeout == 20 * 60
+    assert (info.timeout, info.max_retries, info.single_use_containers) == (24 * 60 * 60, 10, True)
     assert {path: mount.name for path, mount in info.volumes.items()} == {
         "/data": "tiny-cats-data",
         "/outputs": "tiny-cats-outputs",
     }
-    # FunctionInfo has no autoscaler or retry-delay fields; the definition the app would send holds them.
+    # FunctionInfo has no retry-delay or autoscaler fields; the definition the app would send holds them.
     from modal._utils.async_utils import synchronizer
 
     definition = inspect.getclosurevars(synchronizer._translate_in(function)._load).nonlocals
-    assert definition["autoscaler_settings"].max_containers == 1
-    assert definition["retry_policy"].initial_delay_ms == 10_000
+    assert definition["retry_policy"].initial_delay_ms == 0
+    assert definition["autoscaler_settings"].max_containers == 0  # no cap shared by all runs: one pool per run
 
 
-def test_app_and_data_function():
+def test_the_other_functions():
     assert modal_app.app.name == "tiny-cats"
-    info = modal_app.prepare_data_remote.info()
-    assert info.gpus == []
-    assert set(info.volumes) == {"/data", "/outputs"}
+    assert modal_app.prepare_data_remote.info().gpus == [] and modal_app.check_gpu_remote.info().gpus == [("A10G", 1)]
 
 
+@pytest.mark.parametrize(
+    "argv, tracker",
+    [
+        (["modal", "run", "modal_app.py::dit", "--report-to", "wandb"], "wandb"),
+        (["modal", "run", "modal_app.py::dit", "--report-to=tensorboard"], "tensorboard"),
+        (["modal", "run", "modal_app.py::dit", "--steps", "5"], "none"),
+        (["pytest", "--report-to", "wandb"], "none"),  # only a `modal run` command line builds the image
+    ],
+)
+def test_the_image_gets_the_tracker_of_the_command_line(monkeypatch, argv, tracker):
+    monkeypatch.setattr(sys, "argv", argv)
+    assert modal_app.requested_tracker(argv) == tracker
+
+
+def test_the_image_holds_what_training_needs_and_no_export_packages():
+    requirements = (PROJECT_ROOT / "requirements-train.txt").read_text()
+    assert "torch==" in requirements and "accelerate==" in requirements
+    assert not {"onnx", "onnxruntime", "onnxscript", "onnx-ir", "modal"} & {
+        line.split("==")[0] for line in requirements.splitlines()
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The pre-flight: refusals before a container starts
+# ---------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("gpu, count", [("A10G", 1), ("a10g:4", 4), ("H100:8", 8), ("A100-80GB:2", 2)])
 def test_gpu_count(gpu, count):
     assert modal_app.gpu_count(gpu) == count
@@ -324,298 +347,264 @@ def test_gpu_strings_beyond_modals_limits_are_refused(gpu, problem):
         modal_app.gpu_count(gpu)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Configs: the scripts' own parser and validation, and the way back to flags
-# ---------------------------------------------------------------------------------------------------------
-def test_dit_config_takes_options_extra_flags_a_fixed_run_and_an_attempt_budget(modal):
-    cfg = tiny_dit_config(steps=7, run_name="", extra="--ema-decay 0.99 --objective ddpm")
-    assert (cfg.steps, cfg.batch_size, cfg.model, cfg.ema_decay, cfg.objective) == (7, 4, "T/4", 0.99, "ddpm")
-    assert cfg.data_dir == str(modal.data_root / "cats")
-    assert cfg.output_dir == str(modal.output_root / "checkpoints")
-    assert cfg.run_name.startswith("dit-") and cfg.resume == "auto"
-    assert float(cfg.time_limit) == 24 * 3600 - 30 * 60  # below the 24 h function timeout
-    assert float(tiny_dit_config(steps=7, extra="--time-limit 2h").time_limit) == 7200  # a shorter one is kept
-
-
-def test_classifier_weights_go_into_the_run_folder(modal):
-    cfg = modal_app.prepare_run(
-        modal_app.TRAINERS["classifier"], gpu="T4", data="cats", run_name="cls", extra_args="", epochs=1
+def test_every_attempt_gets_the_options_the_extra_flags_its_places_and_a_time_limit_below_the_timeout(fake):
+    flags, cfg = modal_app.preflight(
+        DIT, "A10G", "cats", "r", "--ema-decay 0.99 --objective ddpm", dict(TINY_DIT, steps=7)
     )
-    assert Path(cfg.output) == modal.output_root / "checkpoints" / "cls" / "cats_model.safetensors"
-
-
-@pytest.mark.parametrize("extra", ["--steps 5", "--run-name=other", "--output-dir /tmp", "--report-to wandb"])
-def test_a_flag_given_twice_is_refused(modal, extra):
-    with pytest.raises(UserError, match="--extra-args"):
-        tiny_dit_config(steps=7, extra=extra)
-
-
-def test_validation_uses_the_gpu_count(modal):
-    cfg = tiny_dit_config(steps=7)  # batch 4 splits over 2 GPUs but not over 8
-    train_dit.validate_config(cfg, num_processes=2)
-    with pytest.raises(UserError, match="does not split evenly over 8 processes"):
-        tiny_dit_config(steps=7, gpu="H100:8")
-
-
-def test_a_tracker_is_not_checked_on_this_machine_and_wandb_gets_its_secret(modal, monkeypatch):
-    monkeypatch.setattr(train_dit, "_tracker_installed", lambda name: False)  # whatever is installed here
-    modal_app.dit(
-        steps=2, batch_size=4, model="T/4", image_size=16, report_to="wandb", run_name=RUN, extra_args=TINY_DIT_ARGS
-    )
-    assert modal.spawns[0].chain.secrets == (modal_app.WANDB_SECRET,)
-    assert modal.spawns[0].args[0].report_to == "wandb"
+    assert modal_app.trainer_config(DIT, "r", "cats", flags) == cfg  # what every attempt will parse
+    assert (cfg.steps, cfg.model, cfg.ema_decay, cfg.objective, cfg.resume) == (7, "T/4", 0.99, "ddpm", "auto")
+    assert (cfg.data_dir, cfg.output_dir, cfg.run_name) == ("/data/cats", "/outputs/checkpoints", "r")
+    assert cfg.cache_dir.startswith(str(modal_app.LOCAL_ROOT)) and cfg.tracker_dir.startswith(str(modal_app.LOCAL_ROOT))
+    assert float(cfg.time_limit) == 24 * 3600 - 30 * 60
+    assert float(modal_app.preflight(DIT, "A10G", "cats", "r", "--time-limit 2h", {})[1].time_limit) == 7200
+    classifier = modal_app.TRAINERS["classifier"]
+    cfg = modal_app.preflight(classifier, "T4", "cats", "c", "", {})[1]
+    assert cfg.output == "/outputs/checkpoints/c/cats_model.safetensors"  # in the run folder: downloaded with it
 
 
 @pytest.mark.parametrize(
-    "argv, tracker",
+    "gpu, data, run, extra, problem",
     [
-        (["modal", "run", "modal_app.py::dit", "--report-to", "wandb"], "wandb"),
-        (["modal", "run", "modal_app.py::dit", "--report-to=tensorboard"], "tensorboard"),
-        (["modal", "run", "modal_app.py::dit", "--steps", "5"], "none"),
+        ("A10G", "cats", "r", "--steps 5", "--steps in --extra-args is set by modal_app.py"),
+        ("A10G", "cats", "r", "--run-name=other", "--run-name in --extra-args"),
+        ("A10G", "cats", "r", "--output-dir /tmp", "--output-dir in --extra-args"),
+        ("A10G", "cats", "r", "--cache-dir /tmp", "--cache-dir in --extra-args"),
+        ("A10G", "cats", "r", "--report-to wandb", "--report-to in --extra-args"),
+        ("H100:8", "cats", "r", "", "does not split evenly over 8 processes"),  # batch 4: the trainer's own check
+        ("A10G", "dogs", "r", "", "no data set 'dogs' on the Modal volume tiny-cats-data — upload a local"),
+        ("A10G", "cats", "a/b", "", "--run-name 'a/b' is a path"),
+        ("A10G", "../x", "r", "", "--data '../x' is a path"),
     ],
 )
-def test_the_image_gets_the_tracker_of_the_command_line(argv, tracker):
-    assert modal_app.requested_tracker(argv) == tracker
+def test_the_preflight_refuses_before_a_container_starts(fake, gpu, data, run, extra, problem):
+    with pytest.raises(UserError, match=problem.replace("(", r"\(")):
+        launch(run, steps=7, extra=extra, gpu=gpu, data=data)
+    assert fake.containers == [] and fake.dict("tiny-cats-leases").get(run) is None
 
 
-def test_missing_data_says_how_to_upload_or_prepare(modal):
-    with pytest.raises(UserError) as error:
-        modal_app.prepare_run(modal_app.TRAINERS["dit"], gpu="A10G", data="dogs", run_name="", extra_args="")
-    assert "modal_app.py::upload_data" in str(error.value) and "modal_app.py::prepare_data" in str(error.value)
+@pytest.mark.parametrize(
+    "holder, heartbeat_age_s, taken",
+    [
+        (None, 0, True),
+        ("r/mine", 9999, True),  # an earlier attempt of this launch
+        ("r/other", 601, True),  # stale: no heartbeat for more than 10 minutes
+        ("r/other", 30, False),
+    ],
+)
+def test_a_lease_is_created_taken_over_or_refused_naming_its_holder(fake, holder, heartbeat_age_s, taken):
+    leases = fake.dict("tiny-cats-leases")
+    if holder:
+        leases.put("r", {"owner": holder, "attempt": 2, "heartbeat": time.time() - heartbeat_age_s, "host": "box"})
+    if taken:
+        modal_app.claim_lease("r", "r/mine", attempt=4)
+        assert leases.get("r")["owner"] == "r/mine" and leases.get("r")["attempt"] == 4
+    else:
+        message = r"run r is being written by another run \(attempt 2 of r/other on box, last heartbeat 3\d s ago\)"
+        with pytest.raises(UserError, match=message + ".* expires 600 s after its last heartbeat"):
+            modal_app.claim_lease("r", "r/mine", attempt=1)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Starting and following a run
+# Whole runs on the fake
 # ---------------------------------------------------------------------------------------------------------
-def test_a_detached_start_spawns_one_attempt_says_how_to_follow_it_and_returns(modal, capsys):
-    modal_app.dit(steps=2, batch_size=4, model="T/4", image_size=16, run_name=RUN, extra_args=TINY_DIT_ARGS)
-    out = capsys.readouterr().out
-    assert [(s.call_id, s.function_name, s.chain.index) for s in modal.spawns] == [("fc-1", "train_dit_remote", 1)]
-    assert modal.spawns[0].chain.owner.startswith(f"{RUN}/") and modal.commits == []  # nothing ran
-    for expected in (
-        f"run {RUN} on A10G: first attempt fc-1",
-        f"make modal-status RUN={RUN}",
-        "modal app logs ap-test",
-        f"make modal-download RUN={RUN}",
-    ):
-        assert expected in out
-
-
-def test_a_time_limited_run_chains_attempts_to_the_end_bitwise_equal_to_one_local_run(modal, capsys):
-    # --time-limit 1 is below the trainer's own 30 s margin, so every attempt saves after exactly one step.
-    cfg = tiny_dit_config(steps=4, extra=f"{TINY_DIT_ARGS} --time-limit 1")
-    modal_app.launch(modal_app.TRAINERS["dit"], cfg, "A10G")
-    summary = modal_app.follow("fc-1")
-
-    assert summary["outcome"] == attempts.FINISHED
-    # Three attempts stop at their time limit after one step each; the fourth trains the last step and finishes
-    # (at the last step the trainer finishes rather than stopping).
-    assert [(s.call_id, s.chain.index) for s in modal.spawns] == [(f"fc-{i}", i) for i in range(1, 5)]
-    assert len({s.chain.owner for s in modal.spawns}) == 1 and all(s.args == (cfg,) for s in modal.spawns)
-    ends = [entry for entry in journal(modal) if entry["event"] == "end"]
-    assert [(e["attempt"], e["steps"], e["outcome"]) for e in ends] == [
-        (1, [0, 1], "continued"),
-        (2, [1, 2], "continued"),
-        (3, [2, 3], "continued"),
-        (4, [3, 4], "finished"),
-    ]
-    assert modal.reloads == 4
-    # Each attempt committed its lease (before training), every checkpoint, and its end.
-    assert modal.committed_steps()[-1] == [1, 2, 3, 4]
-    assert "attempt 3 (fc-3 on A10G) covered steps 2-3: continued" in (run_dir(modal) / "training.log").read_text()
-    assert read_lock_holder(run_dir(modal)) is None  # released: a rerun may continue it at once
-
-    reference = train_dit.main(dataclasses.replace(cfg, time_limit="", run_name="uninterrupted"))
-    for name in (train_dit.FINAL_NAME, train_dit.FINAL_RAW_NAME):
-        chained, _ = load_weights(run_dir(modal) / name)
-        uninterrupted, _ = load_weights(Path(reference["run_dir"]) / name)
-        assert chained.keys() == uninterrupted.keys()
-        assert all(torch.equal(chained[key], uninterrupted[key]) for key in chained)
-
+@pytest.mark.slow
+def test_a_run_goes_on_past_its_time_limit_and_a_cuda_error_by_modals_retries_bitwise_as_one_run(
+    fake, reference, capsys
+):
+    fake.inject = "test_modal_app:cuda_error_in_attempt_2"
+    run, owner, call = launch("chain", steps=2, extra="--time-limit 1")  # 1 s: every attempt saves after one step
+    assert modal_app.wait_for(run, owner, call)["outcome"] == "finished"
+    assert len(call.containers) == 3 and not any(container.preempted for container in call.containers)
+    assert ends(fake, run) == [(1, [0, 1], "continued"), (2, [1, 1], "crashed"), (3, [1, 2], "finished")]
+    assert_equal_weights(fake, run, reference(2))
+    log = (server_run(fake, run) / "training.log").read_text()
+    assert "attempt 2 (fc-" in log and "crashed: RuntimeError: CUDA error: an illegal memory access" in log
+    assert "COMMIT FAILED" not in log + "".join(container.log() for container in call.containers)
+    assert fake.dict("tiny-cats-leases").get(run) is None  # released: the same command may continue it at once
     capsys.readouterr()
-    modal_app.status(run=RUN)
+    modal_app.main(["status", run])
     out = capsys.readouterr().out
-    assert f"run {RUN}: attempt 4 (fc-4 on A10G) finished" in out
-    assert "trainer: finished at step 4/4" in out
-    assert "newest checkpoint: state/step_0000004; newest sample grid: samples/step_0000004.png" in out
-    assert "attempt 2 fc-2: steps 1-2, continued" in out
-
-
-def test_a_sigint_commits_a_checkpoint_then_raises_an_interrupt_and_the_restart_resumes(modal):
-    cfg = tiny_dit_config(steps=60, extra=TINY_DIT_ARGS.replace("--save-interval 2", "--save-interval 1000"))
-    chain = Chain.start(RUN, "A10G")
-    signal_when_training(run_dir(modal), step=3)
-    with pytest.raises(KeyboardInterrupt):  # Modal restarts the input without spending a retry
-        modal.run("train_dit_remote", cfg, chain, call_id="fc-1")
-    [stopped_at] = [step for step, _ in list_complete_states(run_dir(modal) / "state")]
-    assert 3 <= stopped_at < 60
-    assert modal.committed_steps()[-1] == [stopped_at]  # the stop's checkpoint was committed before the raise
-    assert journal(modal)[-1]["outcome"] == attempts.INTERRUPTED
-
-    summary = modal.run("train_dit_remote", cfg, chain, call_id="fc-1")  # Modal's restart: the same input
-    assert summary["outcome"] == attempts.FINISHED and summary["steps"] == [stopped_at, 60]
-    assert f"resuming from step {stopped_at}" in (run_dir(modal) / "training.log").read_text()
-
-
-def test_a_nan_ends_the_run_without_a_retry_committed_with_its_message(modal, monkeypatch):
-    real_build = train_dit.build_objective
-
-    def build_poisoned(name, **options):  # the loss of the 3rd step is NaN
-        objective = real_build(name, **options)
-        real_loss, calls = objective.training_loss, []
-
-        def poisoned_loss(*args, **kwargs):
-            calls.append(1)
-            loss = real_loss(*args, **kwargs)
-            return loss * float("nan") if len(calls) == 3 else loss
-
-        objective.training_loss = poisoned_loss
-        return objective
-
-    monkeypatch.setattr(train_dit, "build_objective", build_poisoned)
-    summary = modal.run("train_dit_remote", tiny_dit_config(steps=6), Chain.start(RUN, "A10G"))
-    assert summary["outcome"] == attempts.FAILED  # returned, not raised: Modal does not retry it
-    assert "loss became NaN/inf at step 3" in summary["message"]
-    assert modal.committed_steps()[-1] == [2]  # the last good checkpoint, committed at the end
-    log = (run_dir(modal) / "training.log").read_text()
-    assert "error: loss became NaN/inf at step 3" in log and "covered steps 0-2: failed" in log
-
-
-@pytest.mark.parametrize("problem", ["another model", "tracker missing in the image"])
-def test_a_setup_error_ends_the_run_without_a_retry(modal, monkeypatch, problem):
-    chain = Chain.start(RUN, "A10G")
-    assert modal.run("train_dit_remote", tiny_dit_config(steps=2), chain)["outcome"] == attempts.FINISHED
-    if problem == "another model":
-        cfg, expected = tiny_dit_config(steps=4, model="T/8"), "was trained with a different setup"
-    else:  # the container checks the tracker before training, whatever is installed on this machine
-        monkeypatch.setattr(train_dit, "_tracker_installed", lambda name: False)
-        cfg, expected = tiny_dit_config(steps=4, report_to="tensorboard"), "the tensorboard package is not installed"
-    commits = len(modal.commits)
-    summary = modal.run("train_dit_remote", cfg, chain.next())
-    assert summary["outcome"] == attempts.FAILED and expected in summary["message"]
-    assert len(modal.commits) == commits + 2  # its lease, then its end (the journal and the log line)
-    assert expected in (run_dir(modal) / "training.log").read_text()
-
-
-def test_a_crash_is_committed_and_raised_for_a_retry(modal, monkeypatch):
-    def crash_after_one_checkpoint(cfg, on_checkpoint=None):
-        on_checkpoint(run_dir(modal) / "state" / "step_0000002")
-        raise RuntimeError("CUDA error: an illegal memory access was encountered")
-
-    monkeypatch.setattr(train_dit, "main", crash_after_one_checkpoint)
-    with pytest.raises(attempts.AttemptCrashed, match="illegal memory access"):
-        modal.run("train_dit_remote", tiny_dit_config(steps=4), Chain.start(RUN, "A10G"))
-    assert len(modal.commits) == 3  # the lease, the checkpoint, the end
-    assert journal(modal)[-1]["outcome"] == attempts.CRASHED
-
-
-# ---------------------------------------------------------------------------------------------------------
-# One writer per run
-# ---------------------------------------------------------------------------------------------------------
-def test_a_live_lease_of_another_run_is_refused_naming_its_holder(modal):
-    with RunLock(run_dir(modal), owner="dit-test/another-run"):  # e.g. a rerun of the same name, still training
-        before = sorted(p.name for p in run_dir(modal).iterdir())
-        summary = modal.run("train_dit_remote", tiny_dit_config(steps=2), Chain.start(RUN, "A10G"))
-        assert sorted(p.name for p in run_dir(modal).iterdir()) == before  # nothing written
-    assert summary["outcome"] == attempts.FAILED
-    assert f"pid {os.getpid()}" in summary["message"] and "run owner dit-test/another-run" in summary["message"]
-    assert modal.commits == []  # committing our view could overwrite the holder's newer files
-
-
-@pytest.mark.parametrize("holder", ["another run, silent for 11 minutes", "an earlier attempt of this run"])
-def test_a_stale_lease_or_one_of_the_same_run_is_taken_over(modal, holder):
-    chain = Chain.start(RUN, "A10G")
-    stale = holder.startswith("another")
-    run_dir(modal).mkdir(parents=True)
-    now, owner = time.time(), "dit-test/another-run" if stale else chain.owner
-    lock = dict(owner=owner, host="gone", pid=4_000_000, started=now - 3600, heartbeat=now - (660 if stale else 5))
-    (run_dir(modal) / ".lock").write_text(json.dumps({**lock, "token": "t"}))
-    summary = modal.run("train_dit_remote", tiny_dit_config(steps=2), chain)
-    assert summary["outcome"] == attempts.FINISHED and summary["steps"] == [0, 2]
-    assert read_lock_holder(run_dir(modal)) is None
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Several GPUs
-# ---------------------------------------------------------------------------------------------------------
-def test_the_launch_command_hands_every_option_to_accelerate(modal, tmp_path):
-    cfg = tiny_dit_config(steps=4)
-    script = Path(train_dit.__file__).resolve()
-    command = attempts.launch_command(script, modal_app.config_to_argv(cfg), 4, tmp_path)
-    assert command[1:6] == ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "4"]
-    wrapped = command.index("scripts.lib.attempts")
-    assert command[wrapped - 1] == "-m" and command[wrapped + 1 : wrapped + 3] == [str(tmp_path), str(script)]
-    assert parse_config(train_dit.TrainDiTConfig, command[wrapped + 3 :], "") == cfg
+    assert f"run {run}: attempt 3 ({call.object_id} on A10G) finished" in out
+    assert "trainer: finished at step 2/2" in out and "newest checkpoint: state/step_0000002" in out
+    assert "  attempt 1: steps 0-1, continued\n  attempt 2: steps 1-1, crashed\n" in out
 
 
 @pytest.mark.slow
-def test_a_sigint_reaches_every_rank_of_a_multi_gpu_attempt_which_saves_once_and_is_interrupted(modal):
-    # Two CPU processes (gloo) under a real `accelerate launch` stand in for two GPUs.
-    cfg = tiny_dit_config(
-        steps=5000, gpu="A10G:2", extra=TINY_DIT_ARGS.replace("--save-interval 2", "--save-interval 5000")
-    )
-    signal_when_training(run_dir(modal), step=3)
-    with pytest.raises(KeyboardInterrupt):
-        modal.run("train_dit_remote", cfg, Chain.start(RUN, "A10G:2"))
-    [saved] = [step for step, _ in list_complete_states(run_dir(modal) / "state")]
-    log = (run_dir(modal) / "training.log").read_text()
-    assert "processes=2" in log and f"stopped by SIGTERM at step {saved}" in log
-    end = journal(modal)[-1]
-    assert end["outcome"] == attempts.INTERRUPTED and end["ranks"] == {"0": 143, "1": 143}  # both were stopped
-    assert modal.committed_steps()[-1] == [saved]  # committed after the launcher ended
+def test_a_preemption_saves_and_resumes_and_a_kill_after_the_grace_period_loses_at_most_one_save(fake, reference):
+    killed_at: list[int] = []
 
+    def at_step(number: int, step: int, seen: list | None = None):
+        def condition(container) -> bool:
+            now = view_step(container, "preempted") if container.number == number else 0
+            if now >= step and seen is not None:
+                seen.append(now)
+            return now >= step
 
-# ---------------------------------------------------------------------------------------------------------
-# Results on this machine
-# ---------------------------------------------------------------------------------------------------------
-def test_a_failing_commit_does_not_kill_the_run(monkeypatch, caplog):
-    def refuse():
-        raise RuntimeError("there are open files preventing the operation")
+        return condition
 
-    monkeypatch.setattr(modal_app, "outputs_volume", SimpleNamespace(name="tiny-cats-outputs", commit=refuse))
-    modal_app.ModalBackend().commit_outputs()
-    assert "open files" in caplog.text
-
-
-def test_download_copies_a_run_without_its_training_state(modal, tmp_path, capsys):
-    for name, data in {
-        "dit-1/samples/step_0000004.png": b"png",
-        "dit-1/training.log": b"log",
-        "dit-1/state/step_0000004/state.safetensors": b"big",
-    }.items():
-        (modal.output_root / "checkpoints" / name).parent.mkdir(parents=True, exist_ok=True)
-        (modal.output_root / "checkpoints" / name).write_bytes(data)
-    modal_app.download(run="dit-1", local_dir=str(tmp_path / "local"))
-    copied = sorted(p.relative_to(tmp_path / "local").as_posix() for p in (tmp_path / "local").rglob("*"))
-    assert copied == ["dit-1", "dit-1/samples", "dit-1/samples/step_0000004.png", "dit-1/training.log"]
-    assert "dit-1 has no final weights yet" in capsys.readouterr().out
-    with pytest.raises(SystemExit) as exit_info:
-        modal_app.download(run="nope", local_dir=str(tmp_path / "local"))
-    assert exit_info.value.code == 2
-
-
-def test_status_of_an_unknown_run_says_how_to_list_the_runs(modal, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        modal_app.status(run="nope")
-    assert exit_info.value.code == 2 and "modal volume ls tiny-cats-outputs checkpoints" in capsys.readouterr().err
+    fake.preempt_when(at_step(1, 3), grace_s=60)  # time to finish the step, save and commit
+    fake.preempt_when(at_step(2, 25, killed_at), grace_s=0)  # killed at once: no save
+    run, owner, call = launch("preempted", steps=60, extra="--save-interval 5")
+    assert modal_app.wait_for(run, owner, call)["outcome"] == "finished"
+    assert [container.preempted for container in call.containers] == [True, True, False]
+    (first, stop), (second, kill) = ends(fake, run)[0][:2], ends(fake, run)[1][:2]
+    assert (first, second) == (1, 2) and 3 <= stop[1] < 25 <= killed_at[0]  # all three attempts are recorded
+    assert stop[0] == 0 and kill[0] == stop[1]  # attempt 2 resumed where attempt 1 saved at its SIGINT
+    assert killed_at[0] - 5 <= kill[1] <= killed_at[0]  # attempt 3 lost at most one save interval
+    assert ends(fake, run)[2] == (3, [kill[1], 60], "finished") and len(ends(fake, run)) == 3
+    assert_equal_weights(fake, run, reference(60))
 
 
 @pytest.mark.slow
-def test_an_attached_run_ends_with_verified_weights_and_an_onnx_model_here(modal, monkeypatch, tmp_path, capfd):
-    monkeypatch.chdir(tmp_path)  # the results land in ./checkpoints/<run>/
-    modal.detach = False
-    # Enough steps for the verifier to see every tensor moved away from its initial value.
-    extra = TINY_DIT_ARGS.replace("--save-interval 2", "--save-interval 10")
-    modal_app.dit(steps=20, batch_size=4, model="T/4", image_size=16, run_name=RUN, extra_args=extra)
-    local = tmp_path / "checkpoints" / RUN
-    for name in (train_dit.FINAL_NAME, "samples/step_0000020.png", "training.log", "tinydit.onnx", "tinydit.json"):
+@pytest.mark.parametrize(
+    "report_to, inject, message",
+    [
+        ("wandb", None, "--report-to wandb: the wandb package is not installed"),  # a tracker missing in the image
+        ("none", "test_modal_app:nan_at_the_3rd_forward", "loss became NaN/inf at step 3"),
+    ],
+)
+def test_a_user_error_ends_the_run_after_one_attempt_with_its_one_line(fake, capsys, report_to, inject, message):
+    fake.inject = inject
+    run, owner, call = launch("failed", steps=6, report_to=report_to)
+    if report_to == "wandb":
+        assert [secret.name for secret in call.function.options["secrets"]] == ["wandb"]
+    with pytest.raises(SystemExit) as stop:
+        modal_app.wait_for(run, owner, call)
+    assert stop.value.code == 2 and len(call.containers) == 1  # no retry
+    assert message in capsys.readouterr().err.splitlines()[-1]
+    outcome, end_step = ends(fake, run)[0][2], ends(fake, run)[0][1][1]
+    assert outcome == "failed" and end_step == (2 if inject else 0)  # the last good checkpoint is committed
+    assert fake.dict("tiny-cats-leases").get(run) is None
+
+
+@pytest.mark.slow
+def test_one_writer_per_run_and_runs_of_other_names_train_at_the_same_time(fake, tmp_path, capfd):
+    shared = launch("shared", steps=20, extra="--save-interval 10")
+    with pytest.raises(UserError, match=r"run shared is being written by another run \(attempt 0 of shared/"):
+        launch("shared", steps=20)
+    other = launch("other", steps=2)
+    assert [modal_app.wait_for(*started)["outcome"] for started in (shared, other)] == ["finished", "finished"]
+    assert len(fake.containers) == 2 and fake.containers[0].overlaps(fake.containers[1])
+    modal_app.main(["download", "shared", "--local-dir", str(tmp_path / "local")])
+    local = tmp_path / "local" / "shared"
+    for name in (train_dit.FINAL_NAME, "samples/step_0000020.png", "training.log", "tinydit.onnx", "attempts.jsonl"):
         assert (local / name).is_file(), name
-    assert not (local / "state").exists()
-    assert "parity OK" in capfd.readouterr().out
+    assert not (local / "state").exists() and "parity OK" in capfd.readouterr().out
+    with pytest.raises(SystemExit) as stop:
+        modal_app.main(["status", "nope"])
+    assert stop.value.code == 2 and "modal volume ls tiny-cats-outputs checkpoints" in capfd.readouterr().err
 
 
-def test_upload_data_puts_the_folder_under_its_name(modal, tmp_path):
-    modal_app.upload_data(local_dir=str(modal.data_root / "cats"), name="")
-    assert modal.uploads == [(modal.data_root / "cats", "cats")]
-    with pytest.raises(SystemExit):
-        modal_app.upload_data(local_dir=str(tmp_path / "missing"), name="x")
+@pytest.mark.slow
+def test_when_modals_retries_are_used_up_the_same_command_with_the_run_name_continues(fake, reference, capsys):
+    fake.max_retries = 0
+    with pytest.raises(SystemExit) as stop:  # the entrypoint itself: `modal run modal_app.py::dit ...`
+        modal_app.dit(steps=2, run_name="long", extra_args=f"{TINY} --time-limit 1", **TINY_DIT)
+    assert stop.value.code == 75 and "the same command with --run-name long continues" in capsys.readouterr().err
+    assert modal_app.wait_for(*launch("long", steps=2, extra="--time-limit 1"))["steps"] == [1, 2]
+    assert ends(fake, "long") == [(1, [0, 1], "continued"), (2, [1, 2], "finished")]
+    assert_equal_weights(fake, "long", reference(2))
+
+
+@pytest.mark.slow
+def test_an_attempt_that_lost_its_lease_ends_at_once_and_the_call_ends_naming_the_holder(fake, monkeypatch, capsys):
+    monkeypatch.setenv("TINY_CATS_LOCK_STALE_S", "4")  # a heartbeat every 0.5 s
+    run, owner, call = launch("lost", steps=100000, extra="--save-interval 100000")
+    deadline = time.monotonic() + 120
+    while not (call.containers and view_step(call.containers[0], run) >= 2) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    taker = {"owner": "lost/taker", "attempt": 0, "heartbeat": time.time() + 3600, "host": "elsewhere"}
+    fake.dict("tiny-cats-leases").put(run, taker)  # as if another launch had judged this one stale
+    with pytest.raises(SystemExit) as stop:
+        modal_app.wait_for(run, owner, call)
+    assert stop.value.code == 2 and "run lost is being written by another run (attempt 0 of lost/taker" in (
+        capsys.readouterr().err
+    )
+    assert len(call.containers) == 2 and "lost the lease of run lost" in call.containers[0].log()
+    assert ends(fake, run) == []  # the first wrote nothing more, the retry nothing at all
+
+
+def test_a_failed_commit_is_loud_and_the_tracker_files_go_with_each_commit(fake, monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(modal_app, "OUTPUT_ROOT", tmp_path / "view")
+    monkeypatch.setattr(modal_app, "LOCAL_ROOT", tmp_path / "local")
+    volume = MountedVolume(fake.volume("tiny-cats-outputs"), tmp_path / "view")
+    monkeypatch.setattr(modal_app, "outputs_volume", volume)
+    attempt = modal_app.Attempt(DIT, "r", "cats", modal_app.preflight(DIT, "A10G", "cats", "r", "", {})[0], "o", "A10G")
+    (tmp_path / "local" / "tracker").mkdir(parents=True)
+    (tmp_path / "local" / "tracker" / "events.out").write_text("tensorboard")
+    attempt.run_dir.mkdir(parents=True)
+    (attempt.run_dir / "training.log").write_text("")
+    with open(attempt.run_dir / "held.txt", "w"):
+        attempt.commit()
+    assert "COMMIT FAILED of volume tiny-cats-outputs (the next one retries)" in capsys.readouterr().err
+    assert "ERROR attempt 1 (None on A10G) COMMIT FAILED" in (attempt.run_dir / "training.log").read_text()
+    attempt.commit()
+    assert (server_run(fake, "r") / "tracker" / "events.out").read_text() == "tensorboard"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Several GPUs: `accelerate launch` inside the container
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "statuses, signalled, expected",
+    [
+        ({0: 0, 1: 0}, None, 0),
+        ({0: 75, 1: 75}, None, 75),
+        ({0: 2, 1: 2}, None, 2),
+        ({0: 143, 1: 2}, None, 2),  # rank 1's user error; rank 0 was stopped by the launcher
+        ({0: 143, 1: 1}, None, 1),  # the launcher stopped rank 0 after rank 1 crashed: not a preemption
+        ({0: 143, 1: 143}, 2, 130),
+        ({1: 143}, 15, 143),
+        ({}, None, 1),
+        ({0: 0, 1: 143}, 2, 0),  # finished just as the signal came
+    ],
+)
+def test_one_exit_status_from_every_ranks_own(statuses, signalled, expected):
+    assert modal_app.launched_exit_status(statuses, signalled) == expected
+
+
+@pytest.mark.slow
+def test_a_preemption_reaches_every_rank_of_a_multi_gpu_attempt_which_saves_once_and_is_rerun(fake):
+    # Two CPU processes (gloo) under a real `accelerate launch` stand in for two GPUs.
+    fake.preempt_when(lambda container: view_step(container, "ddp") >= 3, grace_s=120)
+    run, owner, call = launch("ddp", steps=12, gpu="A10G:2", extra="--save-interval 1000")
+    assert modal_app.wait_for(run, owner, call)["ranks"] == {"0": 0, "1": 0}
+    [(attempt, (start, stop), outcome), finished] = ends(fake, run)
+    assert (attempt, start, outcome) == (1, 0, "interrupted") and finished == (2, [stop, 12], "finished")
+    log = (server_run(fake, run) / "training.log").read_text()
+    assert "processes=2" in log and f"stopped by SIGTERM at step {stop}" in log  # saved once, by every rank's stop
+    assert [container.preempted for container in call.containers] == [True, False]  # rerun, no retry spent
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What `python modal_app.py status` prints
+# ---------------------------------------------------------------------------------------------------------
+def test_status_lines_of_a_run_in_its_second_attempt():
+    now = 1_000_000.0
+    journal = [
+        {"event": "start", "attempt": 1, "name": "attempt 1 (fc-1 on A10G)", "step": 0},
+        {"event": "end", "attempt": 1, "name": "attempt 1 (fc-1 on A10G)", "steps": [0, 80000], "outcome": "continued"},
+        {"event": "start", "attempt": 2, "name": "attempt 2 (fc-1 on A10G)", "step": 80000},
+    ]
+    status = dict(state="training", step=80500, steps=300000, img_per_s=431.7, eta_s=3 * 3600 + 60, updated=now - 42)
+    status.update(host="modal-1", message=None, newest_checkpoint="state/step_0080000", newest_grid=None)
+    assert modal_app.status_lines("dit-1", status, journal, now) == [
+        "run dit-1: attempt 2 (fc-1 on A10G) running",
+        "trainer: training at step 80500/300000, 432 img/s, ETA 3h01m, updated 42s ago on modal-1",
+        "newest checkpoint: state/step_0080000; newest sample grid: -",
+        "  attempt 1: steps 0-80000, continued",
+    ]
+    assert modal_app.status_lines("dit-1", None, [], now) == [
+        "run dit-1: no status yet (not started, or its first attempt is still starting)"
+    ]
+
+
+def test_upload_data_puts_a_folder_of_classes_under_its_name(fake, tmp_path):
+    make_toy_data(tmp_path / "pets")
+    modal_app.upload_data(local_dir=str(tmp_path / "pets"), name="")
+    assert sorted(p.name for p in (fake.volume("tiny-cats-data").root / "pets").iterdir()) == sorted(
+        p.name for p in (tmp_path / "pets").iterdir()
+    )
+    for local_dir, name in ((tmp_path / "missing", "x"), (tmp_path / "pets", "a/b")):
+        with pytest.raises(SystemExit):
+            modal_app.upload_data(local_dir=str(local_dir), name=name)

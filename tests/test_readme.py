@@ -93,6 +93,13 @@ def check(command: str) -> None:
         check_make_command(words)
     elif words[:2] == ["modal", "run"]:
         check_modal_command(words)
+    elif words[:2] == ["python", "modal_app.py"]:
+        import modal_app
+
+        try:
+            modal_app.cli_parser().parse_args(words[2:])
+        except SystemExit as error:
+            raise AssertionError(f"flags do not parse: {shlex.join(words)}") from error
     elif any(word.startswith("scripts/") for word in words):
         assert words[0] in ("python", "accelerate", "torchrun"), f"unexpected launcher in: {command}"
         check_script_command(words)

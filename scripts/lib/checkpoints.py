@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
+from safetensors.torch import load as load_bytes
 from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
@@ -578,7 +579,7 @@ def load_training_state(folder: str | Path) -> tuple[int, dict[str, Any]]:
         refuse(f"no {COMPLETE_MARKER} marker naming its step (a write that never finished, or not a state folder)")
     try:
         saved = json.loads((folder / STRUCTURE_FILE).read_bytes())
-        tensors = load_file(str(folder / TENSORS_FILE))
+        tensors = load_bytes((folder / TENSORS_FILE).read_bytes())  # no mmap: it would hold the file open
         state = unflatten_state(tensors, saved["state"]) if isinstance(saved, dict) else None
     except (OSError, ValueError, RecursionError, KeyError, SafetensorError) as error:
         refuse(f"{type(error).__name__}: {str(error)[:200]}")

@@ -841,14 +841,8 @@ def open_run(cfg: Any, spec: RunSpec, on_checkpoint: Callable[[Path], None] | No
         with accelerator.local_main_process_first():  # one process per machine builds the cache
             run.cache = load_or_build_cache(cfg.data_dir, cfg.image_size, cfg.cache_dir or None, log=log,
                                             show_progress=accelerator.is_main_process)  # fmt: skip
-        classes = ", ".join(run.cache.class_names)
-        log.info(
-            "data: %d images, %d classes (%s) from %s",
-            len(run.cache),
-            len(run.cache.class_names),
-            classes,
-            cfg.data_dir,
-        )
+        names = run.cache.class_names
+        log.info("data: %d images, %d classes (%s) from %s", len(run.cache), len(names), ", ".join(names), cfg.data_dir)
         if tracker:
             hyperparameters = {k: v for k, v in config_dict(cfg).items() if v is not None}
             accelerator.init_trackers(f"tiny-cats-{spec.kind}", config=hyperparameters)
