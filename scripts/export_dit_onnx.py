@@ -2,23 +2,19 @@
 
     python scripts/export_dit_onnx.py --checkpoint checkpoints/tinydit_final.safetensors --verify --test
 
-The graph is `(x (B,C,H,W) float32, t (B,) float32 network time, y (B,) int64) -> prediction (B,C,H,W)`; its batch
-axis is dynamic, so guidance runs as one batch of 2N. The sidecar (`tinydit.json`) holds what `onnx_sample` (numpy +
-onnxruntime) needs to sample: sizes, classes, null class, the objective (`Objective.sidecar()`), default settings.
-"""
+The graph is `(x (B,C,H,W) float32, t (B,) float32 network time, y (B,) int64) -> prediction (B,C,H,W)` with a
+dynamic batch axis (guidance = one batch of 2N); `onnx_sample` (numpy + onnxruntime) samples with it and the sidecar."""
 
 from __future__ import annotations
 
 import json
 import math
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from onnxruntime.quantization.registry import IntegerOpsRegistry
@@ -34,6 +30,7 @@ from scripts.lib.sampling import class_grid_labels, guidance_scale, resolve_samp
 
 INPUT_NAMES, OUTPUT_NAME = ("x", "t", "y"), "prediction"
 SAMPLING_TOLERANCE = 1e-3
+SETTINGS = ("steps", "cfg_scale", "sampler")  # the sidecar's "sampling" defaults a caller may override
 
 
 @dataclass
@@ -41,12 +38,10 @@ class ExportDiTConfig:
     checkpoint: str = option("checkpoints/tinydit_final.safetensors", "DiT weights file to export")
     output: str = option("checkpoints/tinydit.onnx", "ONNX file to write (the JSON sidecar goes beside it)")
     verify: bool = option(
-        False,
-        f"onnx.checker + ONNX Runtime vs PyTorch at batch sizes {PARITY_BATCH_SIZES} (fail above {PARITY_TOLERANCE:g})",
+        False, f"onnx.checker, onnxruntime vs PyTorch on batches {PARITY_BATCH_SIZES} (fail above {PARITY_TOLERANCE:g})"
     )
     test: bool = option(
-        False,
-        f"ONNX Runtime + sidecar alone vs PyTorch sampling, same noise (fail above {SAMPLING_TOLERANCE:g}); ONNX grid",
+        False, f"ONNX Runtime + sidecar alone vs PyTorch sampling, same noise (fail above {SAMPLING_TOLERANCE:g}); grid"
     )
     quantize: bool = option(False, "also write an int8 dynamically quantised copy; report size and drift")
     opset: int = option(DEFAULT_OPSET, "ONNX opset: 23 has a fused Attention op; 20 suits older runtimes")
@@ -58,26 +53,12 @@ class ExportDiTConfig:
     cpu_threads: int = cpu_threads_option()
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The torch-free runtime: reads only the sidecar, runs only onnxruntime + numpy
-# ---------------------------------------------------------------------------------------------------------
-def onnx_sample(
-    session: ort.InferenceSession,
-    sidecar: dict[str, Any],
-    noise: np.ndarray,
-    labels: np.ndarray,
-    *,
-    rng: np.random.Generator | None = None,
-    progress: str | None = None,
-    **settings: Any,
-) -> np.ndarray:
-    """Images in the DiT's pixel range ([-1, 1]) from `noise` (N,C,H,W) float32 for class ids `labels` (N,).
-
-    `settings` (steps, cfg_scale, sampler) override the sidecar's "sampling" defaults; `rng` feeds the stochastic
-    samplers; `progress` describes a progress bar with ETA over the sampler steps (None: no bar).
-    """
+def onnx_sample(session, sidecar: dict, noise: np.ndarray, labels: np.ndarray, *, rng=None, progress=None, **settings):
+    """Images in the DiT's pixel range ([-1, 1]) from `noise` (N,C,H,W) float32 for class ids `labels` (N,), by an
+    onnxruntime session and the sidecar alone. `settings` override the sidecar's "sampling" defaults; `rng` (numpy
+    Generator) feeds the stochastic samplers; `progress` names a progress bar over the steps (None: no bar)."""
     objective, null_class = sidecar["objective"], sidecar["null_class"]
-    steps, cfg_scale, sampler = ({**sidecar["sampling"], **settings}[key] for key in ("steps", "cfg_scale", "sampler"))
+    steps, cfg_scale, sampler = ({**sidecar["sampling"], **settings}[key] for key in SETTINGS)
     if sampler not in objective["samplers"]:
         raise ValueError(f"sampler {sampler!r} is not one of {objective['samplers']}")
     y = labels.astype(np.int64)
@@ -85,19 +66,15 @@ def onnx_sample(
     def guided(x: np.ndarray, t_model: float) -> np.ndarray:
         """uncond + cfg_scale * (cond - uncond), both halves as one batch of 2N (scale 1: the conditional alone)."""
         n, halves = len(x), 1 if cfg_scale == 1.0 else 2
-        feed = {
-            "x": np.concatenate([x] * halves),
-            "t": np.full(n * halves, t_model, np.float32),
-            "y": np.concatenate([y, np.full(n, null_class, np.int64)])[: n * halves],
-        }
+        feed = {"x": np.concatenate([x] * halves), "t": np.full(n * halves, t_model, np.float32)}
+        feed["y"] = np.concatenate([y, np.full(n, null_class, np.int64)])[: n * halves]
         out = session.run(None, feed)[0]
         return out if halves == 1 else out[n:] + np.float32(cfg_scale) * (out[:n] - out[n:])
 
     def flow_step(x: np.ndarray, t: float, t_next: float) -> np.ndarray:
-        """Euler (Heun: averaged with the velocity at the Euler point) from t towards the data at time_end."""
         dt, scale = t_next - t, objective["time_scale"]
         velocity = guided(x, t * scale)
-        if sampler == "heun":
+        if sampler == "heun":  # averaged with the velocity at the Euler point
             velocity = (velocity + guided(x + dt * velocity, t_next * scale)) / 2
         return x + dt * velocity
 
@@ -127,41 +104,28 @@ def onnx_sample(
     return x.astype(np.float32)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Export, sidecar and the checks
-# ---------------------------------------------------------------------------------------------------------
 def dit_sidecar(model, objective, metadata: dict[str, Any], sampler: str, cfg: ExportDiTConfig) -> dict[str, Any]:
     """Everything a runtime needs besides the graph to drive guided sampling."""
     images = ["batch", model.in_channels, model.image_size, model.image_size]
     return {
-        "format": "tiny-cats-onnx-dit",
-        "kind": "dit",
-        "onnx": Path(cfg.output).name,
+        "format": "tiny-cats-onnx-dit", "kind": "dit", "onnx": Path(cfg.output).name,
         "inputs": {
             "x": {"shape": images, "dtype": "float32", "meaning": "noisy image x_t"},
             "t": {"shape": ["batch"], "dtype": "float32", "meaning": "network time = objective time * time_scale"},
             "y": {"shape": ["batch"], "dtype": "int64", "meaning": "class id; null_class = unconditional"},
         },
         "outputs": {OUTPUT_NAME: {"shape": images, "dtype": "float32", "meaning": objective.sidecar()["prediction"]}},
-        "model": metadata["model"],
-        "image_size": model.image_size,
-        "in_channels": model.in_channels,
-        "num_classes": model.num_classes,
-        "class_names": metadata["class_names"],
-        "null_class": model.null_class,
-        "pixel_range": metadata.get("pixel_range", [-1.0, 1.0]),
-        "to_unit": "clip((x + 1) / 2, 0, 1)",
+        "model": metadata["model"], "image_size": model.image_size, "in_channels": model.in_channels,
+        "num_classes": model.num_classes, "class_names": metadata["class_names"], "null_class": model.null_class,
+        "pixel_range": metadata.get("pixel_range", [-1.0, 1.0]), "to_unit": "clip((x + 1) / 2, 0, 1)",
         "objective": objective.sidecar(),
         "sampling": {
-            "sampler": sampler,
-            "steps": cfg.steps,
-            "cfg_scale": guidance_scale(cfg.cfg_scale, metadata),
+            "sampler": sampler, "steps": cfg.steps, "cfg_scale": guidance_scale(cfg.cfg_scale, metadata),
             "guidance": "pred = uncond + cfg_scale * (cond - uncond), as one batch of 2N: x twice, y then "
             "null_class; cfg_scale 1 = the conditional prediction alone",
         },
-        "training_step": metadata.get("step"),
-        "weights": metadata.get("weights"),
-    }
+        "training_step": metadata.get("step"), "weights": metadata.get("weights"),
+    }  # fmt: skip
 
 
 def random_inputs(model, batch_size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -175,25 +139,21 @@ def random_inputs(model, batch_size: int, generator: torch.Generator) -> dict[st
 def compare_sampling(model, objective, path: Path, cfg: ExportDiTConfig) -> dict[str, Any]:
     """Guided sampling through ONNX Runtime (the sidecar file only) vs Objective.sample, from the same noise."""
     sidecar = json.loads(sidecar_path(path).read_text())
-    steps, cfg_scale, sampler = (sidecar["sampling"][key] for key in ("steps", "cfg_scale", "sampler"))
+    settings = {key: sidecar["sampling"][key] for key in SETTINGS}
     labels = class_grid_labels(list(range(model.num_classes)), cfg.test_per_class, "cpu")
-    generator = torch.Generator().manual_seed(cfg.seed)
-    noise = torch.randn((len(labels), model.in_channels, model.image_size, model.image_size), generator=generator)
+    noise = random_inputs(model, len(labels), torch.Generator().manual_seed(cfg.seed))["x"]
     # Not sampling.sample_images: it draws its own noise and returns clamped images; parity needs the raw output.
-    sampler_steps = min(steps, sidecar["objective"].get("num_timesteps", steps))
-    with tqdm(total=sampler_steps, desc="PyTorch sampling", unit="step", leave=False) as bar:
-        expected = objective.sample(
-            model, noise, labels, steps=steps, cfg_scale=cfg_scale, sampler=sampler, on_step=bar.update
-        )
+    total = min(settings["steps"], sidecar["objective"].get("num_timesteps", settings["steps"]))
+    with tqdm(total=total, desc="PyTorch sampling", unit="step", leave=False) as bar:
+        expected = objective.sample(model, noise, labels, **settings, on_step=bar.update)
     session = make_ort_session(path, cfg.cpu_threads or None)
     actual = onnx_sample(session, sidecar, noise.numpy(), labels.numpy(), progress="ONNX Runtime sampling")
     diff = max_abs_diff(actual, expected.numpy())
-    shown = f"{sampler}, {steps} steps, cfg {cfg_scale:g}, {len(labels)} images"
-    print(f"  sampling ({shown}): max |onnx - torch| = {diff:.3g} (pixel range [-1, 1])")
+    shown = "{sampler}, {steps} steps, cfg {cfg_scale:g}".format(**settings)
+    print(f"  sampling ({shown}, {len(labels)} images): max |onnx - torch| = {diff:.3g} (pixel range [-1, 1])")
     if not diff <= SAMPLING_TOLERANCE:
         raise UserError(
-            f"ONNX sampling differs from PyTorch by {diff:.3g} > {SAMPLING_TOLERANCE:g} — the sidecar or the runtime "
-            "sampler does not match the objective"
+            f"ONNX sampling differs from PyTorch by {diff:.3g} > {SAMPLING_TOLERANCE:g}: sidecar/sampler mismatch"
         )
     grid = save_grid(dit_to_unit(torch.from_numpy(actual)), path.with_name(f"{path.stem}_onnx_grid.png"),
                      per_row=cfg.test_per_class)  # fmt: skip
@@ -205,16 +165,13 @@ def quantize_and_compare(model, path: Path, cfg: ExportDiTConfig) -> dict[str, A
     """Int8 dynamic quantisation (weights int8, activations quantised on the fly) to `<name>.int8.onnx`; its size
     and its drift from the fp32 graph are reported, not judged: int8 is lossy."""
     quantized = path.with_name(f"{path.stem}.int8.onnx")
-    # The quantiser's shape inference rejects some intermediate shapes the dynamo exporter stores ("Inferred shape
-    # and existing shape differ"); they are only hints, so it quantises a copy without them.
+    # The quantiser's shape inference rejects some shape hints the dynamo exporter stores: quantise without them.
     graph = onnx.load(str(path))
     del graph.graph.value_info[:]
-    with tempfile.TemporaryDirectory() as tmp:
-        onnx.save(graph, str(Path(tmp) / path.name))
-        # The quantiser takes every op named Attention for its own com.microsoft Attention and writes a QAttention
-        # that cannot load; the standard Attention op has no weights to quantise anyway.
-        op_types = [op for op in IntegerOpsRegistry if op != "Attention"]
-        quantize_dynamic(Path(tmp) / path.name, quantized, weight_type=QuantType.QInt8, op_types_to_quantize=op_types)
+    # The quantiser takes every op named Attention for its own com.microsoft Attention and writes a QAttention that
+    # cannot load; the standard Attention op has no weights to quantise anyway.
+    op_types = [op for op in IntegerOpsRegistry if op != "Attention"]
+    quantize_dynamic(graph, quantized, weight_type=QuantType.QInt8, op_types_to_quantize=op_types)
     inputs = random_inputs(model, 4, torch.Generator().manual_seed(cfg.seed))
     feed = {name: tensor.numpy() for name, tensor in inputs.items()}
     int8, fp32 = (make_ort_session(p, cfg.cpu_threads or None).run(None, feed)[0] for p in (quantized, path))
@@ -227,24 +184,16 @@ def quantize_and_compare(model, path: Path, cfg: ExportDiTConfig) -> dict[str, A
 
 
 def main(cfg: ExportDiTConfig) -> dict[str, Any]:
-    """Export (then optionally verify / test / quantize); returns the paths and the measured differences."""
     model, objective, metadata = load_dit(cfg.checkpoint)  # refuses a missing file: never exports random weights
     sampler = resolve_sampler(objective, cfg.sampler)
     if cfg.test and (sampler == "ddpm" or getattr(objective, "eta", 0.0) > 0):
-        raise UserError(
-            "--test compares deterministic samplers; the ancestral/eta>0 samplers draw their own noise — export "
-            "with --sampler ddim (eta 0) or a flow sampler to test"
-        )
+        raise UserError("--test compares deterministic samplers: export with --sampler ddim (eta 0) or a flow sampler")
     output = Path(cfg.output)
-    print(
-        f"exporting TinyDiT {metadata['model']} ({model.image_size} px, {model.num_classes} classes, step "
-        f"{metadata.get('step')}) -> {output}"
-    )
+    size, classes, step = model.image_size, model.num_classes, metadata.get("step")
+    print(f"exporting TinyDiT {metadata['model']} ({size} px, {classes} classes, step {step}) -> {output}")
     example = random_inputs(model, 2, torch.Generator().manual_seed(cfg.seed))
     export_with_dynamic_batch(model, tuple(example.values()), INPUT_NAMES, OUTPUT_NAME, output, cfg.opset)
-    sidecar = write_sidecar(output, dit_sidecar(model, objective, metadata, sampler, cfg))
-    print(f"  wrote {output} ({size_text(output)}) and {sidecar}")
-    summary: dict[str, Any] = {"onnx": str(output), "sidecar": str(sidecar)}
+    summary = write_sidecar(output, dit_sidecar(model, objective, metadata, sampler, cfg))
     if cfg.verify:
         generator = torch.Generator().manual_seed(cfg.seed)
         batches = [random_inputs(model, n, generator) for n in PARITY_BATCH_SIZES]

@@ -3,8 +3,7 @@
     python scripts/export_onnx.py --checkpoint checkpoints/cats_model.safetensors --verify --images data/cats
 
 The graph maps normalised images (B, 3, H, W) float32 to logits (B, classes); the sidecar (`cats_model.json`) holds
-the class names, image size and preprocessing. `--verify` adds top-1 agreement on real images to the parity check.
-"""
+the class names, image size and preprocessing. `--verify` adds top-1 agreement on real images to the parity check."""
 
 from __future__ import annotations
 
@@ -19,8 +18,7 @@ from scripts.lib.checkpoints import classifier_normalize, load_classifier
 from scripts.lib.cli import UserError, cpu_threads_option, option, printable, run_main
 from scripts.lib.data import IMAGE_EXTENSIONS, UnreadableImage, load_rgb
 from scripts.lib.onnx_export import (
-    DEFAULT_OPSET, PARITY_BATCH_SIZES, PARITY_TOLERANCE, export_with_dynamic_batch, size_text, verify_export,
-    write_sidecar,
+    DEFAULT_OPSET, PARITY_BATCH_SIZES, PARITY_TOLERANCE, export_with_dynamic_batch, verify_export, write_sidecar,
 )  # fmt: skip
 
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
@@ -31,14 +29,10 @@ class ExportClassifierConfig:
     checkpoint: str = option("checkpoints/cats_model.safetensors", "classifier weights file to export")
     output: str = option("checkpoints/cats_model.onnx", "ONNX file to write (the JSON sidecar goes beside it)")
     verify: bool = option(
-        False,
-        f"onnx.checker + ONNX Runtime vs PyTorch on random inputs (fail above {PARITY_TOLERANCE:g}) + top-1 "
-        "agreement on real images",
+        False, f"onnx.checker, onnxruntime vs PyTorch (fail above {PARITY_TOLERANCE:g}), top-1 agreement on images"
     )
     images: str | None = option(
-        None,
-        "folder searched recursively for images for the top-1 check; default: the data_dir of the checkpoint's "
-        "training config, when it exists",
+        None, "folder searched recursively for the top-1 check's images; default: the training data_dir, if here"
     )
     max_images: int = option(64, "at most this many images for the top-1 check (spread over the folder)")
     opset: int = option(DEFAULT_OPSET, "ONNX opset; lower it for a runtime that lacks opset 23")
@@ -50,24 +44,17 @@ def classifier_sidecar(metadata: dict[str, Any], onnx_name: str) -> dict[str, An
     """Everything a runtime needs besides the graph: inputs, classes and the exact preprocessing."""
     size, classes = metadata["image_size"], metadata["num_classes"]
     return {
-        "format": "tiny-cats-onnx-classifier",
-        "kind": "classifier",
-        "onnx": onnx_name,
+        "format": "tiny-cats-onnx-classifier", "kind": "classifier", "onnx": onnx_name,
         "backbone": metadata["backbone"],
         "inputs": {INPUT_NAME: {"shape": ["batch", 3, size, size], "dtype": "float32", "layout": "NCHW, RGB"}},
         "outputs": {OUTPUT_NAME: {"shape": ["batch", classes], "dtype": "float32"}},
-        "image_size": size,
-        "num_classes": classes,
-        "class_names": metadata["class_names"],
+        "image_size": size, "num_classes": classes, "class_names": metadata["class_names"],
         "preprocessing": {
-            "resize": f"shorter side to {size} (bicubic), centre crop {size}x{size}",
-            "scale": "pixel / 255",
-            "normalize": "(x - mean) / std per channel",
-            **metadata["normalization"],
+            "resize": f"shorter side to {size} (bicubic), centre crop {size}x{size}", "scale": "pixel / 255",
+            "normalize": "(x - mean) / std per channel", **metadata["normalization"],
         },
-        "epoch": metadata.get("epoch"),
-        "metrics": metadata.get("metrics"),
-    }
+        "epoch": metadata.get("epoch"), "metrics": metadata.get("metrics"),
+    }  # fmt: skip
 
 
 def real_images(cfg: ExportClassifierConfig, metadata: dict[str, Any]) -> torch.Tensor | None:
@@ -96,26 +83,20 @@ def top1_disagreements(torch_logits: np.ndarray, onnx_logits: np.ndarray, tolera
 
 
 def main(cfg: ExportClassifierConfig) -> dict[str, Any]:
-    """Export (and optionally verify) the classifier; returns the paths and the verification numbers."""
     model, metadata = load_classifier(cfg.checkpoint)  # refuses a missing file: never exports random weights
     if cfg.verify and cfg.images and not Path(cfg.images).is_dir():
         raise UserError(f"--images {printable(cfg.images)}: no such folder")
     output, size = Path(cfg.output), metadata["image_size"]
     print(f"exporting {metadata['backbone']} classifier ({size} px, {metadata['num_classes']} classes) -> {output}")
     export_with_dynamic_batch(model, (torch.zeros((2, 3, size, size)),), [INPUT_NAME], OUTPUT_NAME, output, cfg.opset)
-    sidecar = write_sidecar(output, classifier_sidecar(metadata, output.name))
-    print(f"  wrote {output} ({size_text(output)}) and {sidecar}")
-    summary: dict[str, Any] = {"onnx": str(output), "sidecar": str(sidecar)}
+    summary = write_sidecar(output, classifier_sidecar(metadata, output.name))
     if not cfg.verify:
         return summary
     generator = torch.Generator().manual_seed(cfg.seed)
-    batches = [
-        {INPUT_NAME: classifier_normalize(torch.rand((n, 3, size, size), generator=generator), metadata)}
-        for n in PARITY_BATCH_SIZES
-    ]
+    random_images = (torch.rand((n, 3, size, size), generator=generator) for n in PARITY_BATCH_SIZES)
+    batches = [{INPUT_NAME: classifier_normalize(images, metadata)} for images in random_images]
     session, summary["max_abs_diff"] = verify_export("classifier", model, output, batches, cfg.cpu_threads or None)
-    images = real_images(cfg, metadata)
-    if images is None:
+    if (images := real_images(cfg, metadata)) is None:
         print("  top-1 on real images: skipped (no --images and the training data_dir is not here)")
         return summary
     with torch.no_grad():

@@ -1,6 +1,5 @@
-"""What both ONNX exporters share: one self-contained `.onnx` file with a dynamic batch axis, `<name>.json` beside it
-(what a runtime needs besides the graph), the parity check, and the session every consumer (the checks, the
-torch-free sampler, the benchmark) uses, so that what is measured is what ships."""
+"""What both ONNX exporters share: a self-contained `.onnx` with a dynamic batch axis, its `<name>.json` sidecar, the
+parity check, and the one session the checks, the torch-free sampler and the benchmark use, so what is timed ships."""
 
 from __future__ import annotations
 
@@ -29,28 +28,19 @@ PARITY_BATCH_SIZES = (1, 2, 5)
 
 
 def make_ort_session(path: str | Path, threads: int | None = None) -> ort.InferenceSession:
-    """A CPU session tuned for latency: all graph optimisations, one intra-op thread per usable core by default."""
+    """A CPU session; by default one intra-op thread per core this process may use (affinity, container limits)."""
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # Cores this process may use (affinity masks, container limits), not the machine's.
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     options.intra_op_num_threads = threads or usable
-    # One graph, one request at a time: parallelism inside ops beats running independent ops side by side.
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 
 
 def export_with_dynamic_batch(
-    model: nn.Module,
-    example_inputs: tuple[torch.Tensor, ...],
-    input_names: Sequence[str],
-    output_name: str,
-    path: str | Path,
-    opset: int = DEFAULT_OPSET,
-) -> Path:
+    model: nn.Module, example_inputs: tuple[torch.Tensor, ...], input_names: Sequence[str], output_name: str,
+    path: str | Path, opset: int = DEFAULT_OPSET,
+) -> Path:  # fmt: skip
     """Export `model(*example_inputs)` in eval mode with the dynamo exporter (its graph optimiser on); axis 0 of
     every input is one dynamic batch. Every registry model fits a protobuf's 2 GiB, so the weights stay inside."""
-    path = Path(path)
     batch = torch.export.Dim("batch", min=1, max=4096)
     with torch.no_grad(), warnings.catch_warnings():
         # All inputs share the one batch Dim on purpose; the exporter warns that it renames none of them.
@@ -61,15 +51,18 @@ def export_with_dynamic_batch(
             dynamic_shapes=tuple({0: batch} for _ in example_inputs),
         )  # fmt: skip
     attention_on_tokens(program.model)
-    return _write(path, "the ONNX graph", lambda tmp: program.save(str(tmp)))
+    return _write(Path(path), "the ONNX graph", lambda tmp: program.save(str(tmp)))
 
 
 def sidecar_path(onnx_path: str | Path) -> Path:
     return Path(onnx_path).with_suffix(".json")
 
 
-def write_sidecar(onnx_path: str | Path, data: dict[str, Any]) -> Path:
-    return _write(sidecar_path(onnx_path), "the ONNX sidecar", json.dumps(data, indent=2) + "\n")
+def write_sidecar(onnx_path: Path, data: dict[str, Any]) -> dict[str, Any]:
+    """Writes `<name>.json` beside the graph, reports both files and returns them: the start of an export's summary."""
+    sidecar = _write(sidecar_path(onnx_path), "the ONNX sidecar", json.dumps(data, indent=2) + "\n")
+    print(f"  wrote {onnx_path} ({size_text(onnx_path)}) and {sidecar}")
+    return {"onnx": str(onnx_path), "sidecar": str(sidecar)}
 
 
 def _write(path: Path, what: str, content: Any) -> Path:
@@ -81,16 +74,13 @@ def _write(path: Path, what: str, content: Any) -> Path:
 
 
 def max_abs_diff(actual: np.ndarray, expected: np.ndarray) -> float:
-    if actual.shape != expected.shape:
-        raise UserError(f"ONNX output shape {actual.shape} differs from PyTorch's {expected.shape}")
     return float(np.max(np.abs(actual.astype(np.float64) - expected.astype(np.float64))))
 
 
 def verify_export(
     what: str, model: nn.Module, path: Path, batches: Sequence[dict[str, torch.Tensor]], threads: int | None = None
 ) -> tuple[ort.InferenceSession, float]:
-    """onnx.checker, then ONNX Runtime vs PyTorch on each batch (input name -> CPU tensor): (session, worst
-    difference); UserError above PARITY_TOLERANCE."""
+    """onnx.checker, then ONNX Runtime vs PyTorch on each batch of named CPU inputs: (session, worst difference)."""
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except onnx.checker.ValidationError as error:
@@ -106,8 +96,7 @@ def verify_export(
     worst = float(np.max(diffs))  # NaN, if any, is the worst
     if not worst <= PARITY_TOLERANCE:
         raise UserError(
-            f"{what}: ONNX Runtime differs from PyTorch by {worst:.3g} > {PARITY_TOLERANCE:g} — the export is not "
-            "faithful; report it with the checkpoint and the torch/onnxruntime versions"
+            f"{what}: ONNX Runtime differs from PyTorch by {worst:.3g} > {PARITY_TOLERANCE:g}: an export bug, report it"
         )
     print(f"  {what}: parity OK (max {worst:.3g} <= {PARITY_TOLERANCE:g})")
     return session, worst
@@ -117,22 +106,16 @@ def size_text(path: Path) -> str:
     return f"{path.stat().st_size / 2**20:.2f} MiB"
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The graph pass: attention straight on the qkv tokens
-# ---------------------------------------------------------------------------------------------------------
 def attention_on_tokens(model: ir.Model) -> int:
     """Let each Attention read the fused qkv projection's (B, N, 3*D) tokens directly; returns how many do.
 
-    The exporter lowers `qkv.unflatten(-1, (3, heads, -1)).permute(2, 0, 3, 1, 4)`, SDPA and
-    `out.transpose(1, 2).flatten(2)` to Reshape, Transpose, 3x(Slice, Squeeze), a 4-D Attention, Transpose,
-    Reshape. PyTorch runs those permutes as free views; ONNX Runtime copies every one (~10% of a DiT forward on
-    CPU). Attention's 3-D form (q_num_heads = kv_num_heads = heads) takes and returns (B, N, heads*d): the same
-    maths without the copies. A graph not of exactly that shape is left as it was.
-    """
+    The exporter lowers the head-major permutes around SDPA to Reshape, Transpose, 3x(Slice, Squeeze), a 4-D
+    Attention, Transpose, Reshape: free views in PyTorch, copies in ONNX Runtime (~10% of a DiT forward on CPU).
+    Attention's 3-D form (q_num_heads = kv_num_heads = heads) takes and returns (B, N, heads*d) without them.
+    A graph not of exactly that shape is left as it was."""
     rewritten = 0
     for node in list(model.graph):
-        match = _head_major_attention(node)
-        if match is None:
+        if (match := _head_major_attention(node)) is None:
             continue
         qkv, heads, tokens_out = match
         nodes, q_k_v = _queries_keys_values(model.graph, qkv)
@@ -146,12 +129,9 @@ def attention_on_tokens(model: ir.Model) -> int:
 
 
 def _queries_keys_values(graph: ir.Graph, qkv: ir.Value) -> tuple[list[ir.Node], list[ir.Value]]:
-    """(new nodes, [q, k, v]) of (B, N, D) each, from the fused projection's (B, N, 3*D) output.
-
-    When qkv = MatMul(x, W) + b with constant W and b and no other use, three MatMul + Add on the thirds of W and b
-    replace the 3*D-wide projection and the Split that would copy its output apart (~4% of a DiT forward in ONNX
-    Runtime; every output element is the same dot product). Otherwise a Split.
-    """
+    """(new nodes, [q, k, v]) of (B, N, D) each from the fused projection's (B, N, 3*D) output. When qkv is
+    MatMul(x, W) + b with constant W and b and no other use: three MatMul + Add on the thirds of W and b, sparing the
+    Split that copies its output apart (~4% of a DiT forward in ONNX Runtime; same dot products); else that Split."""
     add = _producer(qkv, "Add")
     matmul = _producer(add.inputs[0], "MatMul") if add else None
     weight = matmul.inputs[1].const_value if matmul else None
@@ -198,9 +178,8 @@ def _head_major_attention(node: ir.Node) -> tuple[ir.Value, int, ir.Value] | Non
     for index, value in enumerate(node.inputs):  # q, k, v = rows 0, 1, 2 of the permuted (3, B, h, N, d)
         squeeze = _producer(value, "Squeeze")
         take = _producer(squeeze.inputs[0], "Slice") if squeeze and _const_ints(squeeze.inputs[1]) == [0] else None
-        if take is None or [_const_ints(v) for v in take.inputs[1:4]] != [[index], [index + 1], [0]]:
-            return None
-        if len(take.inputs) > 4 and _const_ints(take.inputs[4]) != [1]:
+        bounds = [_const_ints(v) for v in take.inputs[1:]] if take else None  # starts, ends, axes[, steps]
+        if bounds not in ([[index], [index + 1], [0]], [[index], [index + 1], [0], [1]]):
             return None
         transposes.add(_producer(take.inputs[0], "Transpose"))
     transpose = transposes.pop() if len(transposes) == 1 else None
