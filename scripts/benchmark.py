@@ -1,7 +1,5 @@
-"""Speed figures of this machine as one JSON report (`make bench`; the README's "make bench" section says what each
-figure is). What is compared (ours vs the matmul peak, eager vs compiled, the trainer vs a bare loop) is measured in
-the same run: a machine's speed swings from day to day.
-"""
+"""Speed figures of this machine as one JSON report (`make bench`; the README says what each figure is). What is
+compared (vs the matmul peak, eager vs compiled, trainer vs bare loop) is measured in one run: speed swings daily."""
 
 from __future__ import annotations
 
@@ -37,7 +35,7 @@ from scripts.lib.run import cpu_has_native_bf16, synchronize
 
 aten = torch.ops.aten
 
-# --- Counting FLOPs, and replaying a step's matrix products alone -----------------------------------------------------
+# --- Measuring: FLOPs, a step's matrix products alone, timing, what is timed -----------------------------------------
 
 
 def attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
@@ -67,32 +65,25 @@ def count_flops(fn: Callable[[], Any]) -> tuple[int, dict[str, int]]:
     return int(counter.get_total_flops()), by_op
 
 
-class MatmulRecorder(TorchDispatchMode):
-    """Records every matrix product a call makes (op, operand shapes and strides) so it can be replayed alone."""
-
-    OPS = (aten.mm.default, aten.addmm.default, aten.bmm.default)
-
-    def __init__(self):
-        super().__init__()
-        self.calls: list[tuple[Any, list[Any]]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in self.OPS:
-            self.calls.append((func, [(a.shape, a.stride()) if isinstance(a, torch.Tensor) else a for a in args]))
-        return func(*args, **(kwargs or {}))
-
-
 def matmuls_only_call(fn: Callable[[], Any], device: torch.device) -> Callable[[], None]:
-    """A call of just the matrix products of one `fn()` (same ops, shapes and memory layouts): the step's time if
-    everything else were free, so with the step's FLOPs, the MFU ceiling of these layers on this machine."""
-    with MatmulRecorder() as recorder:
+    """Just the matrix products of one `fn()` (same ops, shapes, layouts): the step's time if everything else were
+    free, so with the step's FLOPs, the MFU ceiling of these layers on this machine."""
+    calls: list[tuple[Any, list[Any]]] = []  # (op, its arguments with (shape, stride) for each tensor)
+
+    class MatmulRecorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (aten.mm.default, aten.addmm.default, aten.bmm.default):
+                calls.append((func, [(a.shape, a.stride()) if isinstance(a, torch.Tensor) else a for a in args]))
+            return func(*args, **(kwargs or {}))
+
+    with MatmulRecorder():
         fn()
 
     def random_in_layout(shape: torch.Size, stride: tuple[int, ...]) -> torch.Tensor:  # views, broadcasts included
         storage = 1 + sum((size - 1) * step for size, step in zip(shape, stride, strict=True))
         return torch.randn(storage, device=device).as_strided(shape, stride)
 
-    replay = [(op, [random_in_layout(*a) if isinstance(a, tuple) else a for a in args]) for op, args in recorder.calls]
+    replay = [(op, [random_in_layout(*a) if isinstance(a, tuple) else a for a in args]) for op, args in calls]
 
     def run() -> None:  # each product's output freed before the next, as in the step
         for op, args in replay:
@@ -101,11 +92,7 @@ def matmuls_only_call(fn: Callable[[], Any], device: torch.device) -> Callable[[
     return run
 
 
-# --- Timing, and what is timed ----------------------------------------------------------------------------------------
-
-
 def timed_calls(fn: Callable[[], Any], device: torch.device, calls: int) -> float:
-    """Seconds per call of `calls` calls in a row, queued GPU work included."""
     synchronize(device)
     started = time.perf_counter()
     for _ in range(calls):
@@ -127,13 +114,11 @@ def best_of_rounds(calls: dict[str, Callable[[], Any]], device: torch.device, wi
     return best
 
 
-def autocast(device: torch.device, precision: torch.dtype | None):
-    """Autocast to `precision` (None: full fp32, autocast off)."""
+def autocast(device: torch.device, precision: torch.dtype | None):  # None: fp32, autocast off
     return torch.autocast(device.type, dtype=precision or torch.float32, enabled=precision is not None)
 
 
-def reset_peak_memory(device: torch.device) -> None:
-    """Start a peak-memory count from what is really still in use (a no-op off CUDA, where it is not tracked)."""
+def reset_peak_memory(device: torch.device) -> None:  # peak memory is tracked on CUDA only
     if device.type == "cuda":
         gc.collect()  # a finished variant's tensors go back to the caching allocator, then to the GPU
         torch.cuda.empty_cache()
@@ -162,8 +147,7 @@ def optimizer_step(model: torch.nn.Module, loss: Callable[[], torch.Tensor]) -> 
 
 
 def dit_train_step(model: TinyDiT, batch_size: int, device: torch.device, precision=None) -> Callable[[], None]:
-    """One flow-loss step of a TinyDiT (possibly compiled) on a fixed batch: data loading excluded, and the noise
-    drawn on `device`, so on a GPU the loop has no host work but launching kernels."""
+    """One flow-loss step on a fixed batch, the noise drawn on `device`: on a GPU no host work but kernel launches."""
     objective, generator = build_objective("flow"), torch.Generator(device=device).manual_seed(0)
     x0 = torch.rand(batch_size, model.in_channels, model.image_size, model.image_size, device=device) * 2 - 1
     y = torch.randint(0, model.null_class, (batch_size,), device=device)
@@ -175,7 +159,6 @@ def dit_train_step(model: TinyDiT, batch_size: int, device: torch.device, precis
 
 
 def sampling_call(model: TinyDiT, batch_size: int, steps: int, cfg_scale: float, device: torch.device, precision=None):
-    """Guided flow sampling of one batch (labels cycling through the classes) from fixed noise."""
     noise = torch.randn(batch_size, model.in_channels, model.image_size, model.image_size, device=device)
     y = torch.arange(batch_size, device=device) % model.num_classes
     sample = functools.partial(build_objective("flow").sample, model, noise, y, steps=steps, cfg_scale=cfg_scale)
@@ -183,7 +166,7 @@ def sampling_call(model: TinyDiT, batch_size: int, steps: int, cfg_scale: float,
 
 
 def judge(report: dict[str, Any], bar: dict[str, tuple[tuple[str, ...], float]]) -> dict[str, Any]:
-    """Each figure of `bar` (its place in `report`, its threshold) judged; a figure not measured is not met."""
+    """Each figure of `bar` (its place in `report`, threshold) judged; a figure not measured is not met."""
     judged = {}
     for name, (path, threshold) in bar.items():
         value = functools.reduce(lambda node, key: node.get(key) if isinstance(node, dict) else None, path, report)
@@ -202,9 +185,7 @@ SPEED_BAR = {  # figure: (its place in the report, threshold)
 
 
 @dataclass(frozen=True)
-class BenchSpec:
-    """Sizes of everything the CPU suite measures; the defaults are the fixed config of the speed bar."""
-
+class BenchSpec:  # the defaults are the fixed config of the speed bar
     image_size: int = 32
     width: int = 256
     depth: int = 6
@@ -220,20 +201,17 @@ class BenchSpec:
     pipeline_steps: int = 40
 
 
-FULL = BenchSpec()
-QUICK = BenchSpec(
-    image_size=16, width=32, depth=1, heads=2, batch_size=4, num_classes=2, window_s=0.0, matmul_size=128,
-    sample_steps=2, pipeline_steps=2,
-)  # fmt: skip
+QUICK = BenchSpec(image_size=16, width=32, depth=1, heads=2, batch_size=4, num_classes=2, window_s=0.0,
+                  matmul_size=128, sample_steps=2, pipeline_steps=2)  # fmt: skip
 
 
-def build_bench_dit(spec: BenchSpec, device: torch.device) -> TinyDiT:
+def build_bench_dit(spec: BenchSpec, device: torch.device, compiled: bool = False) -> TinyDiT:
     torch.manual_seed(0)
-    return TinyDiT(spec.image_size, spec.num_classes, spec.width, spec.depth, spec.heads, spec.patch).to(device)
+    model = TinyDiT(spec.image_size, spec.num_classes, spec.width, spec.depth, spec.heads, spec.patch).to(device)
+    return torch.compile(model) if compiled else model
 
 
 def measure_cpu_suite(spec: BenchSpec, device: torch.device, rounds: int, skip_compile: bool) -> dict[str, Any]:
-    """Every measurement of the CPU suite, side by side for `rounds` rounds, and the figures made of them."""
     from scripts.lib.onnx_export import export_with_dynamic_batch, make_ort_session  # not needed by the GPU suite
 
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -243,9 +221,8 @@ def measure_cpu_suite(spec: BenchSpec, device: torch.device, rounds: int, skip_c
         variants["compile"] = (None, True)
     training: dict[str, dict[str, Any]] = {}
     for name, (precision, compiled) in variants.items():
-        model = build_bench_dit(spec, device).train()
         reset_peak_memory(device)
-        step = dit_train_step(torch.compile(model) if compiled else model, spec.batch_size, device, precision)
+        step = dit_train_step(build_bench_dit(spec, device, compiled).train(), spec.batch_size, device, precision)
         first_step_seconds = timed_calls(step, device, 1)  # a compiled model compiles here
         training[name] = {"compile_seconds": first_step_seconds} if compiled else {}
         if device.type == "cuda":
@@ -291,11 +268,8 @@ def measure_cpu_suite(spec: BenchSpec, device: torch.device, rounds: int, skip_c
         entry.update(mfu_vs_fp32_matmul_peak=flops / seconds / peak["fp32"])
         entry["speedup_vs_fp32"] = best["train_fp32"] / seconds
     matmuls_only = best["train_fp32_matmuls_only"]
-    training["fp32"].update(
-        matmuls_only_ms=matmuls_only * 1e3,
-        matmul_share_of_step=matmuls_only / best["train_fp32"],
-        mfu_if_only_matmuls_took_time=flops / matmuls_only / peak["fp32"],
-    )
+    training["fp32"].update(matmuls_only_ms=matmuls_only * 1e3, matmul_share_of_step=matmuls_only / best["train_fp32"])
+    training["fp32"]["mfu_if_only_matmuls_took_time"] = flops / matmuls_only / peak["fp32"]
     training["bf16_autocast"]["mfu_vs_bf16_matmul_peak"] = flops / best["train_bf16_autocast"] / peak["bf16"]
     fastest_training = max(entry["img_per_s"] for entry in training.values())
     if skip_compile:
@@ -306,34 +280,19 @@ def measure_cpu_suite(spec: BenchSpec, device: torch.device, rounds: int, skip_c
         eager, ort = best[f"onnx_{name}_eager"], best[f"onnx_{name}_ort"]
         onnx[name] = {"eager_ms": eager * 1e3, "ort_ms": ort * 1e3, "ort_speedup_vs_eager": eager / ort}
         onnx[name].update(batch_size=batch_size, device="cpu")
+    by_op = {op: op_flops / 1e9 for op, op_flops in flops_by_op.items()}
     return {
         "matmul_peak_gflop_per_s": {"fp32": peak["fp32"] / 1e9, "bf16": peak["bf16"] / 1e9, "size": spec.matmul_size},
-        "dit_training": {
-            "gflop_per_step": flops / 1e9,
-            "gflop_per_step_by_op": {op: op_flops / 1e9 for op, op_flops in flops_by_op.items()},
-            "parameters": count_parameters(sampler),
-            **training,
-        },
-        "dit_sampling": {
-            "img_per_s": spec.batch_size / best["sampling"],
-            "steps": spec.sample_steps,
-            "cfg_scale": spec.cfg_scale,
-            "batch_size": spec.batch_size,
-            "precision": "fp32",
-        },
-        "data_pipeline": {
-            "img_per_s": pipeline,
-            "augmentation": "full",
-            "fastest_training_img_per_s": fastest_training,
-            "ratio_to_fastest_training": pipeline / fastest_training,
-        },
-        "classifier_training": {
-            "img_per_s": spec.batch_size / best["classifier_train"],
-            "backbone": spec.classifier_backbone,
-            "image_size": spec.image_size,
-        },
+        "dit_training": {"gflop_per_step": flops / 1e9, "gflop_per_step_by_op": by_op,
+                         "parameters": count_parameters(sampler), **training},
+        "dit_sampling": {"img_per_s": spec.batch_size / best["sampling"], "steps": spec.sample_steps,
+                         "cfg_scale": spec.cfg_scale, "batch_size": spec.batch_size, "precision": "fp32"},
+        "data_pipeline": {"img_per_s": pipeline, "augmentation": "full", "fastest_training_img_per_s": fastest_training,
+                          "ratio_to_fastest_training": pipeline / fastest_training},
+        "classifier_training": {"img_per_s": spec.batch_size / best["classifier_train"],
+                                "backbone": spec.classifier_backbone, "image_size": spec.image_size},
         "onnx_runtime": onnx,
-    }
+    }  # fmt: skip
 
 
 def speed_bar(report: dict[str, Any], device: torch.device, quick: bool) -> dict[str, Any]:
@@ -369,9 +328,7 @@ class GpuModelSpec:
 
 
 @dataclass(frozen=True)
-class GpuBenchSpec:
-    """Sizes of the GPU suite; the defaults are what the GPU goal refers to (windows of ~1-3 s on an H200)."""
-
+class GpuBenchSpec:  # the defaults are what the GPU goal refers to (windows of ~1-3 s on an H200)
     models: tuple[GpuModelSpec, ...] = (GpuModelSpec("S/4", 20), GpuModelSpec("S/2", 10))
     image_size: int = 64
     batch_size: int = 256
@@ -384,15 +341,12 @@ class GpuBenchSpec:
     toy_cats_per_class: int = 200
 
 
-GPU_FULL = GpuBenchSpec()
-GPU_QUICK = GpuBenchSpec(
-    models=(GpuModelSpec("T/8", 1),), image_size=16, batch_size=4, windows=2, matmul_size=128, matmul_calls=2,
-    sample_steps=2, sample_repeats=1, toy_cats_per_class=2,
-)  # fmt: skip
+GPU_QUICK = GpuBenchSpec(models=(GpuModelSpec("T/8", 1),), image_size=16, batch_size=4, windows=2, matmul_size=128,
+                         matmul_calls=2, sample_steps=2, sample_repeats=1, toy_cats_per_class=2)  # fmt: skip
 
 
 class MeasurementFailed(Exception):
-    """A measurement of the GPU suite did not produce its figure (the report says why; the others go on)."""
+    """A GPU-suite measurement did not produce its figure (the report says why; the others go on)."""
 
 
 def attempt(what: str, measure: Callable[[], dict[str, Any]], device: torch.device) -> dict[str, Any]:
@@ -402,8 +356,7 @@ def attempt(what: str, measure: Callable[[], dict[str, Any]], device: torch.devi
         reset_peak_memory(device)  # also hands what earlier variants cached back to the GPU (a trainer needs it)
         return measure()
     except Exception as error:  # noqa: BLE001 - recorded in the report; the other measurements go on
-        lines = str(error).strip().splitlines()
-        reason = f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+        reason = f"{type(error).__name__}: {str(error).strip()}".splitlines()[0].rstrip(": ")
         print(f"benchmark: {what} FAILED: {reason}", file=sys.stderr, flush=True)
         return {"failed": reason}
     finally:
@@ -411,7 +364,6 @@ def attempt(what: str, measure: Callable[[], dict[str, Any]], device: torch.devi
 
 
 def run_command(argv: list[str], log_path: Path) -> float:
-    """Run another command of the kit from this checkout, its output to `log_path`; its wall-clock seconds."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     started = time.perf_counter()
     with log_path.open("w") as log:
@@ -423,8 +375,7 @@ def run_command(argv: list[str], log_path: Path) -> float:
 
 
 def trainer_windows(metrics_path: Path) -> tuple[list[float], float | None]:
-    """img/s of the timed windows of a trainer run (its metrics.jsonl rows after the first, whose window is the
-    warm-up) and the peak memory its rows report (None where the trainer does not log it)."""
+    """img/s of a trainer run's windows (metrics.jsonl rows after the warm-up one) and its peak memory, if logged."""
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     if len(rows) < 2:
         raise MeasurementFailed(f"{metrics_path} has {len(rows)} row(s); the benchmark needs 2: warm-up and a window")
@@ -433,9 +384,7 @@ def trainer_windows(metrics_path: Path) -> tuple[list[float], float | None]:
 
 
 @dataclass
-class GpuRun:
-    """What all measurements of one GPU-suite run share, and the measurements of one model variant."""
-
+class GpuRun:  # what the measurements of one GPU-suite run share, and those measurements
     spec: GpuBenchSpec
     device: torch.device
     precision: torch.dtype | None  # bf16 autocast, or None for fp32
@@ -444,26 +393,21 @@ class GpuRun:
     num_classes: int
     peak_flops: float  # matmul peak in the training precision, measured in this run
 
-    def new_dit(self, model: GpuModelSpec) -> TinyDiT:
+    def new_dit(self, model: GpuModelSpec, compiled: bool = False) -> TinyDiT:
         torch.manual_seed(0)
-        return build_dit(model.name, self.spec.image_size, self.num_classes).to(self.device)
+        network = build_dit(model.name, self.spec.image_size, self.num_classes).to(self.device)
+        return torch.compile(network) if compiled else network
 
     def training_figures(self, img_per_s_windows: list[float], flops_per_step: int) -> dict[str, Any]:
-        """img/s (the median of the windows), step time, achieved TFLOP/s and MFU of one training variant."""
-        img_per_s = statistics.median(img_per_s_windows)
-        achieved = flops_per_step * img_per_s / self.spec.batch_size
-        return {
-            "img_per_s": img_per_s,
-            "step_ms": self.spec.batch_size / img_per_s * 1e3,
-            "tflop_per_s": achieved / 1e12,
-            "mfu": achieved / self.peak_flops,
-            "img_per_s_windows": img_per_s_windows,
-        }
+        img_per_s, batch_size = statistics.median(img_per_s_windows), self.spec.batch_size
+        achieved = flops_per_step * img_per_s / batch_size
+        return {"img_per_s": img_per_s, "step_ms": batch_size / img_per_s * 1e3, "tflop_per_s": achieved / 1e12,
+                "mfu": achieved / self.peak_flops, "img_per_s_windows": img_per_s_windows}  # fmt: skip
 
     def bare_loop(self, model: GpuModelSpec, flops_per_step: int, compiled: bool) -> dict[str, Any]:
         """Timed as the trainer logs: a warm-up window, then `windows` windows of `window_steps` steps."""
-        network, batch_size = self.new_dit(model).train(), self.spec.batch_size
-        step = dit_train_step(torch.compile(network) if compiled else network, batch_size, self.device, self.precision)
+        batch_size = self.spec.batch_size
+        step = dit_train_step(self.new_dit(model, compiled).train(), batch_size, self.device, self.precision)
         first_step_seconds = timed_calls(step, self.device, 1)  # the compile included, for a compiled model
         seconds = [timed_calls(step, self.device, model.window_steps) for _ in range(self.spec.windows + 1)][1:]
         figures = self.training_figures([batch_size / s for s in seconds], flops_per_step)
@@ -491,33 +435,24 @@ class GpuRun:
         return {**figures, "memory_peak_mb": memory, "run_seconds": seconds, "command": command}
 
     def sampling(self, model: GpuModelSpec, compiled: bool) -> dict[str, Any]:
-        """Guided sampling of one batch: a one-step call (the compile, for a compiled model), then timed calls."""
-        network, spec = self.new_dit(model).eval(), self.spec
-        runnable = torch.compile(network) if compiled else network
-        first = sampling_call(runnable, spec.batch_size, 1, spec.cfg_scale, self.device, self.precision)
-        full = sampling_call(runnable, spec.batch_size, spec.sample_steps, spec.cfg_scale, self.device, self.precision)
-        first_call_seconds = timed_calls(first, self.device, 1)
+        network, spec = self.new_dit(model, compiled).eval(), self.spec
+        first = sampling_call(network, spec.batch_size, 1, spec.cfg_scale, self.device, self.precision)
+        full = sampling_call(network, spec.batch_size, spec.sample_steps, spec.cfg_scale, self.device, self.precision)
+        first_call_seconds = timed_calls(first, self.device, 1)  # the compile included, for a compiled model
         img_per_s = [spec.batch_size / timed_calls(full, self.device, 1) for _ in range(spec.sample_repeats)]
-        return {
-            "img_per_s": statistics.median(img_per_s),
-            "img_per_s_repeats": img_per_s,
-            "first_call_seconds": first_call_seconds,
-            "memory_peak_mb": peak_memory_mb(self.device),
-        }
+        figures = {"img_per_s": statistics.median(img_per_s), "img_per_s_repeats": img_per_s}
+        return {**figures, "first_call_seconds": first_call_seconds, "memory_peak_mb": peak_memory_mb(self.device)}
 
 
 def trainer_over_bare_loop(entry: dict[str, Any]) -> dict[str, float | None]:
-    """The trainer's img/s over the bare loop's, eager and compiled; None where either failed or was skipped."""
     ratios = {}
     for variant in VARIANTS:
-        trainer, bare = entry["trainer"][variant], entry["bare_loop"][variant]
-        measured = "img_per_s" in trainer and "img_per_s" in bare  # neither failed nor skipped
-        ratios[variant] = trainer["img_per_s"] / bare["img_per_s"] if measured else None
+        trainer, bare = (entry[kind][variant].get("img_per_s") for kind in ("trainer", "bare_loop"))
+        ratios[variant] = trainer / bare if trainer and bare else None  # None: either failed or was skipped
     return ratios
 
 
 def measure_gpu_suite(spec: GpuBenchSpec, device: torch.device, skip_compile: bool, report: dict, publish) -> None:
-    """Fill `report` with the GPU suite's figures, publishing it after every measurement."""
     if device.type == "cuda":  # bf16 where the device computes it natively (Ampere+, AVX512-BF16/AMX), else fp32
         precision = torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else None
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as the trainer sets them
@@ -529,9 +464,8 @@ def measure_gpu_suite(spec: GpuBenchSpec, device: torch.device, skip_compile: bo
         print("benchmark: drawing the toy cats ...", file=sys.stderr, flush=True)
         draw = f"--per-class {spec.toy_cats_per_class} --size {spec.image_size} --seed 0".split()
         seconds = run_command([sys.executable, TOY_CATS, "--out", str(data_dir), *draw], work_dir / "make_toy_cats.log")
-        classes = len(scan_image_folder(data_dir).class_names)
-        report["data"] = {"classes": classes, "per_class": spec.toy_cats_per_class, "image_size": spec.image_size}
-        report["data"]["seconds"] = seconds
+        report["data"] = {"classes": len(scan_image_folder(data_dir).class_names), "per_class": spec.toy_cats_per_class}
+        report["data"].update(image_size=spec.image_size, seconds=seconds)
         dtype = precision or torch.float32
         matmul = matmul_call(spec.matmul_size, dtype, device)
         matmul()  # warm-up: kernel selection
@@ -541,7 +475,7 @@ def measure_gpu_suite(spec: GpuBenchSpec, device: torch.device, skip_compile: bo
         report["matmul_peak"]["tflop_per_s"] = peak_flops / 1e12
         report["models"] = {model.name: {} for model in spec.models}
         publish()
-        run = GpuRun(spec, device, precision, data_dir, work_dir, classes, peak_flops)
+        run = GpuRun(spec, device, precision, data_dir, work_dir, report["data"]["classes"], peak_flops)
 
         def measure_variants(model: GpuModelSpec, kind: str, measure: Callable[..., dict[str, Any]]) -> None:
             entry = report["models"][model.name][kind] = {}
@@ -556,13 +490,11 @@ def measure_gpu_suite(spec: GpuBenchSpec, device: torch.device, skip_compile: bo
         # Training (what the goal judges) of every model first, sampling after: a run cut short by a time limit
         # still brings back the goal's figures.
         for model in spec.models:
-            network = run.new_dit(model)
-            flops, flops_by_op = count_flops(dit_train_step(network, spec.batch_size, device, precision))
             entry = report["models"][model.name]
-            entry.update(parameters=count_parameters(network), gflop_per_step=flops / 1e9)
-            entry.update(gflop_per_image=flops / spec.batch_size / 1e9)
+            entry["parameters"] = count_parameters(run.new_dit(model))
+            flops, flops_by_op = count_flops(dit_train_step(run.new_dit(model), spec.batch_size, device, precision))
+            entry.update(gflop_per_step=flops / 1e9, gflop_per_image=flops / spec.batch_size / 1e9)
             entry["gflop_per_step_by_op"] = {op: op_flops / 1e9 for op, op_flops in flops_by_op.items()}
-            del network
             measure_variants(model, "bare_loop", functools.partial(run.bare_loop, flops_per_step=flops))
             measure_variants(model, "trainer", functools.partial(run.trainer, flops_per_step=flops))
             entry["trainer_over_bare_loop"] = trainer_over_bare_loop(entry)
@@ -589,8 +521,7 @@ def gpu_goal(report: dict[str, Any], quick: bool) -> dict[str, Any]:
 class BenchmarkConfig:  # no --cpu-threads: the benchmark measures the machine as it is
     suite: str = option(
         "auto",
-        "cpu: the fixed CPU config and its speed bar; gpu: S/4 and S/2 at 64 px, batch 256, bf16, the trainer beside "
-        "a bare loop and the GPU goal; auto: gpu on a CUDA GPU, else cpu",
+        "cpu: fixed config, CPU speed bar; gpu: S/4, S/2, trainer vs bare loop, GPU goal; auto: gpu on CUDA, else cpu",
         choices=("auto", "cpu", "gpu"),
     )
     quick: bool = option(False, "toy sizes: checks a suite's code in seconds, on any device; its figures mean nothing")
@@ -601,18 +532,13 @@ class BenchmarkConfig:  # no --cpu-threads: the benchmark measures the machine a
 
 
 def resolve_suite(requested: str, device: torch.device, quick: bool) -> str:
-    """'auto': the GPU suite on a CUDA GPU, the CPU suite elsewhere. The GPU suite's full sizes need CUDA."""
     suite = requested if requested != "auto" else "gpu" if device.type == "cuda" else "cpu"
     if suite == "gpu" and device.type != "cuda" and not quick:
-        raise UserError(
-            f"the GPU suite (S/2 at batch 256) needs a CUDA GPU and this run is on {device.type} — "
-            "add --quick to run its code at toy sizes here, or use --suite cpu"
-        )
+        raise UserError(f"the GPU suite needs CUDA, not {device.type} — add --quick for toy sizes, or use --suite cpu")
     return suite
 
 
 def write_report(report: dict[str, Any], out: str) -> None:
-    """Write the report whole to `out` (a reader never sees half of one); a write that fails is one line."""
     try:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         write_atomic(Path(out), json.dumps(report, indent=2, default=float) + "\n")
@@ -621,7 +547,6 @@ def write_report(report: dict[str, Any], out: str) -> None:
 
 
 def main(cfg: BenchmarkConfig) -> dict[str, Any]:
-    """Measure one suite, print the JSON report (and write it to --out); returns the report."""
     if cfg.rounds < 1:
         raise UserError(f"--rounds {cfg.rounds}: each figure is the best of its rounds — use --rounds 1 or more")
     device = torch.device(resolve_device_type(cfg.device))
@@ -635,12 +560,12 @@ def main(cfg: BenchmarkConfig) -> dict[str, Any]:
     report: dict[str, Any] = {"suite": suite, "machine": machine, "quick": cfg.quick}
     publish = functools.partial(write_report, report, cfg.out) if cfg.out else lambda: None
     if suite == "cpu":
-        spec = QUICK if cfg.quick else FULL
+        spec = QUICK if cfg.quick else BenchSpec()
         report.update(spec=asdict(spec), rounds=cfg.rounds)
         report.update(measure_cpu_suite(spec, device, cfg.rounds, cfg.skip_compile))
         report["speed_bar"] = speed_bar(report, device, cfg.quick)
     else:
-        gpu_spec = GPU_QUICK if cfg.quick else GPU_FULL
+        gpu_spec = GPU_QUICK if cfg.quick else GpuBenchSpec()
         report.update(spec=asdict(gpu_spec), complete=False)
         publish()  # before minutes of measuring: an --out that cannot be written is refused now
         measure_gpu_suite(gpu_spec, device, cfg.skip_compile, report, publish)

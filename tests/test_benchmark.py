@@ -16,11 +16,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from models.tiny_dit import TinyDiT, build_dit, count_parameters
 from scripts.benchmark import (
-    GPU_FULL,
     GPU_GOAL,
     GPU_QUICK,
     QUICK,
     BenchmarkConfig,
+    GpuBenchSpec,
     GpuRun,
     MeasurementFailed,
     attempt,
@@ -39,6 +39,7 @@ from scripts.lib.cli import UserError, parse_config
 from scripts.make_toy_cats import TOY_CAT_CLASSES
 from scripts.train_dit import TrainDiTConfig
 
+GPU_FULL = GpuBenchSpec()  # the defaults are the GPU goal's sizes
 FORWARD_OP = "aten._scaled_dot_product_flash_attention_for_cpu"
 BACKWARD_OP = "aten._scaled_dot_product_flash_attention_for_cpu_backward"
 
@@ -330,13 +331,19 @@ def test_trainer_windows_skip_the_warm_up_row(tmp_path):
         trainer_windows(metrics)
 
 
-def test_a_failing_measurement_is_recorded_and_the_others_go_on():
-    def out_of_memory():
-        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore details")
+@pytest.mark.parametrize(
+    "message, reason",
+    [
+        ("CUDA out of memory.\nmore details", "RuntimeError: CUDA out of memory."),
+        ("\n  first line after a blank one\n", "RuntimeError: first line after a blank one"),
+        ("", "RuntimeError"),
+    ],
+)
+def test_a_failing_measurement_is_recorded_in_one_line_and_the_others_go_on(message, reason):
+    def failing():
+        raise RuntimeError(message)
 
-    assert attempt("S/2 trainer compiled", out_of_memory, torch.device("cpu")) == {
-        "failed": "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"
-    }
+    assert attempt("S/2 trainer compiled", failing, torch.device("cpu")) == {"failed": reason}
     assert attempt("S/2 bare loop eager", lambda: {"img_per_s": 1.0}, torch.device("cpu")) == {"img_per_s": 1.0}
 
 
