@@ -239,9 +239,7 @@ def weights_metadata(cfg: TrainConfig, class_names: list[str], metrics: dict[str
                                class_names=class_names, metrics=metrics, epoch=epoch)  # fmt: skip
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Validation: every process classifies its share of the held-out split; all end with the same results
-# ---------------------------------------------------------------------------------------------------------
+# --- Validation: every process classifies its share of the held-out split; all end with the same results ---------
 def model_input(images_unit: torch.Tensor) -> torch.Tensor:
     """What the network sees: ImageNet-normalised images, channels-last (faster convolutions)."""
     return classifier_normalize(images_unit).contiguous(memory_format=torch.channels_last)

@@ -149,9 +149,7 @@ class EMA:
         self.model.load_state_dict(state["model"])
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Everything random about one optimizer step, drawn for the whole (effective, global) batch, then sliced
-# ---------------------------------------------------------------------------------------------------------
+# --- Everything random about one optimizer step, drawn for the whole (effective, global) batch, then sliced ------
 @dataclass
 class StepDraw:
     indices: np.ndarray
@@ -209,9 +207,7 @@ def optimizer_step(cfg, model, state: TrainingState, objective, source, step: in
     return loss, grad_norm
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The run
-# ---------------------------------------------------------------------------------------------------------
+# --- The run -----------------------------------------------------------------------------------------------------
 def architecture(cfg: TrainDiTConfig, class_names: list[str]) -> dict[str, Any]:
     """What must match for a state to load into this run's model."""
     options = training_objective(cfg).options()

@@ -104,3 +104,18 @@ def save_classifier(path: Path, model: nn.Module | None = None, *, epoch: int = 
         epoch=epoch,
     )
     return save_model(path, model if model is not None else trained_classifier(), metadata)
+
+
+def one_error_line(main, config_cls, argv: list[str], capsys) -> str:
+    """Run a command's real command line; it must exit 2 with exactly one `error:` line. Returns that line."""
+    import pytest
+
+    from scripts.lib.cli import EXIT_USER_ERROR, run_main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        run_main(main, config_cls, "test", argv)
+    assert exited.value.code == EXIT_USER_ERROR
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import torch
-from builders import dit_test_metadata, trained_dit
+from builders import dit_test_metadata, one_error_line, trained_dit
 from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
@@ -28,7 +28,7 @@ from torch import nn
 from scripts import export_dit_onnx, export_onnx, predict, sample, verify_checkpoint
 from scripts.lib import checkpoints
 from scripts.lib.checkpoints import load_weights, save_weights
-from scripts.lib.cli import EXIT_USER_ERROR, UserError, run_main
+from scripts.lib.cli import UserError
 from scripts.lib.checkpoints import (
     MAX_CLASSES,
     MAX_IMAGE_SIZE,
@@ -174,17 +174,6 @@ def nothing_is_built(monkeypatch):
     return refuse
 
 
-def run_command(main, config_cls, argv: list[str], capsys) -> str:
-    """Run a command's real command line; it must exit 2 with exactly one `error:` line. Returns that line."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exited:
-        run_main(main, config_cls, "test", argv)
-    assert exited.value.code == EXIT_USER_ERROR
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), lines
-    return lines[0]
-
-
 def dit_commands(path: Path, tmp_path: Path):
     return {
         "verify": (
@@ -240,7 +229,7 @@ def _refused_everywhere(commands, field: str, capsys, monkeypatch) -> None:
     for name, (main, config_cls, argv) in commands.items():
         if name != "verify":  # verify reads the tensors as its first ("load") check; the others must not
             monkeypatch.setattr(checkpoints, "load_file", _refuse_reading)
-        line = run_command(main, config_cls, argv, capsys)
+        line = one_error_line(main, config_cls, argv, capsys)
         assert expected_words(field) in line, (name, line)
         assert not list(Path(argv[argv.index("--checkpoint") + 1]).parent.glob("*.onnx")), name
 
@@ -325,7 +314,7 @@ def test_verify_of_a_huge_claim_stays_small_in_a_real_process(tmp_path):
 def test_sample_refuses_a_contradictory_file_before_resolving_classes(tmp_path, capsys):
     path = craft(tmp_path / "liar.safetensors", dit_base(num_classes=2, class_names=["a", "b", "c", "ghost"]))
     argv = ["--checkpoint", str(path), "--class", "ghost", "--device", "cpu", "--out", str(tmp_path / "g.png")]
-    line = run_command(sample.main, sample.SampleConfig, argv, capsys)
+    line = one_error_line(sample.main, sample.SampleConfig, argv, capsys)
     assert "metadata class_names" in line and "num_classes says 2" in line
     assert not (tmp_path / "g.png").exists()
 
@@ -531,4 +520,4 @@ def test_a_pt_file_with_a_bad_sidecar_is_refused_before_its_pickle_is_opened(
     commands = classifier_commands(path, tmp_path)
     for name in ("predict", "export_onnx"):
         main, config_cls, argv = commands[name]
-        assert expected_words("normalization.std") in run_command(main, config_cls, argv, capsys)
+        assert expected_words("normalization.std") in one_error_line(main, config_cls, argv, capsys)

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from builders import make_toy_data, save_classifier, save_dit, tiny_config
+from builders import make_toy_data, one_error_line, save_classifier, save_dit, tiny_config
 from safetensors.torch import load_file, save_file
 
 from scripts import predict, sample, train, train_dit
 from scripts.lib import checkpoints
 from scripts.lib.checkpoints import list_complete_states
-from scripts.lib.cli import EXIT_USER_ERROR, UserError, run_main
+from scripts.lib.cli import UserError
 from scripts.lib.data import scan_image_folder
 
 TINY = "--model T/4 --image-size 16 --steps 2 --batch-size 4 --device cpu --mixed-precision no --sample-steps 2"
@@ -28,16 +28,6 @@ CLASSIFIER = "--no-pretrained --image-size 16 --batch-size 4 --epochs 1 --device
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory) -> Path:
     return make_toy_data(tmp_path_factory.mktemp("toy") / "cats")
-
-
-def one_error_line(main, config_cls, argv: list[str], capsys) -> str:
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exited:
-        run_main(main, config_cls, "test", argv)
-    assert exited.value.code == EXIT_USER_ERROR
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), lines
-    return lines[0]
 
 
 DIT_REFUSALS = [  # (id, extra flags, the words of the one line)

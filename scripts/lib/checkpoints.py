@@ -73,9 +73,7 @@ def classifier_metadata(
     }  # fmt: skip
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Metadata: a table of fields, each with its check (None = fine, else why not)
-# ---------------------------------------------------------------------------------------------------------
+# --- Metadata: a table of fields, each with its check (None = fine, else why not) --------------------------------
 def _integer(low: int, high: float = math.inf) -> Callable[[Any], str | None]:
     bound = f"from {low} to {high}" if high < math.inf else f"of at least {low}"
     return lambda v: None if type(v) is int and low <= v <= high else f"is not an integer {bound}"
@@ -232,9 +230,7 @@ def build_classifier_from_metadata(metadata: dict[str, Any]) -> nn.Module:
     return build_classifier(metadata["backbone"], metadata["num_classes"], pretrained=False)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Weights files
-# ---------------------------------------------------------------------------------------------------------
+# --- Weights files -----------------------------------------------------------------------------------------------
 def broken_names(tensors: dict[str, torch.Tensor]) -> list[str]:
     """The float tensors holding NaN/inf or values so large that their fp32 norm overflows (the training guard's rule
     too), found with one read of the device."""
@@ -318,17 +314,13 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     """The metadata of a weights file (header or sidecar), read without touching a tensor."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(
-            f"checkpoint not found: {path} — train first (make train / make train-dit) or pass --checkpoint"
-        )
+        raise UserError(f"checkpoint not found: {path} — train first (make train / make train-dit) or pass its path")
     if path.suffix == ".pt":
         sidecar = metadata_sidecar(path)
         try:
             metadata = _parse_json(sidecar.read_bytes(), sidecar)
         except OSError as error:
-            raise UserError(
-                f"{path}: its metadata file {sidecar.name} is missing or unreadable ({error.strerror})"
-            ) from None
+            raise UserError(f"{path}: its metadata file {sidecar.name} is missing ({error.strerror})") from None
         if not isinstance(metadata, dict) or metadata.get("format") != FORMAT_NAME:
             _foreign(sidecar)
         return metadata
@@ -354,15 +346,11 @@ def _unreadable(path: Path, error: Exception) -> UserError:
 
 def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of a weights file; a `.pt` that holds anything but tensors is refused, never unpickled."""
-    path = Path(path)
+    path, pt = Path(path), Path(path).suffix == ".pt"
     try:
-        tensors = (
-            torch.load(path, map_location="cpu", weights_only=True) if path.suffix == ".pt" else load_file(str(path))
-        )
+        tensors = torch.load(path, map_location="cpu", weights_only=True) if pt else load_file(str(path))
     except pickle.UnpicklingError:
-        raise UserError(
-            f"{path}: refused — it holds Python objects besides tensors; loading it could run code"
-        ) from None
+        raise UserError(f"{path}: refused — it holds Python objects besides tensors, which could run code") from None
     except (SafetensorError, RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
         raise _unreadable(path, error) from None
     if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
@@ -378,20 +366,22 @@ def load_weights(path: str | Path, kind: str | None = None) -> tuple[dict[str, t
     return read_tensors(path), metadata
 
 
+def _load_model(path: str | Path, kind: str, build: Callable[[dict[str, Any]], nn.Module], device):
+    state, metadata = load_weights(path, kind)
+    model = build(metadata)
+    load_strict(model, state, path)
+    return model.to(device).eval(), metadata
+
+
 def load_dit(path: str | Path, device: str | torch.device = "cpu"):
     """(model in eval mode, objective, metadata) from a DiT weights file, loaded strictly."""
-    state, metadata = load_weights(path, DIT_KIND)
-    model = build_dit_from_metadata(metadata)
-    load_strict(model, state, path)
-    return model.to(device).eval(), build_objective_from_metadata(metadata), metadata
+    model, metadata = _load_model(path, DIT_KIND, build_dit_from_metadata, device)
+    return model, build_objective_from_metadata(metadata), metadata
 
 
 def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """(model in eval mode, metadata) from a classifier weights file, loaded strictly."""
-    state, metadata = load_weights(path, CLASSIFIER_KIND)
-    model = build_classifier_from_metadata(metadata)
-    load_strict(model, state, path)
-    return model.to(device).eval(), metadata
+    return _load_model(path, CLASSIFIER_KIND, build_classifier_from_metadata, device)
 
 
 def classifier_normalize(images_unit: torch.Tensor, metadata: dict[str, Any] | None = None) -> torch.Tensor:
@@ -409,9 +399,7 @@ def dit_to_unit(x: torch.Tensor) -> torch.Tensor:
     return ((x + 1) / 2).clamp(0, 1)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Training states: what a checkpoint holds, nested state dicts <-> (tensors, JSON), and the state folders
-# ---------------------------------------------------------------------------------------------------------
+# --- Training states: what a checkpoint holds, nested state dicts <-> (tensors, JSON), and the state folders -----
 @dataclass
 class TrainingState:
     """What a checkpoint holds and restores: weights and optimizer moments, and where a trainer has them its EMA

@@ -300,9 +300,11 @@ def write_failure(what: str, path: Path, error: Exception) -> UserError:
         code = int(found.group(1)) if found else None
     writable, free = f"make {printable(path.parent)} writable", f"free disk space there ({free_space(path)} free now)"
     advice = {errno.EACCES: writable, errno.EPERM: writable, errno.EROFS: writable, errno.ENOSPC: free}
+    advice[errno.EDQUOT] = free
+    folder = f"make sure {printable(path.parent)} is a folder you can write in"
     return UserError(
         f"could not write {what} to {printable(path)} ({printable(reason[:300])}) — "
-        f"{advice.get(code, f'{free} or {writable}')}, or write to another folder; nothing saved before was changed"
+        f"{advice.get(code, folder)}, or write to another folder; nothing saved before was changed"
     )
 
 

@@ -1,19 +1,17 @@
 """A training run, the same for both trainers: open, resume, save, log, stop, finish.
 
     with open_run(cfg, RunSpec("dit", validate_config)) as run:
-        state = TrainingState(model, optimizer, ema)
-        saved = run.restore(state, architecture, schedule)   # None: a fresh start
-        run.begin(start_step, total_steps, "from step 400")
+        step, saved = run.restore(TrainingState(model, optimizer, ema), architecture, schedule)  # 0, None: fresh
+        run.begin(step, total_steps, "from step 400")
         ...  run.record(step, eta_s, **metrics); run.save(step, state.state_dict(...))
         run.write_weights(final_path, model, metadata)
 
 A run lives in <output-dir>/<run-name>/: config.json, training.log, metrics.jsonl, status.json, .lock, state/.
-Opening it: one Accelerator; every check that needs no writing (the trainer's flags, the data folder, an explicit
---resume folder, that the outputs are writable and fit in memory), so a failed start changes nothing and only appends
-its line to an existing training.log; the run lock (one writer); the log; the checkpoint to resume from, chosen by
-the main process for all; the image cache. Inside the `with` block every error a user can cause ends as one line,
-also in training.log (CUDA out-of-memory and a full disk become advice), status.json says "failed", and the lock is
-released. Only the main process writes files; the others wait where it saves.
+Opening it: one Accelerator; every check that needs no writing (flags, data, an explicit --resume folder, writable
+outputs that fit in memory), so a failed start changes nothing but a line in an existing training.log; the run lock;
+the log; the checkpoint to resume, chosen by the main process for all; the image cache. Inside the `with` block a
+user's error ends as one line, also in training.log, status.json says "failed", and the lock is released. Only the
+main process writes files; the others wait where it saves.
 """
 
 from __future__ import annotations
@@ -119,9 +117,7 @@ def learning_rate(step: int, peak: float, warmup: int, schedule: str = "constant
     return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total_steps - warmup))))
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Device and precision
-# ---------------------------------------------------------------------------------------------------------
+# --- Device and precision ----------------------------------------------------------------------------------------
 def cpu_has_native_bf16() -> bool:
     """AVX512-BF16 or AMX: bf16 autocast trained the DiT 1.7x faster than fp32 there, ~30x slower where emulated."""
     capabilities = torch.cpu.get_capabilities()
@@ -380,13 +376,11 @@ def _process_exists(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # it exists, it is just someone else's
-        return True
+        pass
     return True
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Logs and status
-# ---------------------------------------------------------------------------------------------------------
+# --- Logs and status ---------------------------------------------------------------------------------------------
 _FORMAT, _DATE_FORMAT = "%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"
 
 
@@ -490,9 +484,7 @@ def format_duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Stopping early and the non-finite guard
-# ---------------------------------------------------------------------------------------------------------
+# --- Stopping early and the non-finite guard ---------------------------------------------------------------------
 TIME_LIMIT = "time limit"
 TIME_LIMIT_MARGIN_S = 30.0  # headroom below --time-limit besides the save: log lines, the final grid, exit
 REPEATED_SIGINT_S = 2.0  # a second SIGINT this soon is the launcher relaying the same keypress, not a second Ctrl-C
@@ -593,9 +585,7 @@ class NonFiniteGuard:
                             "the last complete checkpoint is kept")  # fmt: skip
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The run
-# ---------------------------------------------------------------------------------------------------------
+# --- The run -----------------------------------------------------------------------------------------------------
 @dataclass
 class RunSpec:
     """How one trainer's run differs from the other's."""
@@ -791,21 +781,18 @@ def _resume_point(cfg: Any, run_dir: Path, accelerator: Accelerator):
     return Path(chosen), step, state
 
 
-# Writing fails for these reasons without anything being wrong with the run itself: say so in one line.
-WRITE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
-                errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
-                errno.EPERM: "permission denied"}  # fmt: skip
-
-
 def as_user_error(error: BaseException) -> UserError | None:
-    """The one-line advice for a failure a user can fix (CUDA out-of-memory, a full or read-only disk)."""
+    """The one-line advice for a failure a user can fix: CUDA out-of-memory, a full or read-only disk."""
     if isinstance(error, UserError):
         return error
-    if isinstance(error, OSError) and error.errno in WRITE_ERRNOS:
-        return UserError(
-            f"cannot write {error.filename or ''}: {WRITE_ERRNOS[error.errno]} — free space or fix the permissions, "
-            "then run the same command to continue from the last complete checkpoint"
-        )
+    if isinstance(error, OSError) and error.errno in (
+        errno.ENOSPC,
+        errno.EDQUOT,
+        errno.EROFS,
+        errno.EACCES,
+        errno.EPERM,
+    ):
+        return write_failure("the run's files", Path(error.filename or "."), error)
     advice = describe_gpu_failure(error)
     return UserError(advice) if advice else None
 
