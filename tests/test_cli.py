@@ -104,13 +104,16 @@ def test_unreadable_durations_say_how_to_write_them(text):
         parse_duration(text)
 
 
-def test_a_preset_file_supplies_defaults_that_the_command_line_still_overrides(tmp_path):
+def test_a_preset_file_supplies_defaults_that_the_command_line_still_overrides(tmp_path, capsys):
     preset = tmp_path / "small.json"
     preset.write_text(json.dumps({"batch_size": 8, "mode": "slow", "classes": ["a"], "scale": 0.5}))
     cfg = parse_config(_Config, ["data", "--preset", str(preset), "--mode", "fast"], "")
     assert (cfg.batch_size, cfg.mode, cfg.classes, cfg.scale) == (8, "fast", ["a"], 0.5)
     assert parse_config(_Config, ["data"], "").batch_size == 32  # no preset, no change
     assert "--preset FILE.json" in build_parser(_Config, "").format_help()
+    with pytest.raises(SystemExit):  # --help shows the preset's values as the defaults
+        parse_config(_Config, ["--preset", str(preset), "--help"], "")
+    assert "images per batch (default: 8)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

@@ -1,13 +1,11 @@
 """What every command shares: flags from a dataclass config, one-line errors and exit statuses, safe writes.
 
-Every script defines one dataclass config; `build_parser` generates its argparse parser (kebab-case flags, defaults
-in --help), so a flag can never be parsed and then ignored, and `config_to_argv` is the way back for launchers.
-`run_main` is every script's `__main__`: a `UserError` ends it with one line on stderr and exit status 2.
-
-Exit statuses (launchers such as modal_app.py act on them): 0 done; 2 a user error (a retry would fail the same
-way); 75 stopped at --time-limit after saving (run the same command to continue); 128 + N stopped by signal N after
-saving (130 Ctrl-C, 143 SIGTERM). Under a multi-process launcher, which itself returns 1 whenever a worker fails,
-each process also writes its own status to $TINY_CATS_EXIT_DIR/rank<RANK> when that variable is set.
+`build_parser` makes a script's flags from its dataclass config (kebab-case, defaults in --help), so no flag is parsed
+and then ignored; `config_to_argv` is the way back for launchers. `run_main` is every script's `__main__`.
+Exit statuses (launchers such as modal_app.py act on them): 0 done; 2 a `UserError`, one line on stderr (a retry would
+fail the same way); 75 stopped at --time-limit after saving (run the same command to continue); 128 + N stopped by
+signal N after saving (130 Ctrl-C, 143 SIGTERM). Under a multi-process launcher, which itself returns 1 whenever a
+worker fails, each process also writes its own status to $TINY_CATS_EXIT_DIR/rank<RANK> when that variable is set.
 """
 
 from __future__ import annotations
@@ -38,7 +36,6 @@ EXIT_USER_ERROR, EXIT_TIME_LIMIT, EXIT_SIGNAL_BASE = 2, 75, 128  # 75 = EX_TEMPF
 EXIT_DIR_ENV = "TINY_CATS_EXIT_DIR"
 LOGGER_NAME = "tiny_cats"  # the one logger of the kit: training.log, data warnings, Modal attempts
 DEVICES = ("auto", "cpu", "cuda", "mps")
-PRESET_FLAG = "--preset"
 MAX_PRESET_BYTES = 1 << 20  # a preset is a config.json: a few kB; /dev/zero must not be read to the end
 MAX_NAME_CHARS = 255  # a file name, on every common file system
 
@@ -75,9 +72,7 @@ def name_problem(name: object) -> str | None:
     return None
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Configs <-> command lines
-# ---------------------------------------------------------------------------------------------------------
+# --- Configs <-> command lines -----------------------------------------------------------------------------------
 def option(default: Any, help: str, *, choices: Sequence[Any] | None = None, positional: bool = False, flag=None):
     """A dataclass field carrying its command-line help, choices, positional-ness and (rarely) its own flag name."""
     metadata = {"help": help, "choices": choices, "positional": positional, "flag": flag}
@@ -124,27 +119,20 @@ def build_parser(config_cls: type, description: str) -> argparse.ArgumentParser:
             if meta.get("choices") is not None:
                 kwargs["choices"] = list(meta["choices"])
         parser.add_argument(*names, **kwargs)
-    parser.add_argument(
-        PRESET_FLAG,
-        metavar="FILE.json",
-        help="option values kept in a JSON file, keyed as in a run's config.json (the command line still wins)",
-    )
+    preset_help = "option values kept in a JSON file, keyed as in a run's config.json (the command line still wins)"
+    parser.add_argument("--preset", metavar="FILE.json", help=preset_help)
     return parser
 
 
 def parse_config(config_cls: type[ConfigT], argv: Sequence[str] | None, description: str) -> ConfigT:
     """argv (None = sys.argv[1:]) as a config, over a --preset file's values; a non-finite float is refused."""
     parser = build_parser(config_cls, description)
-    first_pass = argparse.ArgumentParser(add_help=False)
-    first_pass.add_argument(PRESET_FLAG)
-    preset = first_pass.parse_known_args(argv)[0].preset
-    if preset:
+    first_pass = argparse.ArgumentParser(add_help=False)  # the preset's values are defaults, in --help too
+    first_pass.add_argument("--preset")
+    if preset := first_pass.parse_known_args(argv)[0].preset:
         parser.set_defaults(**read_preset(Path(preset), config_cls))
-    values = vars(parser.parse_args(argv))
-    values.pop("preset")
-    cfg = config_cls(**values)
-    problems = non_finite_flags(cfg)
-    if problems:
+    cfg = config_cls(**{name: value for name, value in vars(parser.parse_args(argv)).items() if name != "preset"})
+    if problems := non_finite_flags(cfg):
         raise UserError("; ".join(problems))
     return cfg
 
@@ -174,8 +162,7 @@ def read_preset(path: Path, config_cls: type) -> dict[str, Any]:
     for key, value in values.items():
         if key not in fields:
             raise UserError(f"--preset {path}: {printable(key)!r} is not an option of this command (see --help)")
-        problem = _value_problem(value, hints[key], fields[key].metadata.get("choices"))
-        if problem:
+        if problem := _value_problem(value, hints[key], fields[key].metadata.get("choices")):
             raise UserError(f"--preset {path}: {key} {problem}")
     return values
 
@@ -263,18 +250,15 @@ def run_main(main: Callable[[Any], Any], config_cls: type, description: str, arg
     sys.exit(status)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Writing outputs: whole or not at all, with the permissions the umask gives, one line when it fails
-# ---------------------------------------------------------------------------------------------------------
+# --- Writing outputs: whole or not at all, with the permissions the umask gives, one line when it fails ----------
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 FILE_MODE = 0o666 & ~_UMASK  # what a plain open() gives: some writers, safetensors among them, create files 0600
 
 
 def write_atomic(path: Path, content: str | bytes | Callable[[Path], None]) -> Path:
-    """Replace `path` with `content` (text, bytes, or a writer called with a temporary path) so that a reader sees
-    the old file or the new one, never half of one; a failed write removes its temporary file and re-raises. The
-    temporary name is unique: several processes may write one file at once. Files get FILE_MODE."""
+    """Replace `path` with `content` (text, bytes, or a writer called with a temporary path): a reader sees the old
+    file or the new one, never half of one. The temporary name is unique: several processes may write one file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
     try:
@@ -294,31 +278,24 @@ def write_atomic(path: Path, content: str | bytes | Callable[[Path], None]) -> P
 def write_failure(what: str, path: Path, error: Exception) -> UserError:
     """One line for a write that failed: what, where, the system's reason, and what to do about it."""
     reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
-    code = getattr(error, "errno", None)
-    if code is None:  # safetensors reports the OS error inside its message: "... (os error 28)"
-        found = re.search(r"os error (\d+)", reason)
-        code = int(found.group(1)) if found else None
-    writable, free = f"make {printable(path.parent)} writable", f"free disk space there ({free_space(path)} free now)"
-    advice = {errno.EACCES: writable, errno.EPERM: writable, errno.EROFS: writable, errno.ENOSPC: free}
-    advice[errno.EDQUOT] = free
-    folder = f"make sure {printable(path.parent)} is a folder you can write in"
+    found = re.search(r"os error (\d+)", reason)  # safetensors reports the OS error inside its message
+    code = getattr(error, "errno", None) or (int(found.group(1)) if found else None)
+    try:
+        existing = next(folder for folder in (path, *path.parents) if folder.exists())
+        space = f"free disk space there ({shutil.disk_usage(existing).free / 2**20:,.0f} MiB free now)"
+    except (OSError, StopIteration):
+        space = "free disk space there"
+    access = f"make {printable(path.parent)} writable"
+    advice = {errno.EACCES: access, errno.EPERM: access, errno.EROFS: access, errno.ENOSPC: space, errno.EDQUOT: space}
+    otherwise = f"make sure {printable(path.parent)} is a folder you can write in"
     return UserError(
         f"could not write {what} to {printable(path)} ({printable(reason[:300])}) — "
-        f"{advice.get(code, folder)}, or write to another folder; nothing saved before was changed"
+        f"{advice.get(code, otherwise)}, or write to another folder; nothing saved before was changed"
     )
 
 
-def free_space(path: Path) -> str:
-    existing = next((folder for folder in (path, *path.parents) if folder.exists()), None)
-    try:
-        return f"{shutil.disk_usage(existing).free / 2**20:,.0f} MiB"
-    except (OSError, TypeError):
-        return "unknown"
-
-
-# glibc malloc hands large freed blocks (a DiT's activations are 2-16 MiB) back to the kernel, so every step's
-# tensors re-fault fresh pages: ~49,000 faults and a quarter of a T/4 forward at batch 64 (255 -> 188 ms). Raising
-# its mmap and trim thresholds keeps them in the heap for the next step (what jemalloc/tcmalloc do by themselves).
+# glibc malloc hands large freed blocks (a DiT's activations are 2-16 MiB) back to the kernel, so every step re-faults
+# fresh pages (a quarter of a T/4 forward at batch 64): higher mmap and trim thresholds keep them in the heap.
 MMAP_THRESHOLD_BYTES, TRIM_THRESHOLD_BYTES = 32 * 2**20, 2**31 - 1
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
 
@@ -326,12 +303,11 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
 @functools.cache
 def reuse_freed_memory() -> bool:
     """Tune glibc malloc as above; True when it took effect, False where malloc is not glibc's (macOS, musl)."""
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name) if name else None
-    except OSError:
-        libc = None
-    if libc is None or not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"):
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))  # None: the symbols of this process
+    except (OSError, TypeError):
+        return False
+    if not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"):
         return False
     libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     return bool(

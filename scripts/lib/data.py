@@ -18,7 +18,6 @@ import logging
 import os
 import struct
 import unicodedata
-import uuid
 import warnings
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -31,7 +30,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from scripts.lib.cli import LOGGER_NAME, UserError, name_problem, printable
+from scripts.lib.cli import LOGGER_NAME, UserError, name_problem, printable, write_atomic
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 CACHE_DIR_NAME, CACHE_FORMAT_VERSION = ".tiny-cats-cache", 2
@@ -44,9 +43,7 @@ LAYOUT_HINT = (
 )
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The image folder
-# ---------------------------------------------------------------------------------------------------------
+# --- The image folder --------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class ImageFolderListing:
     """The classes (sorted folder names) and image files (path, class index) found under `root`."""
@@ -62,8 +59,7 @@ def is_hidden_name(name: str) -> bool:
 
 
 def class_name_problem(name: object) -> str | None:
-    """Class names are folder names that reach checkpoint metadata, log lines and the file names sample.py writes:
-    the trainers and the loaders apply the same rule to them."""
+    """Class names are folder names that reach checkpoint metadata, log lines and the file names sample.py writes."""
     return name_problem(name)
 
 
@@ -95,11 +91,8 @@ def scan_image_folder(root: str | Path) -> ImageFolderListing:
         raise UserError(f"class folders of {printable(root)}: {problem} — rename the folder")
     files: list[tuple[Path, int]] = []
     for label, class_dir in enumerate(class_dirs):
-        images = sorted(
-            p
-            for p in class_dir.iterdir()
-            if p.is_file() and not is_hidden_name(p.name) and p.suffix.lower() in IMAGE_EXTENSIONS
-        )
+        found = [p for p in class_dir.iterdir() if p.is_file() and not is_hidden_name(p.name)]
+        images = sorted(p for p in found if p.suffix.lower() in IMAGE_EXTENSIONS)
         if not images:
             raise UserError(f"class folder {printable(class_dir)} has no image files "
                             f"({', '.join(sorted(IMAGE_EXTENSIONS))}) — add images or remove the folder")  # fmt: skip
@@ -117,9 +110,7 @@ def refuse_foreign_classes(out: Path, allowed: Iterable[str]) -> None:
                         "would mix into this data set — remove them or choose another output folder")  # fmt: skip
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Decoding one file: bounded in memory, upright, RGB, resized and centre-cropped
-# ---------------------------------------------------------------------------------------------------------
+# --- Decoding one file: bounded in memory, upright, RGB, resized and centre-cropped ------------------------------
 class UnreadableImage(UserError):
     """An image file that cannot be decoded (empty, truncated, not an image, too large, odd colour mode)."""
 
@@ -192,8 +183,7 @@ def load_rgb(path: str | Path, size: int) -> np.ndarray:
             sixteen_bit = image.mode.startswith("I;16") or (image.mode == "I" and image.getextrema()[1] > 255)
             orientation = image.getexif().get(0x0112)
             side = min(width, height)
-            left, top = (width - side) / 2, (height - side) / 2
-            box = (left, top, left + side, top + side)
+            box = ((width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2)
             small = _resizable(image).resize((size, size), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
             # The centre square of the stored image is that of the upright one: turn the small crop, not the image.
             small = _to_rgb(small, sixteen_bit)
@@ -204,9 +194,7 @@ def load_rgb(path: str | Path, size: int) -> np.ndarray:
         raise UnreadableImage(path, f"{type(error).__name__}: {error}") from error
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The uint8 cache: one decode per machine and image size
-# ---------------------------------------------------------------------------------------------------------
+# --- The uint8 cache: one decode per machine and image size ------------------------------------------------------
 @dataclasses.dataclass
 class ImageCache:
     """Decoded images (N, 3, H, W) uint8 (a read-only memmap when loaded from disk) and their labels."""
@@ -271,19 +259,14 @@ def _decoded(paths: Sequence[Path], size: int, workers: int) -> Iterator[np.ndar
             yield from pool.map(decode, paths[start : start + 64 * workers])
 
 
-def _temp(final: Path) -> Path:
-    """A unique sibling: ranks or runs building at the same time never write the same file."""
-    return final.with_name(f".{final.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-
-
 def _read_cache(images_path: Path, meta_path: Path, key: str, image_size: int) -> ImageCache | None:
     """The cache stored under `key`, or None when it is missing or does not match its metadata (then rebuilt)."""
     try:
         meta = json.loads(meta_path.read_text())
-        images = np.load(images_path, mmap_mode="r", allow_pickle=False)
         labels = np.asarray(meta["labels"], dtype=np.int64)
+        images = np.load(images_path, mmap_mode="r", allow_pickle=False)[: len(labels)]  # then the skipped files' rows
         cache = ImageCache(images, labels, list(meta["class_names"]), image_size, list(meta["skipped"]), images_path)
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
         return None
     expected = (len(labels), 3, image_size, image_size)
     return cache if meta.get("key") == key and images.dtype == np.uint8 and images.shape == expected else None
@@ -298,8 +281,6 @@ def load_or_build_cache(
     In `cache_dir`, or `<data_dir>/.tiny-cats-cache/`, or `~/.cache/tiny-cats/<hash>` when the data folder is
     read-only. Safe under DDP: build on one process first, then the others find it.
     """
-    if image_size < 1:
-        raise UserError(f"image size must be positive, got {image_size}")
     listing = scan_image_folder(data_dir)
     # The key changes whenever a file is added, removed, renamed or rewritten, or the size changes; the stem names
     # the data folder, so folders sharing a --cache-dir keep their caches apart.
@@ -330,10 +311,10 @@ def load_or_build_cache(
 
 def _build_cache(listing, image_size, directory: Path, stem: str, key: str, warn, show_progress) -> ImageCache:
     images_path, meta_path = directory / f"{stem}{key}.npy", directory / f"{stem}{key}.json"
-    paths, scratch_path = [path for path, _ in listing.files], _temp(images_path)
-    scratch = np.lib.format.open_memmap(scratch_path, "w+", np.uint8, (len(paths), 3, image_size, image_size))
-    labels, skipped = [], []
-    try:
+    paths, labels, skipped = [path for path, _ in listing.files], [], []
+
+    def decode_into(tmp: Path) -> None:  # the readable images first; the rows of skipped files stay unused at the end
+        images = np.lib.format.open_memmap(tmp, "w+", np.uint8, (len(paths), 3, image_size, image_size))
         workers = decode_workers(len(paths), available_memory_bytes())
         decoded = zip(listing.files, _decoded(paths, image_size, workers), strict=True)
         for (path, label), result in tqdm(decoded, total=len(paths), desc=f"caching {image_size}px images",
@@ -341,7 +322,7 @@ def _build_cache(listing, image_size, directory: Path, stem: str, key: str, warn
             if isinstance(result, str):
                 skipped.append(f"{printable(path.relative_to(listing.root).as_posix())}: {printable(result)}")
             else:
-                scratch[len(labels)] = result
+                images[len(labels)] = result
                 labels.append(label)
         if skipped:
             warn(f"skipped {len(skipped)} unreadable image file(s) of {len(paths)} in {printable(listing.root)}: "
@@ -349,25 +330,13 @@ def _build_cache(listing, image_size, directory: Path, stem: str, key: str, warn
         if not labels:
             raise UserError(f"none of the {len(paths)} image files in {printable(listing.root)} could be read — "
                             f"check the files ({LAYOUT_HINT})")  # fmt: skip
-        # Atomic: the .npy appears complete or not at all, and the .json (written last) marks it valid.
-        if skipped:
-            tmp = _temp(images_path)
-            out = np.lib.format.open_memmap(tmp, "w+", np.uint8, (len(labels), *scratch.shape[1:]))
-            for start in range(0, len(labels), 4096):
-                out[start : start + 4096] = scratch[start : min(start + 4096, len(labels))]
-            out.flush()
-            del out
-            os.replace(tmp, images_path)
-        else:
-            scratch.flush()
-            os.replace(scratch_path, images_path)
-    finally:
-        del scratch
-        scratch_path.unlink(missing_ok=True)
+        images.flush()
+
+    # Atomic: the .npy appears complete or not at all, and the .json (written last) marks it valid.
+    write_atomic(images_path, decode_into)
     meta = dict(key=key, version=CACHE_FORMAT_VERSION, image_size=image_size, root=str(listing.root),
                 class_names=listing.class_names, skipped=skipped, labels=labels)  # fmt: skip
-    (tmp := _temp(meta_path)).write_text(json.dumps(meta))
-    os.replace(tmp, meta_path)
+    write_atomic(meta_path, json.dumps(meta))
     for old in directory.glob(f"{stem}*"):  # this folder's caches at this size under an older listing
         if key not in old.name:
             old.unlink(missing_ok=True)
@@ -383,9 +352,7 @@ def synthetic_cache(num_images: int, image_size: int, num_classes: int = 2, seed
     return ImageCache(images, labels, [f"class_{i}" for i in range(num_classes)], image_size, [], None)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The split and the batch order
-# ---------------------------------------------------------------------------------------------------------
+# --- The split and the batch order -------------------------------------------------------------------------------
 def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(train_idx, val_idx), sorted; each class with >= 2 images lands in both when val_fraction > 0."""
     if not 0.0 <= val_fraction < 1.0:
@@ -414,10 +381,6 @@ def global_batch_indices(num_items: int, global_batch: int, step: int, seed: int
     train_idx; then num_items == len(pool))."""
     if num_items < 1:
         raise UserError("no training images to draw batches from — check the data folder and split")
-    if global_batch < 1:
-        raise UserError(f"batch size must be positive, got {global_batch}")
-    if step < 0 or (pool is not None and len(pool) != num_items):
-        raise ValueError(f"step must be >= 0 (got {step}) and the pool hold num_items ({num_items}) indices")
     start, stop = step * global_batch, (step + 1) * global_batch
     parts = [
         _epoch_permutation(num_items, seed, epoch)[max(start - epoch * num_items, 0) : stop - epoch * num_items]
@@ -432,8 +395,6 @@ def shard_bounds(global_batch: int, rank: int, world_size: int) -> tuple[int, in
     if global_batch % world_size:
         raise UserError(f"global batch size {global_batch} does not split over {world_size} processes — choose a "
                         f"batch size that is a multiple of {world_size}")  # fmt: skip
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
     per_rank = global_batch // world_size
     return rank * per_rank, (rank + 1) * per_rank
 
@@ -449,9 +410,7 @@ def step_generator(seed: int, step: int, device: torch.device | str = "cpu") -> 
     return torch.Generator(device=device).manual_seed(step_seed(seed, step))
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Augmentation on batch tensors, on the training device
-# ---------------------------------------------------------------------------------------------------------
+# --- Augmentation on batch tensors, on the training device -------------------------------------------------------
 AUGMENTATION_LEVELS = ("none", "basic", "medium", "full")  # none: orientation is the class (a mirrored b is a d)
 MIN_CROP_SIDE = 0.8  # crops keep at least this much of the side: tiny images lose the cat if cropped harder
 COLOUR_JITTER = 0.15  # mild, and no hue change: coat colour is what the classes are about
@@ -471,13 +430,8 @@ class AugmentationParams:
     crops: bool = False
     colour: bool = False
 
-    def __len__(self) -> int:
-        return len(self.flip)
-
     def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> AugmentationParams:
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        tensors = {name: fn(value) for name, value in values.items() if isinstance(value, torch.Tensor)}
-        return dataclasses.replace(self, **tensors)
+        return dataclasses.replace(self, **{k: fn(v) for k, v in vars(self).items() if isinstance(v, torch.Tensor)})
 
     def slice(self, start: int, stop: int) -> AugmentationParams:
         """The parameters of samples [start, stop), e.g. one rank's part of the global batch."""
@@ -528,8 +482,6 @@ def to_unit_float(images_uint8: torch.Tensor) -> torch.Tensor:
 
 def apply_augmentation(images_uint8: torch.Tensor, params: AugmentationParams) -> torch.Tensor:
     """Augment a uint8 (B, 3, H, W) batch on its device; float32 in [0, 1]."""
-    if len(params) != images_uint8.shape[0]:
-        raise ValueError(f"{len(params)} augmentation parameter sets for a batch of {images_uint8.shape[0]}")
     params = params.to(images_uint8.device)
     if params.crops:
         # Each sample's crop (+ flip) resized back in one batched bilinear grid_sample. Crops are axis-aligned, so
@@ -554,9 +506,7 @@ def apply_augmentation(images_uint8: torch.Tensor, params: AugmentationParams) -
     return images
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Batches on the training device
-# ---------------------------------------------------------------------------------------------------------
+# --- Batches on the training device ------------------------------------------------------------------------------
 def gather_batch(images: np.ndarray, indices: np.ndarray) -> torch.Tensor:
     """Rows `indices` of the (memory-mapped) image array as a uint8 tensor, read in file order."""
     order = np.argsort(indices, kind="stable")

@@ -51,49 +51,27 @@ def guidance_scale(requested: float | None, metadata: dict[str, Any]) -> float:
 
 @torch.no_grad()
 def sample_images(
-    model: nn.Module,
-    objective,
-    labels: torch.Tensor,
-    *,
-    steps: int,
-    cfg_scale: float,
-    sampler: str | None = None,
-    seed: int = 0,
-    progress: str | None = "sampling",
-    should_stop: Callable[[], bool] | None = None,
-) -> torch.Tensor:
+    model: nn.Module, objective, labels: torch.Tensor, *, steps: int, cfg_scale: float, sampler: str | None = None,
+    seed: int = 0, progress: str | None = "sampling", should_stop: Callable[[], bool] | None = None,
+) -> torch.Tensor:  # fmt: skip
     """Unit-range images (N, C, H, W) for class `labels` (N,), from noise fixed by `seed`, SAMPLE_CHUNK at a time.
-
-    `progress` describes a progress bar with ETA over all sampler steps (None: no bar). `should_stop()` is asked
-    after every sampler step; True raises SamplingStopped.
-    """
-    device = labels.device
-    generator = torch.Generator(device=device).manual_seed(seed)
+    `progress` describes a bar with ETA over all sampler steps (None: no bar); `should_stop()`, asked after every
+    sampler step, stops it with SamplingStopped."""
+    generator = torch.Generator(device=labels.device).manual_seed(seed)
     shape = (len(labels), model.in_channels, model.image_size, model.image_size)
-    noise = torch.randn(shape, generator=generator, device=device)
-    starts = range(0, len(labels), SAMPLE_CHUNK)
-    bar = tqdm(total=len(starts) * steps, desc=progress, unit="step", disable=progress is None, leave=False)
+    noise = torch.randn(shape, generator=generator, device=labels.device)
+    chunks = list(zip(noise.split(SAMPLE_CHUNK), labels.split(SAMPLE_CHUNK), strict=True))
+    bar = tqdm(total=len(chunks) * steps, desc=progress, unit="step", disable=progress is None, leave=False)
 
     def after_step() -> None:
         bar.update()
         if should_stop is not None and should_stop():
             raise SamplingStopped
 
+    options = dict(steps=steps, cfg_scale=cfg_scale, sampler=sampler, generator=generator, on_step=after_step)
     with bar:
-        chunks = [
-            objective.sample(
-                model,
-                noise[i : i + SAMPLE_CHUNK],
-                labels[i : i + SAMPLE_CHUNK],
-                steps=steps,
-                cfg_scale=cfg_scale,
-                sampler=sampler,
-                generator=generator,
-                on_step=after_step,
-            )
-            for i in starts
-        ]
-    return dit_to_unit(torch.cat(chunks).float())
+        images = [objective.sample(model, chunk_noise, chunk_labels, **options) for chunk_noise, chunk_labels in chunks]
+    return dit_to_unit(torch.cat(images).float())
 
 
 def class_grid_labels(class_ids: list[int], per_class: int, device: torch.device | str) -> torch.Tensor:
@@ -135,10 +113,10 @@ def grid_plan(
     columns, steps = max(GRID_MIN_COLUMNS, min(GRID_COLUMNS, 64 // num_classes)), sample_steps
     if not seconds_per_image or not seconds_per_image > 0:
         return columns, steps, None
-    forwards = num_classes * (2 if cfg_scale != 1.0 else 1) * seconds_per_image * FORWARD_SHARE_OF_TRAINING
+    forward_seconds = num_classes * (2 if cfg_scale != 1.0 else 1) * seconds_per_image * FORWARD_SHARE_OF_TRAINING
 
     def cost(columns: int, steps: int) -> float:
-        return columns * steps * forwards
+        return columns * steps * forward_seconds
 
     if device.type != "cuda":
         budget = max(GRID_MIN_BUDGET_S, GRID_TIME_SHARE * training_seconds)
