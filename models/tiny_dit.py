@@ -12,7 +12,7 @@ many channels as the input), the position embedding is a buffer instead of a fro
 attention uses F.scaled_dot_product_attention, and the SiLU of the conditioning vector is computed
 once for all blocks instead of once per block. One departure does change it, slightly: the MLP uses
 exact (erf) GELU instead of DiT's tanh approximation (they differ by at most 5e-4 per activation), because
-PyTorch's CPU erf kernel is ~2x faster, about 5% of a CPU training step.
+PyTorch's CPU erf kernel is the faster one (README, "make bench").
 
 Shapes: `forward(x, t, y)` takes x (B, C, H, W) float, t (B,) float timesteps on the 0..1000 scale
 the embedding was designed for, y (B,) int64 in [0, num_classes] (num_classes = null class), and
@@ -93,9 +93,8 @@ class LabelEmbedder(nn.Module):
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v over (B, heads, N, d) with SDPA; bf16 on CPU is computed in fp32.
 
-    PyTorch's CPU flash-attention kernel is ~3x slower forward + backward in bf16 than in fp32 (12.0 vs
-    4.6 ms at B=32, h=4, N=64, d=64: its bf16 backward), which made attention a quarter of a bf16-autocast
-    CPU training step. GPUs keep their bf16 kernels.
+    PyTorch's CPU flash-attention kernel is several times slower in bf16 than in fp32 (its backward above all),
+    which made attention a large share of a bf16-autocast CPU training step. GPUs keep their bf16 kernels.
     """
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:
         with torch.autocast("cpu", enabled=False):

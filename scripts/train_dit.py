@@ -264,7 +264,7 @@ def train(run: Run, cfg: TrainDiTConfig, shared: Path | None) -> dict[str, Any]:
     )
     source = data.ImageSource(run.cache, device)
     run.log.info("training images are gathered on the %s (%s)", source.placement, device)
-    if cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda"):  # on a CPU: minutes for ~1.1x
+    if cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda"):  # a CPU's compile: minutes for little
         part = micro_slices(cfg, accelerator.process_index, accelerator.num_processes)[0]
         first = micro_batch(draw_step(cfg, source.num_images, objective, 0, device), source, part, raw_model.null_class)
         model = compile_with_fallback(

@@ -119,7 +119,7 @@ def learning_rate(step: int, peak: float, warmup: int, schedule: str = "constant
 
 # --- Device and precision ----------------------------------------------------------------------------------------
 def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: bf16 autocast trained the DiT 1.7x faster than fp32 there, ~30x slower where emulated."""
+    """AVX512-BF16 or AMX: bf16 autocast is faster than fp32 there, and many times slower where it is emulated."""
     capabilities = torch.cpu.get_capabilities()
     return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
 
@@ -141,7 +141,9 @@ def make_accelerator(device: str, mixed_precision: str, accumulation: int = 1, *
     """One Accelerator for the whole run (DDP, mixed precision, gradient accumulation)."""
     device_type = resolve_device_type(device)
     precision = resolve_mixed_precision(mixed_precision, device_type)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # ~8x fp32 on Ampere+, accurate
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = (
+        True  # far faster on Ampere+, accurate enough
+    )
     # Accelerate keeps the first run's precision process-wide and refuses another; a second run in one process
     # (tests, notebooks) may rightly ask for a different one.
     if AcceleratorState._shared_state and AcceleratorState().mixed_precision != precision:
