@@ -16,6 +16,7 @@ main process writes files; the others wait where it saves.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import importlib.util
@@ -179,20 +180,6 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _memory_problem(cfg: Any, images_at_once: int, accelerator: Accelerator) -> str | None:
-    """Refuse at start a batch whose images alone cannot fit, rather than fail minutes later."""
-    device = accelerator.device
-    have = torch.cuda.mem_get_info(device)[1] if device.type == "cuda" else available_memory_bytes()
-    need = images_at_once * 3 * cfg.image_size**2 * 4  # float32 copies of the images the step holds at once
-    if have is None or need <= have:
-        return None
-    return (
-        f"--batch-size {cfg.batch_size} cannot fit: the images of one step alone take {need / 1e9:,.1f} GB at "
-        f"{cfg.image_size} px and the {device.type} has {have / 1e9:,.1f} GB — lower --batch-size (and raise "
-        "--gradient-accumulation-steps to keep the effective batch)"
-    )
-
-
 # ---------------------------------------------------------------------------------------------------------
 # One writer per run folder: <run>/.lock names its holder (JSON {owner, host, machine, pid, started, heartbeat,
 # token}). It is stale, and taken over, when its process is gone (same machine: host, boot and pid namespace, so two
@@ -301,10 +288,8 @@ class RunLock:
         moved = _read_holder(aside)
         if judged is not None and (moved is None or moved.token != judged.token):
             # Between our look and the rename another process replaced the stale lock with a live one: put it back.
-            try:
+            with contextlib.suppress(FileExistsError):
                 os.link(aside, self.path)
-            except FileExistsError:
-                pass
             aside.unlink(missing_ok=True)
             return False
         aside.unlink(missing_ok=True)
@@ -435,22 +420,18 @@ def default_run_name(prefix: str) -> str:
     return f"{prefix}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
-def _git_commit() -> str:
-    try:
-        result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                                cwd=Path(__file__).resolve().parent, check=False)  # fmt: skip
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return result.stdout.strip() or "unknown"  # e.g. in the Modal image, which has no .git
-
-
 def log_run_header(cfg: Any, accelerator: Accelerator) -> None:
     """The first lines of every training.log: what decides whether the run can be reproduced."""
     import accelerate
     import torchvision
 
+    try:  # no commit in the Modal image, which has no .git
+        git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent, check=False).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        git = ""
     versions = dict(python=platform.python_version(), torch=torch.__version__, torchvision=torchvision.__version__,
-                    accelerate=accelerate.__version__, platform=platform.platform(), git=_git_commit())  # fmt: skip
+                    accelerate=accelerate.__version__, platform=platform.platform(), git=git or "unknown")  # fmt: skip
     log.info("tiny-cats %s", " ".join(f"{key}={value}" for key, value in versions.items()))
     device, precision, processes = accelerator.device, accelerator.mixed_precision, accelerator.num_processes
     log.info("device=%s precision=%s processes=%d threads=%d", device, precision, processes, torch.get_num_threads())
@@ -533,18 +514,15 @@ class Stopper:
     def reason(self, step: int, next_save: int, last_step: int) -> str | None:
         """The agreed reason to stop after `step` (a signal name or TIME_LIMIT), or None to go on."""
         over_time = step < last_step and self.over_time(step, next_save)  # at the last step finishing beats stopping
+        name = lambda signum, late: signal.Signals(signum).name if signum else TIME_LIMIT if late else None  # noqa: E731
         if self.accelerator.num_processes == 1:
-            return _reason(self.signum, over_time)
+            return name(self.signum, over_time)
         agreed = self._pending
         self._wish[0].fill_(float(self.signum or 0))
         self._wish[1].fill_(float(over_time))
         self._pending = self._wish.clone()
         torch.distributed.all_reduce(self._pending, op=torch.distributed.ReduceOp.MAX)  # the largest signal wins
-        return None if agreed is None else _reason(int(agreed[0].item()) or None, agreed[1].item() > 0)
-
-
-def _reason(signum: int | None, over_time: bool) -> str | None:
-    return signal.Signals(signum).name if signum else TIME_LIMIT if over_time else None
+        return None if agreed is None else name(int(agreed[0].item()), agreed[1].item() > 0)
 
 
 def exit_status(reason: str) -> int:
@@ -726,20 +704,6 @@ def _on_main_for_all(accelerator: Accelerator, fn: Callable[[], Any]) -> Any:
     return outcome[0][1]
 
 
-def _unwritable(path: Path) -> str | None:
-    """Why nothing can be created at `path` (a folder, or a file's folder), or None."""
-    existing = next(folder for folder in (path, *path.parents) if folder.exists())
-    if not existing.is_dir():
-        return f"{existing} is a file, not a folder"
-    probe = existing / f".tiny-cats-write-probe-{os.getpid()}"
-    try:
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as error:
-        return f"cannot write in {existing} ({error.strerror})"
-    return None
-
-
 def _start_checks(cfg: Any, spec: RunSpec, run_dir: Path, accelerator: Accelerator):
     """(every reason not to start, found without writing anything, or None; the explicit --resume state, loaded)."""
     problems, listing, resumed = [], None, None
@@ -766,21 +730,24 @@ def _start_checks(cfg: Any, spec: RunSpec, run_dir: Path, accelerator: Accelerat
     for output in spec.outputs:
         if output.is_dir():
             return f"{output} is a folder: the weights need a file path there — choose another --output", None
-    for path in [run_dir, *(output.parent for output in spec.outputs)]:
-        if reason := _unwritable(path):
-            return f"cannot write the run's outputs: {reason} — choose another --output-dir/--output or fix it", None
-    per_rank = cfg.batch_size // accelerator.num_processes
-    return _memory_problem(cfg, cfg.batch_size * spec.accumulation + 8 * per_rank, accelerator), resumed
-
-
-def _resume_point(cfg: Any, run_dir: Path, accelerator: Accelerator):
-    """(folder, step, state) of the run's own checkpoint to continue (--resume auto), chosen by the main process for
-    all; each process loads it itself, so on several machines --output-dir must be a folder they all share."""
-    chosen = _on_main_for_all(accelerator, lambda: find_resume_state(cfg.resume, run_dir / STATE_DIR))
-    if chosen is None:
-        return None
-    step, state = load_training_state(chosen)
-    return Path(chosen), step, state
+    for path in [run_dir, *(output.parent for output in spec.outputs)]:  # can files be created there?
+        existing = next(folder for folder in (path, *path.parents) if folder.exists())
+        probe = existing / f".tiny-cats-write-probe-{os.getpid()}"
+        try:
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as error:
+            why = "is a file, not a folder" if existing.is_file() else f"cannot be written in ({error.strerror})"
+            return f"cannot write the run's outputs: {existing} {why} — choose another --output-dir/--output", None
+    # A batch whose images alone cannot fit (float32 copies of all a step holds at once) fails now, not minutes later.
+    device, per_rank = accelerator.device, cfg.batch_size // accelerator.num_processes
+    have = torch.cuda.mem_get_info(device)[1] if device.type == "cuda" else available_memory_bytes()
+    need = (cfg.batch_size * spec.accumulation + 8 * per_rank) * 3 * cfg.image_size**2 * 4
+    if have is not None and need > have:
+        return (f"--batch-size {cfg.batch_size} cannot fit: the images of one step alone take {need / 1e9:,.1f} GB at "
+                f"{cfg.image_size} px and the {device.type} has {have / 1e9:,.1f} GB — lower --batch-size (and raise "
+                "--gradient-accumulation-steps to keep the effective batch)"), None  # fmt: skip
+    return None, resumed
 
 
 def as_user_error(error: BaseException) -> UserError | None:
@@ -824,7 +791,10 @@ def open_run(cfg: Any, spec: RunSpec, on_checkpoint: Callable[[Path], None] | No
         log_run_header(cfg, accelerator)
         if warning := precision_warning(accelerator.mixed_precision, accelerator.device.type):
             log.warning(warning)
-        run.resumed = resumed or _resume_point(cfg, run_dir, accelerator)
+        # The main process chooses the checkpoint for all; each loads it itself, so on several machines
+        # --output-dir must be a folder they all share.
+        chosen = resumed or _on_main_for_all(accelerator, lambda: find_resume_state(cfg.resume, run_dir / STATE_DIR))
+        run.resumed = resumed or (chosen and (Path(chosen), *load_training_state(chosen)))
         if accelerator.is_main_process and (removed := remove_unfinished_writes(run_dir / STATE_DIR)):
             log.info("removed %d unfinished checkpoint write(s) left by a killed run", removed)
         with accelerator.local_main_process_first():  # one process per machine builds the cache
