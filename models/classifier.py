@@ -10,7 +10,6 @@ This module knows nothing about training or files on disk beyond that cache.
 from __future__ import annotations
 
 import os
-import urllib.error
 from collections.abc import Callable
 from pathlib import Path
 
@@ -57,19 +56,8 @@ def _imagenet_state_dict(backbone: str) -> dict[str, torch.Tensor]:
     weights = _REGISTRY[backbone][1]
     try:
         return torch.hub.load_state_dict_from_url(weights.url, progress=True, check_hash=True, weights_only=True)
-    except (
-        urllib.error.URLError,
-        OSError,
-    ) as error:  # URLError is an OSError; both mean "no file, no network"
+    except OSError as error:  # URLError is one: no file and no network
         raise PretrainedWeightsUnavailable(backbone, pretrained_weights_file(backbone), str(error)) from error
-
-
-def _head_parent(model: nn.Module) -> tuple[nn.Module, str]:
-    """(module holding the final Linear, its attribute name): ResNets use `fc`, others `classifier[-1]`."""
-    if isinstance(getattr(model, "fc", None), nn.Linear):
-        return model, "fc"
-    classifier = model.classifier
-    return classifier, str(len(classifier) - 1)
 
 
 def build_classifier(backbone: str, num_classes: int, pretrained: bool = False) -> nn.Module:
@@ -81,18 +69,10 @@ def build_classifier(backbone: str, num_classes: int, pretrained: bool = False) 
     model = constructor(weights=None)
     if pretrained:
         model.load_state_dict(_imagenet_state_dict(backbone))
-    parent, name = _head_parent(model)
-    old_head: nn.Linear = getattr(parent, name)
-    setattr(parent, name, nn.Linear(old_head.in_features, num_classes))
+    is_resnet = isinstance(getattr(model, "fc", None), nn.Linear)  # the head: `fc`, or the others' classifier[-1]
+    parent, name = (model, "fc") if is_resnet else (model.classifier, str(len(model.classifier) - 1))
+    setattr(parent, name, nn.Linear(getattr(parent, name).in_features, num_classes))
     return model
-
-
-def _final_linear(model: nn.Module) -> nn.Linear:
-    """The classification head: in every registered backbone, the last Linear module (DDP-wrapped too)."""
-    linears = [module for module in model.modules() if isinstance(module, nn.Linear)]
-    if not linears:
-        raise ValueError("model has no Linear layer to take penultimate features from")
-    return linears[-1]
 
 
 def features_and_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,7 +81,8 @@ def features_and_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor
     `x` is normalised like the training inputs.
     """
     captured: list[torch.Tensor] = []
-    hook = _final_linear(model).register_forward_hook(lambda _module, inputs, _output: captured.append(inputs[0]))
+    head = [module for module in model.modules() if isinstance(module, nn.Linear)][-1]  # the last Linear, any backbone
+    hook = head.register_forward_hook(lambda _module, inputs, _output: captured.append(inputs[0]))
     try:
         logits = model(x)
     finally:

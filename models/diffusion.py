@@ -50,19 +50,9 @@ def guided_prediction(
     return uncond + cfg_scale * (cond - uncond)
 
 
-def _nothing() -> None:
-    pass
-
-
 def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """(B,) -> (B, 1, 1, ...) in `like`'s dtype, to broadcast a per-sample scalar over an image batch."""
     return values.to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
-
-
-def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Standard normal noise shaped like x, drawn on the generator's device (a CPU generator may feed a GPU)."""
-    device = generator.device if generator is not None else x.device
-    return torch.randn(x.shape, generator=generator, device=device).to(x.device, x.dtype)
 
 
 class Objective:
@@ -90,18 +80,9 @@ class Objective:
         return F.mse_loss(prediction.float(), self.training_target(x0, noise).float())
 
     @torch.no_grad()
-    def sample(
-        self,
-        model: nn.Module,
-        noise: torch.Tensor,
-        y: torch.Tensor,
-        *,
-        steps: int,
-        cfg_scale: float,
-        sampler: str | None = None,
-        generator: torch.Generator | None = None,
-        on_step: Callable[[], None] | None = None,
-    ) -> torch.Tensor:
+    def sample(self, model: nn.Module, noise: torch.Tensor, y: torch.Tensor, *, steps: int, cfg_scale: float,
+               sampler: str | None = None, generator: torch.Generator | None = None,
+               on_step: Callable[[], None] | None = None) -> torch.Tensor:  # fmt: skip
         """Generate x0 from `noise` (B, C, H, W) for labels y (B,) with classifier-free guidance.
 
         `generator` feeds the stochastic samplers (ancestral DDPM, DDIM with eta > 0). `on_step()` runs after
@@ -114,7 +95,7 @@ class Objective:
             )
         if steps < 1:
             raise ValueError(f"sampling needs at least 1 step, got {steps}")
-        return self._sample(model, noise, y, steps, cfg_scale, sampler, generator, on_step or _nothing)
+        return self._sample(model, noise, y, steps, cfg_scale, sampler, generator, on_step or (lambda: None))
 
 
 class FlowMatching(Objective):
@@ -284,7 +265,8 @@ class DDPM(Objective):
             sigma = eta * math.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev))
             x = math.sqrt(alpha_bar_prev) * x0 + math.sqrt(max(1 - alpha_bar_prev - sigma**2, 0.0)) * eps
             if sigma > 0:
-                x = x + sigma * _randn_like(x, generator)
+                device = generator.device if generator is not None else x.device  # a CPU generator may feed a GPU
+                x = x + sigma * torch.randn(x.shape, generator=generator, device=device).to(x.device, x.dtype)
             on_step()
         return x
 

@@ -250,12 +250,7 @@ def build_dit(model_name: str, image_size: int, num_classes: int, in_channels: i
     """A TinyDiT of a registry size (`DIT_SIZES`, e.g. "T/4", "S/2")."""
     if model_name not in DIT_SIZES:
         raise ValueError(f"unknown DiT size {model_name!r}; choose one of {', '.join(DIT_SIZES)}")
-    size = DIT_SIZES[model_name]
-    if image_size % size.patch:
-        raise ValueError(
-            f"image size {image_size} is not divisible by the patch size {size.patch} of "
-            f"{model_name}; pick an image size that is a multiple of {size.patch}"
-        )
+    size = DIT_SIZES[model_name]  # TinyDiT refuses an image size that is no multiple of the patch size
     return TinyDiT(image_size, num_classes, size.width, size.depth, size.heads, size.patch, in_channels)
 
 
