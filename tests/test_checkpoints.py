@@ -213,6 +213,7 @@ DAMAGE = {
     "a-file": (lambda tmp: _saved(tmp) / "state.json", "a file, not a folder"),
     "no-marker": (_replaced(COMPLETE_MARKER, None), "no COMPLETE marker"),
     "hand-made-empty-marker": (lambda tmp: _hand_made(tmp, ""), "no COMPLETE marker naming its step"),
+    "hand-made-unicode-digit-marker": (lambda tmp: _hand_made(tmp, "\u00b2"), "no COMPLETE marker naming its step"),
     "hand-made-marker-only": (lambda tmp: _hand_made(tmp, "5\n"), "FileNotFoundError"),
     "json-garbage": (_replaced("state.json", "{"), "JSONDecodeError"),
     "json-100k-deep": (

@@ -501,7 +501,7 @@ def _marked_step(folder: Path) -> int | None:
         text = (folder / COMPLETE_MARKER).read_text(encoding="ascii").strip()
     except (OSError, UnicodeDecodeError):
         return None
-    return int(text) if text.isdigit() else None
+    return int(text) if text.isascii() and text.isdigit() else None
 
 
 def _step_folders(root: Path) -> list[tuple[int, Path]]:
