@@ -31,29 +31,24 @@ from models.diffusion import build_objective
 from models.tiny_dit import TinyDiT, build_dit, count_parameters
 from scripts.lib.cli import DEVICES, UserError, option, resolve_device_type, run_main, write_atomic, write_failure
 from scripts.lib.data import ImageSource, scan_image_folder, synthetic_cache, training_batch
-from scripts.lib.run import cpu_has_native_bf16, synchronize
+from scripts.lib.run import resolve_mixed_precision, synchronize
 
 aten = torch.ops.aten
 
+
 # --- Measuring: FLOPs, a step's matrix products alone, timing, what is timed -----------------------------------------
-
-
 def attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
     """QK^T and AV: 2 B h Nq Nk d FLOPs each (model FLOPs, as in the MFU convention)."""
     batch, heads, queries, head_dim = query_shape
     return 2 * batch * heads * queries * key_shape[2] * (head_dim + value_shape[3])
 
 
-def attention_backward_flops(grad_out, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    """Gradients of both matmuls w.r.t. both operands: twice the forward (the kernel's recompute not counted)."""
-    return 2 * attention_flops(query_shape, key_shape, value_shape)
-
-
 # FlopCounterMode knows the CUDA attention kernels but not the CPU flash-attention ones, whose FLOPs would silently
-# count as zero. The formulas receive shapes, in the ops' argument order.
+# count as zero. The formulas receive shapes, in the ops' argument order. The backward takes the gradients of both
+# matmuls w.r.t. both operands: twice the forward (the kernel's recompute not counted).
 CPU_ATTENTION_FLOPS = {
     aten._scaled_dot_product_flash_attention_for_cpu: attention_flops,
-    aten._scaled_dot_product_flash_attention_for_cpu_backward: attention_backward_flops,
+    aten._scaled_dot_product_flash_attention_for_cpu_backward: lambda _grad, *shapes, **_: 2 * attention_flops(*shapes),
 }
 
 
@@ -68,22 +63,20 @@ def count_flops(fn: Callable[[], Any]) -> tuple[int, dict[str, int]]:
 def matmuls_only_call(fn: Callable[[], Any], device: torch.device) -> Callable[[], None]:
     """Just the matrix products of one `fn()` (same ops, shapes, layouts): the step's time if everything else were
     free, so with the step's FLOPs, the MFU ceiling of these layers on this machine."""
-    calls: list[tuple[Any, list[Any]]] = []  # (op, its arguments with (shape, stride) for each tensor)
+    replay: list[tuple[Any, list[Any]]] = []  # (op, its arguments, each tensor a random one of the same layout)
+
+    def random_in_layout(tensor: torch.Tensor) -> torch.Tensor:  # views and broadcasts included
+        storage = 1 + sum((size - 1) * step for size, step in zip(tensor.shape, tensor.stride(), strict=True))
+        return torch.randn(storage, device=device).as_strided(tensor.shape, tensor.stride())
 
     class MatmulRecorder(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # called with the mode off: randn here is safe
             if func in (aten.mm.default, aten.addmm.default, aten.bmm.default):
-                calls.append((func, [(a.shape, a.stride()) if isinstance(a, torch.Tensor) else a for a in args]))
+                replay.append((func, [random_in_layout(a) if isinstance(a, torch.Tensor) else a for a in args]))
             return func(*args, **(kwargs or {}))
 
     with MatmulRecorder():
         fn()
-
-    def random_in_layout(shape: torch.Size, stride: tuple[int, ...]) -> torch.Tensor:  # views, broadcasts included
-        storage = 1 + sum((size - 1) * step for size, step in zip(shape, stride, strict=True))
-        return torch.randn(storage, device=device).as_strided(shape, stride)
-
-    replay = [(op, [random_in_layout(*a) if isinstance(a, tuple) else a for a in args]) for op, args in calls]
 
     def run() -> None:  # each product's output freed before the next, as in the step
         for op, args in replay:
@@ -114,10 +107,6 @@ def best_of_rounds(calls: dict[str, Callable[[], Any]], device: torch.device, wi
     return best
 
 
-def autocast(device: torch.device, precision: torch.dtype | None):  # None: fp32, autocast off
-    return torch.autocast(device.type, dtype=precision or torch.float32, enabled=precision is not None)
-
-
 def reset_peak_memory(device: torch.device) -> None:  # peak memory is tracked on CUDA only
     if device.type == "cuda":
         gc.collect()  # a finished variant's tensors go back to the caching allocator, then to the GPU
@@ -135,8 +124,7 @@ def matmul_call(size: int, dtype: torch.dtype, device: torch.device) -> Callable
 
 
 def optimizer_step(model: torch.nn.Module, loss: Callable[[], torch.Tensor]) -> Callable[[], None]:
-    # Fused AdamW, as the trainers use: one kernel over all parameters instead of a dozen elementwise passes.
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # fused, as the trainers run it
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -146,27 +134,27 @@ def optimizer_step(model: torch.nn.Module, loss: Callable[[], torch.Tensor]) -> 
     return step
 
 
-def dit_train_step(model: TinyDiT, batch_size: int, device: torch.device, precision=None) -> Callable[[], None]:
+def dit_train_step(model: TinyDiT, batch_size: int, device: torch.device, precision=torch.float32):
     """One flow-loss step on a fixed batch, the noise drawn on `device`: on a GPU no host work but kernel launches."""
     objective, generator = build_objective("flow"), torch.Generator(device=device).manual_seed(0)
     x0 = torch.rand(batch_size, model.in_channels, model.image_size, model.image_size, device=device) * 2 - 1
     y = torch.randint(0, model.null_class, (batch_size,), device=device)
 
+    @torch.autocast(device.type, precision, enabled=precision != torch.float32)
     def loss() -> torch.Tensor:
         return objective.training_loss(model, x0, y, *objective.draw_training_noise(x0.shape, generator, device))
 
-    return optimizer_step(model, autocast(device, precision)(loss))
+    return optimizer_step(model, loss)
 
 
-def sampling_call(model: TinyDiT, batch_size: int, steps: int, cfg_scale: float, device: torch.device, precision=None):
+def sampling_call(model: TinyDiT, batch_size: int, steps: int, cfg_scale: float, device: torch.device, precision):
     noise = torch.randn(batch_size, model.in_channels, model.image_size, model.image_size, device=device)
     y = torch.arange(batch_size, device=device) % model.num_classes
     sample = functools.partial(build_objective("flow").sample, model, noise, y, steps=steps, cfg_scale=cfg_scale)
-    return autocast(device, precision)(sample)
+    return torch.autocast(device.type, precision, enabled=precision != torch.float32)(sample)
 
 
 def judge(report: dict[str, Any], bar: dict[str, tuple[tuple[str, ...], float]]) -> dict[str, Any]:
-    """Each figure of `bar` (its place in `report`, threshold) judged; a figure not measured is not met."""
     judged = {}
     for name, (path, threshold) in bar.items():
         value = functools.reduce(lambda node, key: node.get(key) if isinstance(node, dict) else None, path, report)
@@ -175,7 +163,6 @@ def judge(report: dict[str, Any], bar: dict[str, tuple[tuple[str, ...], float]])
 
 
 # --- CPU suite: every measurement side by side, and the CPU speed bar -------------------------------------------------
-
 SPEED_BAR = {  # figure: (its place in the report, threshold)
     "fp32_mfu": (("dit_training", "fp32", "mfu_vs_fp32_matmul_peak"), 0.72),
     "bf16_speedup": (("dit_training", "bf16_autocast", "speedup_vs_fp32"), 1.35),
@@ -216,9 +203,9 @@ def measure_cpu_suite(spec: BenchSpec, device: torch.device, rounds: int, skip_c
 
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     calls = {f"matmul_{name}": matmul_call(spec.matmul_size, dtype, device) for name, dtype in dtypes.items()}
-    variants = {"fp32": (None, False), "bf16_autocast": (torch.bfloat16, False)}
+    variants = {"fp32": (torch.float32, False), "bf16_autocast": (torch.bfloat16, False)}
     if not skip_compile:
-        variants["compile"] = (None, True)
+        variants["compile"] = (torch.float32, True)
     training: dict[str, dict[str, Any]] = {}
     for name, (precision, compiled) in variants.items():
         reset_peak_memory(device)
@@ -229,8 +216,8 @@ def measure_cpu_suite(spec: BenchSpec, device: torch.device, rounds: int, skip_c
             training[name]["memory_peak_mb"] = peak_memory_mb(device)
         calls[f"train_{name}"] = step
     calls["train_fp32_matmuls_only"] = matmuls_only_call(calls["train_fp32"], device)
-    sampler = build_bench_dit(spec, device).eval()
-    calls["sampling"] = sampling_call(sampler, spec.batch_size, spec.sample_steps, spec.cfg_scale, device)
+    dit = build_bench_dit(spec, device).eval()
+    calls["sampling"] = sampling_call(dit, spec.batch_size, spec.sample_steps, spec.cfg_scale, device, torch.float32)
     torch.manual_seed(0)
     classifier = build_classifier(spec.classifier_backbone, spec.num_classes).to(device).train()
     images = torch.randn(spec.batch_size, 3, spec.image_size, spec.image_size, device=device)
@@ -243,8 +230,7 @@ def measure_cpu_suite(spec: BenchSpec, device: torch.device, rounds: int, skip_c
             training_batch(source, spec.batch_size, index, seed=0, level="full")
 
     calls["pipeline"] = pipeline
-    # ONNX Runtime beside eager PyTorch on the CPU, exported and run by the exporters' own code: one guided sampling
-    # step (conditional + unconditional in one batch) and one classifier batch.
+    # ONNX Runtime beside eager PyTorch on the CPU, by the exporters' own code: a guided DiT step, a classifier batch.
     cfg_batch = 2 * spec.batch_size
     x = torch.randn(cfg_batch, 3, spec.image_size, spec.image_size)
     dit_inputs = (x, torch.rand(cfg_batch) * 1000, torch.arange(cfg_batch) % (spec.num_classes + 1))  # null class too
@@ -260,7 +246,7 @@ def measure_cpu_suite(spec: BenchSpec, device: torch.device, rounds: int, skip_c
             calls[f"onnx_{name}_ort"] = functools.partial(session.run, None, feeds)
         best = best_of_rounds(calls, device, spec.window_s, rounds)
 
-    flops, flops_by_op = count_flops(dit_train_step(sampler, spec.batch_size, device))
+    flops, flops_by_op = count_flops(dit_train_step(dit, spec.batch_size, device))
     peak = {dtype: 2 * spec.matmul_size**3 / best[f"matmul_{dtype}"] for dtype in dtypes}
     for name, entry in training.items():
         seconds = best[f"train_{name}"]
@@ -280,11 +266,10 @@ def measure_cpu_suite(spec: BenchSpec, device: torch.device, rounds: int, skip_c
         eager, ort = best[f"onnx_{name}_eager"], best[f"onnx_{name}_ort"]
         onnx[name] = {"eager_ms": eager * 1e3, "ort_ms": ort * 1e3, "ort_speedup_vs_eager": eager / ort}
         onnx[name].update(batch_size=batch_size, device="cpu")
-    by_op = {op: op_flops / 1e9 for op, op_flops in flops_by_op.items()}
     return {
         "matmul_peak_gflop_per_s": {"fp32": peak["fp32"] / 1e9, "bf16": peak["bf16"] / 1e9, "size": spec.matmul_size},
-        "dit_training": {"gflop_per_step": flops / 1e9, "gflop_per_step_by_op": by_op,
-                         "parameters": count_parameters(sampler), **training},
+        "dit_training": {"gflop_per_step": flops / 1e9, "parameters": count_parameters(dit),
+                         "gflop_per_step_by_op": {op: n / 1e9 for op, n in flops_by_op.items()}, **training},
         "dit_sampling": {"img_per_s": spec.batch_size / best["sampling"], "steps": spec.sample_steps,
                          "cfg_scale": spec.cfg_scale, "batch_size": spec.batch_size, "precision": "fp32"},
         "data_pipeline": {"img_per_s": pipeline, "augmentation": "full", "fastest_training_img_per_s": fastest_training,
@@ -296,22 +281,18 @@ def measure_cpu_suite(spec: BenchSpec, device: torch.device, rounds: int, skip_c
 
 
 def speed_bar(report: dict[str, Any], device: torch.device, quick: bool) -> dict[str, Any]:
-    # The thresholds were set for the fixed config on a CPU; other sizes and devices say nothing about them.
-    if quick:
-        return {"not_evaluated": "--quick sizes are not the fixed config"}
-    if device.type != "cpu":
-        return {"not_evaluated": f"the bar is for a CPU and this ran on {device.type}"}
+    if quick or device.type != "cpu":
+        why = "--quick sizes are not the fixed config" if quick else f"the bar is for a CPU, not {device.type}"
+        return {"not_evaluated": why}
     return {"applies_to": "cpu", **judge(report, SPEED_BAR)}
 
 
 # --- GPU suite: the trainer (run as a subprocess) beside a bare loop of the same model, and the GPU goal --------------
-
 ROOT = Path(__file__).resolve().parents[1]
 TRAINER, TOY_CATS = "scripts/train_dit.py", "scripts/make_toy_cats.py"  # other commands, run from ROOT
 VARIANTS = {"eager": False, "compiled": True}  # each measurement without and with torch.compile
 
-# Issue 15's goal on an H100/H200-class GPU, per model: the trainer (compiled, as --compile auto does on CUDA)
-# within 3 % of a bare loop of the same model, and the trainer's MFU against the bf16 matmul peak.
+# Issue 15's goal on an H100/H200-class GPU, per model, for the compiled trainer (what --compile auto runs on CUDA).
 GPU_GOAL = {
     model: {
         "trainer_over_bare_loop": (("trainer_over_bare_loop", "compiled"), 0.97),
@@ -387,7 +368,7 @@ def trainer_windows(metrics_path: Path) -> tuple[list[float], float | None]:
 class GpuRun:  # what the measurements of one GPU-suite run share, and those measurements
     spec: GpuBenchSpec
     device: torch.device
-    precision: torch.dtype | None  # bf16 autocast, or None for fp32
+    precision: torch.dtype  # bf16 (autocast) or fp32
     data_dir: Path  # the toy cats the trainer reads
     work_dir: Path  # trainer runs and logs
     num_classes: int
@@ -406,11 +387,10 @@ class GpuRun:  # what the measurements of one GPU-suite run share, and those mea
 
     def bare_loop(self, model: GpuModelSpec, flops_per_step: int, compiled: bool) -> dict[str, Any]:
         """Timed as the trainer logs: a warm-up window, then `windows` windows of `window_steps` steps."""
-        batch_size = self.spec.batch_size
-        step = dit_train_step(self.new_dit(model, compiled).train(), batch_size, self.device, self.precision)
+        step = dit_train_step(self.new_dit(model, compiled).train(), self.spec.batch_size, self.device, self.precision)
         first_step_seconds = timed_calls(step, self.device, 1)  # the compile included, for a compiled model
         seconds = [timed_calls(step, self.device, model.window_steps) for _ in range(self.spec.windows + 1)][1:]
-        figures = self.training_figures([batch_size / s for s in seconds], flops_per_step)
+        figures = self.training_figures([self.spec.batch_size / s for s in seconds], flops_per_step)
         return {**figures, "first_step_seconds": first_step_seconds, "memory_peak_mb": peak_memory_mb(self.device)}
 
     def trainer_command(self, model: GpuModelSpec, run_name: str, compiled: bool) -> list[str]:
@@ -444,21 +424,16 @@ class GpuRun:  # what the measurements of one GPU-suite run share, and those mea
         return {**figures, "first_call_seconds": first_call_seconds, "memory_peak_mb": peak_memory_mb(self.device)}
 
 
-def trainer_over_bare_loop(entry: dict[str, Any]) -> dict[str, float | None]:
-    ratios = {}
-    for variant in VARIANTS:
-        trainer, bare = (entry[kind][variant].get("img_per_s") for kind in ("trainer", "bare_loop"))
-        ratios[variant] = trainer / bare if trainer and bare else None  # None: either failed or was skipped
-    return ratios
+def trainer_over_bare_loop(entry: dict[str, Any]) -> dict[str, float | None]:  # None: either failed or was skipped
+    trainer, bare = ({v: entry[kind][v].get("img_per_s") for v in VARIANTS} for kind in ("trainer", "bare_loop"))
+    return {v: trainer[v] / bare[v] if trainer[v] and bare[v] else None for v in VARIANTS}
 
 
 def measure_gpu_suite(spec: GpuBenchSpec, device: torch.device, skip_compile: bool, report: dict, publish) -> None:
-    if device.type == "cuda":  # bf16 where the device computes it natively (Ampere+, AVX512-BF16/AMX), else fp32
-        precision = torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else None
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as the trainer sets them
-    else:
-        precision = torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None
-    report["precision"] = "bf16" if precision == torch.bfloat16 else "fp32"
+    # bf16 where the trainer's `auto` picks it (the device computes it natively), else fp32; TF32 as the trainer sets it
+    report["precision"] = "bf16" if resolve_mixed_precision("auto", device.type) == "bf16" else "fp32"
+    precision = torch.bfloat16 if report["precision"] == "bf16" else torch.float32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     with tempfile.TemporaryDirectory(prefix="tiny-cats-bench-") as temp:
         work_dir, data_dir = Path(temp), Path(temp, "toy-cats")
         print("benchmark: drawing the toy cats ...", file=sys.stderr, flush=True)
@@ -466,12 +441,11 @@ def measure_gpu_suite(spec: GpuBenchSpec, device: torch.device, skip_compile: bo
         seconds = run_command([sys.executable, TOY_CATS, "--out", str(data_dir), *draw], work_dir / "make_toy_cats.log")
         report["data"] = {"classes": len(scan_image_folder(data_dir).class_names), "per_class": spec.toy_cats_per_class}
         report["data"].update(image_size=spec.image_size, seconds=seconds)
-        dtype = precision or torch.float32
-        matmul = matmul_call(spec.matmul_size, dtype, device)
+        matmul = matmul_call(spec.matmul_size, precision, device)
         matmul()  # warm-up: kernel selection
         best = min(timed_calls(matmul, device, spec.matmul_calls) for _ in range(spec.windows))
         peak_flops = 2 * spec.matmul_size**3 / best
-        report["matmul_peak"] = {"dtype": str(dtype).removeprefix("torch."), "size": spec.matmul_size}
+        report["matmul_peak"] = {"dtype": str(precision).removeprefix("torch."), "size": spec.matmul_size}
         report["matmul_peak"]["tflop_per_s"] = peak_flops / 1e12
         report["models"] = {model.name: {} for model in spec.models}
         publish()
@@ -487,14 +461,13 @@ def measure_gpu_suite(spec: GpuBenchSpec, device: torch.device, skip_compile: bo
                     entry[variant] = attempt(what, functools.partial(measure, model, compiled=compiled), device)
                 publish()
 
-        # Training (what the goal judges) of every model first, sampling after: a run cut short by a time limit
-        # still brings back the goal's figures.
+        # All training (what the goal judges) before any sampling: a run cut short still has the goal's figures.
         for model in spec.models:
             entry = report["models"][model.name]
             entry["parameters"] = count_parameters(run.new_dit(model))
             flops, flops_by_op = count_flops(dit_train_step(run.new_dit(model), spec.batch_size, device, precision))
             entry.update(gflop_per_step=flops / 1e9, gflop_per_image=flops / spec.batch_size / 1e9)
-            entry["gflop_per_step_by_op"] = {op: op_flops / 1e9 for op, op_flops in flops_by_op.items()}
+            entry["gflop_per_step_by_op"] = {op: n / 1e9 for op, n in flops_by_op.items()}
             measure_variants(model, "bare_loop", functools.partial(run.bare_loop, flops_per_step=flops))
             measure_variants(model, "trainer", functools.partial(run.trainer, flops_per_step=flops))
             entry["trainer_over_bare_loop"] = trainer_over_bare_loop(entry)
@@ -505,24 +478,19 @@ def measure_gpu_suite(spec: GpuBenchSpec, device: torch.device, skip_compile: bo
 
 def gpu_goal(report: dict[str, Any], quick: bool) -> dict[str, Any]:
     # The goal is for S/4 and S/2 at batch 256 in bf16; the suite's full sizes run only on CUDA (resolve_suite).
-    if quick:
-        return {"not_evaluated": "--quick sizes are not S/4 and S/2 at batch 256"}
-    if report["precision"] != "bf16":
-        return {"not_evaluated": "the goal is for bf16, which this GPU does not compute natively"}
+    if quick or report["precision"] != "bf16":
+        why = "--quick sizes are not S/4 and S/2 at batch 256" if quick else "the goal is for bf16; this GPU lacks it"
+        return {"not_evaluated": why}
     goal = {name: judge(report["models"].get(name, {}), bar) for name, bar in GPU_GOAL.items()}
     all_met = all(check["met"] for figures in goal.values() for check in figures.values())
     return {"applies_to": "cuda", **goal, "all_met": all_met}
 
 
 # --- The command ------------------------------------------------------------------------------------------------------
-
-
 @dataclass
 class BenchmarkConfig:  # no --cpu-threads: the benchmark measures the machine as it is
     suite: str = option(
-        "auto",
-        "cpu: fixed config, CPU speed bar; gpu: S/4, S/2, trainer vs bare loop, GPU goal; auto: gpu on CUDA, else cpu",
-        choices=("auto", "cpu", "gpu"),
+        "auto", "cpu: the CPU speed bar; gpu: the GPU goal; auto: gpu on CUDA, else cpu", choices=("auto", "cpu", "gpu")
     )
     quick: bool = option(False, "toy sizes: checks a suite's code in seconds, on any device; its figures mean nothing")
     out: str = option("", "also write the report here (the GPU suite rewrites it after every measurement)")

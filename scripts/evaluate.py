@@ -1,11 +1,6 @@
-"""How good is a trained TinyDiT? Class fidelity, feature-space FID/KID and a memorisation check.
-
-Samples of every class are judged by the project's classifier (its accuracy on held-out real images is the ceiling),
-compared with held-out real images by FID/KID in its feature space (NOT Inception FID: read it against the report's
-real-vs-real baseline) and by Inception FID when torchvision's weights are local (never downloaded), and checked for
-copying. Held-out images are clean only if the DiT never saw them (`--heldout-data`); the fallback, the classifier's
-validation split of --data, is marked not clean. `--summarize` puts several reports in one table judged by a bar.
-"""
+"""How good is a trained TinyDiT (the README's `make quality` says what each figure means): class fidelity judged by
+the project's classifier, FID/KID in its feature space beside a real-vs-real baseline, Inception FID when its weights
+are local, and a memorisation check; `--summarize` judges several reports against a bar."""
 
 from __future__ import annotations
 
@@ -47,8 +42,6 @@ MEMORISATION_NOTE = (
 def gaussian_fit(features: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """(mean (D,), unbiased covariance (D, D)) of an (N, D) feature matrix."""
     array = np.asarray(features, np.float64)
-    if len(array) < 2:
-        raise ValueError(f"need at least 2 feature vectors to fit a Gaussian, got {len(array)}")
     return array.mean(axis=0), np.cov(array, rowvar=False).reshape(array.shape[1], array.shape[1])
 
 
@@ -103,15 +96,12 @@ def memorisation(samples: np.ndarray, heldout: np.ndarray, train: np.ndarray) ->
 def class_fidelity(predicted, requested, class_names: list[str]) -> dict[str, Any]:
     """How often the classifier sees a sample as the class it was generated for: per class (NaN for a class no
     sample asked for: not a zero in the mean), the mean over classes, and over all samples."""
-    predicted, requested = np.asarray(predicted), np.asarray(requested)
-    counts = np.bincount(requested, minlength=len(class_names))
+    requested = np.asarray(requested)
+    hits, counts = np.asarray(predicted) == requested, np.bincount(requested, minlength=len(class_names))
     with np.errstate(invalid="ignore", divide="ignore"):
-        per_class = np.bincount(requested, weights=predicted == requested, minlength=len(class_names)) / counts
-    return {
-        "mean": float(per_class[counts > 0].mean()),
-        "overall": float((predicted == requested).mean()),
-        "per_class": dict(zip(class_names, per_class.tolist(), strict=True)),
-    }
+        per_class = np.bincount(requested, weights=hits, minlength=len(class_names)) / counts
+    by_name = dict(zip(class_names, per_class.tolist(), strict=True))
+    return {"mean": float(per_class[counts > 0].mean()), "overall": float(hits.mean()), "per_class": by_name}
 
 
 # Features: the judge classifier's, and torchvision's Inception-v3 from a local weights file only
@@ -127,8 +117,7 @@ def batched_outputs(forward, images_unit: torch.Tensor, size: int, batch_size: i
     return [torch.cat(parts).double().numpy() for parts in zip(*outputs, strict=True)]
 
 
-def inception_weights_file() -> Path:
-    """Where torchvision keeps Inception-v3 ImageNet weights in the torch hub cache ($TORCH_HOME)."""
+def inception_weights_file() -> Path:  # in the torch hub cache ($TORCH_HOME), where torchvision keeps it
     from torchvision.models import Inception_V3_Weights
 
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(Inception_V3_Weights.IMAGENET1K_V1.url).name
@@ -145,10 +134,8 @@ def load_inception(device: torch.device) -> nn.Module:
     try:
         model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     except (OSError, EOFError, RuntimeError, pickle.UnpicklingError) as error:  # a truncated or foreign file
-        raise UserError(
-            f"{printable(weights)} is not torchvision's Inception-v3 weights ({type(error).__name__}) — replace it "
-            "with the real file or delete it"
-        ) from error
+        why = f"{printable(weights)} is not torchvision's Inception-v3 weights ({type(error).__name__})"
+        raise UserError(f"{why} — replace it with the real file or delete it") from error
     model.fc = nn.Identity()
     return model.to(device).eval()
 
@@ -156,11 +143,8 @@ def load_inception(device: torch.device) -> nn.Module:
 def inception_report(samples, heldout, baseline, batch_size: int, device: torch.device, seed: int) -> dict[str, Any]:
     weights = inception_weights_file()
     if not weights.is_file():
-        return {
-            "available": False,
-            "reason": f"no torchvision Inception-v3 weights at {weights} (this tool never downloads); put "
-            f"{weights.name} there (or set TORCH_HOME) to get Inception FID",
-        }
+        why = f"no torchvision Inception-v3 weights at {weights} (never downloaded)"
+        return {"available": False, "reason": f"{why}: put them there, or set TORCH_HOME, to get Inception FID"}
     model = load_inception(device)
     forward = lambda batch: (model(classifier_normalize(batch)),)  # noqa: E731
     sets = (samples, heldout, baseline)
@@ -178,9 +162,8 @@ def distance_report(sample_f: np.ndarray, heldout_f: np.ndarray, baseline_f: np.
     """FID and KID of samples vs held-out, beside the same for real (training) images vs held-out."""
     # Subsets of half the smallest set: with subsets as big as the sets every draw is the same and kid_std reads 0.
     subset = max(2, min(KID_SUBSET_SIZE, min(len(sample_f), len(baseline_f), len(heldout_f)) // 2))
-    (kid_mean, kid_std), (baseline_mean, baseline_std) = (
-        kid(f, heldout_f, subset, seed=seed) for f in (sample_f, baseline_f)
-    )
+    kid_mean, kid_std = kid(sample_f, heldout_f, subset, seed=seed)
+    baseline_mean, baseline_std = kid(baseline_f, heldout_f, subset, seed=seed)
     return {
         "fid": fid(sample_f, heldout_f), "fid_real_vs_real_baseline": fid(baseline_f, heldout_f),
         "kid": kid_mean, "kid_std": kid_std,
@@ -202,9 +185,8 @@ def write_json(path: Path, data: dict[str, Any], what: str) -> None:
 
 
 def print_report(report: dict[str, Any]) -> None:
-    fidelity, features, inception, copying = (
-        report[section] for section in ("class_fidelity", "classifier_feature_fid", "inception_fid", "memorisation")
-    )
+    fidelity, features, copying = report["class_fidelity"], report["classifier_feature_fid"], report["memorisation"]
+    inception = report["inception_fid"]
     accuracy = fidelity["classifier_heldout_accuracy"]
     print(f"class fidelity (mean over classes): {fidelity['mean']:.1%}   [classifier on held-out real: {accuracy:.1%}]")
     for name, share in fidelity["per_class"].items():
@@ -230,25 +212,17 @@ def print_report(report: dict[str, Any]) -> None:
 def summarize_report(report: dict[str, Any], fidelity_bar: float) -> dict[str, Any]:
     """The headline figures of one report, and whether it meets the bar (fidelity, no copying, clean held-out)."""
     fidelity, features, copying = report["class_fidelity"], report["classifier_feature_fid"], report["memorisation"]
-    worst = min(fidelity["per_class"], key=fidelity["per_class"].get)
+    per_class, clean = fidelity["per_class"], report["heldout"]["clean_for_dit"]
+    worst = min(per_class, key=per_class.get)
     ratios = {"pixel": copying["pixel"]["ratio"], "classifier_features": copying["classifier_features"]["ratio"]}
-    clean = report["heldout"]["clean_for_dit"]
     return {
-        "dit": report["dit"],
-        "dit_step": report["dit_step"],
-        "num_classes": len(fidelity["per_class"]),
-        "mean_class_fidelity": fidelity["mean"],
-        "worst_class": worst,
-        "worst_class_fidelity": fidelity["per_class"][worst],
-        "classifier_heldout_accuracy": fidelity["classifier_heldout_accuracy"],
-        "feature_fid": features["fid"],
-        "feature_fid_real_vs_real_baseline": features["fid_real_vs_real_baseline"],
-        "memorisation_ratio": ratios,
-        "sampling_seconds": report["sampling"]["seconds"],
-        "num_samples": features["num_samples"],
-        "clean_for_dit": clean,
+        "dit": report["dit"], "dit_step": report["dit_step"], "num_classes": len(per_class), "clean_for_dit": clean,
+        "mean_class_fidelity": fidelity["mean"], "worst_class": worst, "worst_class_fidelity": per_class[worst],
+        "classifier_heldout_accuracy": fidelity["classifier_heldout_accuracy"], "feature_fid": features["fid"],
+        "feature_fid_real_vs_real_baseline": features["fid_real_vs_real_baseline"], "memorisation_ratio": ratios,
+        "sampling_seconds": report["sampling"]["seconds"], "num_samples": features["num_samples"],
         "meets_bar": bool(fidelity["mean"] >= fidelity_bar and min(ratios.values()) > 1 and clean),
-    }
+    }  # fmt: skip
 
 
 def summarize(paths: list[str], fidelity_bar: float) -> dict[str, Any]:
@@ -344,8 +318,7 @@ def load_real_images(cfg: EvaluateConfig, image_size: int, class_names: list[str
         return cache
 
     def unit(cache: ImageCache, indices: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
-        images = to_unit_float(torch.from_numpy(np.ascontiguousarray(cache.images[indices])))
-        return images, np.asarray(cache.labels)[indices]
+        return to_unit_float(torch.from_numpy(np.ascontiguousarray(cache.images[indices]))), cache.labels[indices]
 
     cache = cached(cfg.data, "--data")
     if cfg.heldout_data:
@@ -368,8 +341,6 @@ def balanced_subset(labels: np.ndarray, per_class: int, num_classes: int, seed: 
 
 
 def main(cfg: EvaluateConfig) -> dict[str, Any]:
-    """Evaluate, write the JSON report and the grid, print a summary; returns the report (with --summarize: the
-    summary of existing reports instead)."""
     if cfg.summarize:
         if not cfg.out:
             raise UserError("--summarize needs --out, the path of the summary JSON")
@@ -409,10 +380,8 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
     except OSError as error:
         raise write_failure("the sample grid", grid, error) from error
 
-    def judge(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return features_and_logits(classifier, classifier_normalize(batch, classifier_meta))
-
     def classify(images: torch.Tensor, desc: str) -> tuple[np.ndarray, np.ndarray]:  # (predictions, features)
+        judge = lambda batch: features_and_logits(classifier, classifier_normalize(batch, classifier_meta))  # noqa: E731
         features, logits = batched_outputs(judge, images, classifier_meta["image_size"], cfg.batch_size, device, desc)
         return logits.argmax(axis=1), features
 
@@ -447,8 +416,8 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
             "pixel": memorisation(*(images.flatten(1) for images in (samples, real.heldout, real.train))),
             "classifier_features": memorisation(sample_f, heldout_f, train_f),
         },
+        "seconds": time.perf_counter() - started,  # last: the values above are computed in order
     }  # fmt: skip
-    report["seconds"] = time.perf_counter() - started
     out = Path(cfg.out) if cfg.out else dit_path.with_name(dit_path.stem + "_eval.json")
     write_json(out, report, "the report")
     print_report(report)
