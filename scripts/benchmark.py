@@ -29,7 +29,7 @@ from tqdm import tqdm
 from models.classifier import build_classifier
 from models.diffusion import build_objective
 from models.tiny_dit import TinyDiT, build_dit, count_parameters
-from scripts.lib.cli import DEVICES, UserError, option, resolve_device_type, run_main, write_atomic, write_failure
+from scripts.lib.cli import DEVICES, UserError, option, resolve_device_type, run_main, write_json
 from scripts.lib.data import ImageSource, scan_image_folder, synthetic_cache, training_batch
 from scripts.lib.run import resolve_mixed_precision, synchronize
 
@@ -506,14 +506,6 @@ def resolve_suite(requested: str, device: torch.device, quick: bool) -> str:
     return suite
 
 
-def write_report(report: dict[str, Any], out: str) -> None:
-    try:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(Path(out), json.dumps(report, indent=2, default=float) + "\n")
-    except OSError as error:
-        raise write_failure("the benchmark report", Path(out), error) from error
-
-
 def main(cfg: BenchmarkConfig) -> dict[str, Any]:
     if cfg.rounds < 1:
         raise UserError(f"--rounds {cfg.rounds}: each figure is the best of its rounds — use --rounds 1 or more")
@@ -526,7 +518,7 @@ def main(cfg: BenchmarkConfig) -> dict[str, Any]:
     if device.type == "cuda":
         machine.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda)
     report: dict[str, Any] = {"suite": suite, "machine": machine, "quick": cfg.quick}
-    publish = functools.partial(write_report, report, cfg.out) if cfg.out else lambda: None
+    publish = functools.partial(write_json, Path(cfg.out), report, "the benchmark report") if cfg.out else lambda: None
     if suite == "cpu":
         spec = QUICK if cfg.quick else BenchSpec()
         report.update(spec=asdict(spec), rounds=cfg.rounds)

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from models.classifier import features_and_logits
 from scripts.lib.checkpoints import classifier_normalize, load_classifier, load_dit
 from scripts.lib.cli import DEVICES, UserError, cpu_threads_option, option, printable, resolve_device_type, run_main
-from scripts.lib.cli import write_atomic, write_failure
+from scripts.lib.cli import write_failure, write_json
 from scripts.lib.data import ImageCache, load_or_build_cache, stratified_split, to_unit_float
 from scripts.lib.sampling import class_grid_labels, guidance_scale, resolve_sampler, sample_images, save_grid
 
@@ -172,16 +172,6 @@ def distance_report(sample_f: np.ndarray, heldout_f: np.ndarray, baseline_f: np.
         "num_samples": len(sample_f), "num_baseline_real": len(baseline_f), "num_heldout": len(heldout_f),
         "feature_dim": int(sample_f.shape[1]),
     }  # fmt: skip
-
-
-def write_json(path: Path, data: dict[str, Any], what: str) -> None:
-    # JSON has no NaN/inf: parse_constant turns the NaN/Infinity that json.dumps writes into null.
-    text = json.dumps(json.loads(json.dumps(data), parse_constant=lambda _: None), indent=2) + "\n"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, text)
-    except OSError as error:
-        raise write_failure(what, path, error) from error
 
 
 def print_report(report: dict[str, Any]) -> None:

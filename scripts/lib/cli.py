@@ -275,6 +275,21 @@ def write_atomic(path: Path, content: str | bytes | Callable[[Path], None]) -> P
     return path
 
 
+def save_output(path: Path, content: str | bytes | Callable[[Path], None], what: str) -> Path:
+    """`write_atomic` into a folder made as needed; a failure is one line that names `what`."""
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        return write_atomic(Path(path), content)
+    except OSError as error:
+        raise write_failure(what, Path(path), error) from error
+
+
+def write_json(path: Path, data: Any, what: str) -> Path:
+    """`data` as indented JSON through `save_output`, NaN/inf as null (JSON has neither; json.dumps writes them)."""
+    text = json.dumps(data, default=float)  # default: numpy scalars
+    return save_output(path, json.dumps(json.loads(text, parse_constant=lambda _: None), indent=2) + "\n", what)
+
+
 def write_failure(what: str, path: Path, error: Exception) -> UserError:
     """One line for a write that failed: what, where, the system's reason, and what to do about it."""
     reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)

@@ -3,7 +3,6 @@ parity check, and the one session the checks, the torch-free sampler and the ben
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from collections.abc import Sequence
@@ -18,7 +17,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from scripts.lib.cli import UserError, printable, write_atomic, write_failure
+from scripts.lib.cli import UserError, printable, save_output, write_json
 
 # Opset 23 is the first with a fused Attention op; ONNX Runtime's CPU kernel for it (fed tokens by
 # `attention_on_tokens`) beats the MatMul/Softmax graph that older opsets decompose attention into.
@@ -51,7 +50,7 @@ def export_with_dynamic_batch(
             dynamic_shapes=tuple({0: batch} for _ in example_inputs),
         )  # fmt: skip
     attention_on_tokens(program.model)
-    return _write(Path(path), "the ONNX graph", lambda tmp: program.save(str(tmp)))
+    return save_output(Path(path), lambda tmp: program.save(str(tmp)), "the ONNX graph")
 
 
 def sidecar_path(onnx_path: str | Path) -> Path:
@@ -60,17 +59,9 @@ def sidecar_path(onnx_path: str | Path) -> Path:
 
 def write_sidecar(onnx_path: Path, data: dict[str, Any]) -> dict[str, Any]:
     """Writes `<name>.json` beside the graph, reports both files and returns them: the start of an export's summary."""
-    sidecar = _write(sidecar_path(onnx_path), "the ONNX sidecar", json.dumps(data, indent=2) + "\n")
+    sidecar = write_json(sidecar_path(onnx_path), data, "the ONNX sidecar")
     print(f"  wrote {onnx_path} ({size_text(onnx_path)}) and {sidecar}")
     return {"onnx": str(onnx_path), "sidecar": str(sidecar)}
-
-
-def _write(path: Path, what: str, content: Any) -> Path:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return write_atomic(path, content)
-    except OSError as error:
-        raise write_failure(what, path, error) from error
 
 
 def max_abs_diff(actual: np.ndarray, expected: np.ndarray) -> float:
