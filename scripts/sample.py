@@ -16,9 +16,8 @@ from scripts.lib.cli import DEVICES, UserError, cpu_threads_option, option, prin
 from scripts.lib.cli import write_failure
 from scripts.lib.data import available_memory_bytes
 from scripts.lib.sampling import DEFAULT_CFG_SCALE, class_grid_labels, guidance_scale, resolve_classes
-from scripts.lib.sampling import resolve_sampler, sample_images, save_grid
+from scripts.lib.sampling import GRID_SUFFIXES, resolve_sampler, sample_images, save_grid
 
-GRID_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 # Float copies of every image alive at the peak: the noise, the sampled chunks, their concatenation and two
 # temporaries of the conversion to unit range (the grid written afterwards needs fewer).
 COPIES_AT_PEAK = 5

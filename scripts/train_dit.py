@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate.utils import broadcast_object_list
 from torch import nn
 from tqdm import tqdm
 
@@ -35,7 +36,7 @@ from scripts.lib.run import (
     LR_SCHEDULES, NonFiniteGuard, Run, RunSpec, Stopper, TrainerConfig, common_problems, config_dict, exit_status,
     format_duration, learning_rate, open_run, positive_problems, synchronize,
 )  # fmt: skip
-from scripts.lib.sampling import write_training_grid
+from scripts.lib.sampling import SamplingStopped, class_grid_labels, sample_images, save_grid
 
 FINAL_NAME, FINAL_RAW_NAME = "tinydit_final.safetensors", "tinydit_final_raw.safetensors"
 SHARED_RUN_NAME = "dit"  # the run whose final weights are also <output-dir>/tinydit_final.safetensors
@@ -324,12 +325,45 @@ def at_boundaries(run: Run, cfg, step, stopped, state, objective, window, grad_n
         run.log.info("stopped by %s at step %d after saving its state; run the same command to resume", stopped, step)
         raise SystemExit(exit_status(stopped))
     if step % cfg.sample_interval == 0 or last:
-        per_image = window.seconds_per_step / (cfg.batch_size * cfg.gradient_accumulation_steps)
-        interrupted = lambda: stopper.signum is not None  # noqa: E731
-        spent = time.monotonic() - stopper.started
-        written = write_training_grid(run, cfg, state.ema.model, objective, step, interrupted, per_image, spent)
+        written = write_grid(run, cfg, state.ema.model, objective, step, stopper, window.seconds_per_step)
         if not written and last:  # a signal during the last grid: the state is saved, the grid owed to a rerun
             raise SystemExit(exit_status(signal.Signals(stopper.signum or signal.SIGTERM).name))
+
+
+# Off a GPU a grid may take 5 % of the training time so far (at least 20 s): fewer columns, then fewer sampler steps
+# keep it there (the 2-core debug run spends ~20 s, not 10 minutes). A forward is a third of a training step.
+GRID_COLUMNS, GRID_MIN_COLUMNS, GRID_MIN_STEPS, GRID_TIME_SHARE, GRID_MIN_BUDGET_S = 8, 2, 10, 0.05, 20.0
+
+
+def write_grid(run: Run, cfg, ema_model: nn.Module, objective, step: int, stopper: Stopper, step_seconds) -> bool:
+    """A fixed-seed EMA grid, one row per class, at samples/step_NNNNNNN.png (main process). A signal ends it at the
+    next sampler step, unsaved: then False on every rank, so that all stop alike."""
+    written = True
+    if run.is_main:
+        classes = len(run.cache.class_names)
+        columns, steps = max(GRID_MIN_COLUMNS, min(GRID_COLUMNS, 64 // classes)), cfg.sample_steps
+        started = time.monotonic()
+        per_forward = step_seconds / (cfg.batch_size * cfg.gradient_accumulation_steps) / 3 * (1 + (cfg.cfg_scale != 1))
+        cost = lambda: columns * steps * classes * per_forward  # noqa: E731 (NaN before any step was timed)
+        budget = max(GRID_MIN_BUDGET_S, GRID_TIME_SHARE * (started - stopper.started))
+        while run.device.type != "cuda" and cost() > budget and columns > GRID_MIN_COLUMNS:
+            columns -= 1
+        while run.device.type != "cuda" and cost() > budget and steps > GRID_MIN_STEPS:
+            steps = max(GRID_MIN_STEPS, steps * 3 // 4)
+        labels = class_grid_labels(list(range(classes)), columns, run.device)
+        try:
+            with run.accelerator.autocast():
+                stop = lambda: stopper.signum is not None  # noqa: E731
+                images = sample_images(ema_model, objective, labels, steps=steps, cfg_scale=cfg.cfg_scale,
+                                       seed=cfg.seed, progress=f"sample grid {step}", should_stop=stop)  # fmt: skip
+            path = save_grid(images, run.run_dir / "samples" / f"step_{step:07d}.png", per_row=columns)
+            run.log.info("sample grid %s: %d classes x %d, %d steps, CFG %g (took %.1f s, estimated %.0f s)", path,
+                         classes, columns, steps, cfg.cfg_scale, time.monotonic() - started, cost())  # fmt: skip
+            run.status.update(newest_grid=str(path.relative_to(run.run_dir)))
+        except SamplingStopped:
+            run.log.info("sample grid of step %d stopped by a signal", step)
+            written = False
+    return broadcast_object_list([written])[0] if run.accelerator.num_processes > 1 else written
 
 
 class MetricsWindow:

@@ -26,7 +26,6 @@ SAMPLES_PER_CLASS = 4
 # The forward and sample checks run at most these many classes (spread over all of them): a DiT with thousands of
 # classes would otherwise need a batch of thousands of images just to be checked.
 MAX_CHECKED_CLASSES = 16
-GRID_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 # The checks of `weight_problems`, and what each says when it passes.
 WEIGHT_CHECKS = {"keys": "every tensor of the model present, none extra", "shapes": "every shape matches the model",
                  "dtypes": "every dtype fits the model", "finite": "no NaN or inf in any tensor"}  # fmt: skip
@@ -153,7 +152,8 @@ def verify(cfg: VerifyConfig) -> Report:
     refusals = {
         f"--sample-steps must be positive (got {cfg.sample_steps})": cfg.sample_steps < 1,
         f"--cfg-scale must be >= 0 (got {cfg.cfg_scale})": cfg.cfg_scale is not None and cfg.cfg_scale < 0,
-        f"--sample-out must end in {', '.join(GRID_SUFFIXES)}": asked.suffix.lower() not in GRID_SUFFIXES,
+        f"--sample-out must end in {', '.join(sampling.GRID_SUFFIXES)}": asked.suffix.lower()
+        not in sampling.GRID_SUFFIXES,
         f"--sample-out {printable(asked)} is a folder — pass e.g. {printable(asked / 'verify.png')}": asked.is_dir(),
     }
     if failed := [refusal for refusal, applies in refusals.items() if applies]:
