@@ -58,13 +58,9 @@ def is_hidden_name(name: str) -> bool:
     return name.startswith((".", "__"))
 
 
-def class_name_problem(name: object) -> str | None:
-    """Class names are folder names that reach checkpoint metadata, log lines and the file names sample.py writes."""
-    return name_problem(name)
-
-
 def class_names_problem(names: list[str]) -> str | None:
-    """Why these names cannot be one data set's classes (the first reason), or None. Two spellings of one name
+    """Why these names cannot be one data set's classes (the first reason), or None. Class names are folder names that
+    reach checkpoint metadata, log lines and the file names sample.py writes; two spellings of one name
     (NFC "café" and NFD "café") print identically, so they are one class name twice, not two classes."""
     seen: dict[str, str] = {}
     for name in names:

@@ -49,7 +49,7 @@ from scripts.lib.checkpoints import TrainingState, find_resume_state, list_compl
 from scripts.lib.checkpoints import prune_states, remove_unfinished_writes, save_model, save_training_state
 from scripts.lib.cli import DEVICES, EXIT_SIGNAL_BASE, EXIT_TIME_LIMIT, LOGGER_NAME, UserError, cpu_threads_option
 from scripts.lib.cli import name_problem, non_finite_flags, option, printable, resolve_device_type, write_atomic
-from scripts.lib.cli import write_failure
+from scripts.lib.cli import write_failure, write_json
 from scripts.lib.data import AUGMENTATION_LEVELS, ImageCache, available_memory_bytes, load_or_build_cache
 from scripts.lib.data import scan_image_folder
 
@@ -628,8 +628,7 @@ class Run:
     def begin(self, start_step: int, total_steps: int, resume_point: str) -> None:
         """Training starts: record the config (only now, once every check has passed) and say where from."""
         if self.is_main:
-            config = json.dumps(config_dict(self.cfg), indent=2, sort_keys=True)
-            write_atomic(self.run_dir / "config.json", config + "\n")
+            write_json(self.run_dir / "config.json", config_dict(self.cfg), "config.json")
         self.begun = True
         if self.resumed is None:
             self.log.info("starting fresh in %s", self.run_dir)
