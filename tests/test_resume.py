@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -54,6 +55,20 @@ def wait_for(condition, process: subprocess.Popen, timeout: float = 120) -> None
         assert process.poll() is None, f"trainer exited early:\n{process.communicate()[0][-3000:]}"
         assert time.monotonic() < deadline, "trainer made no progress"
         time.sleep(0.01)
+
+
+def sigterm_once_shown(process: subprocess.Popen, text: str) -> tuple[str, float]:
+    """SIGTERM as soon as `text` shows in the output (a grid is sized to the measured step time and may last under
+    2 s, so a fixed sleep can miss it); the whole output and the seconds from the signal to the trainer's exit."""
+    chunks: list[str] = []
+    reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: process.stdout.read(1), "")), daemon=True)
+    reader.start()
+    wait_for(lambda: text in "".join(chunks), process)
+    process.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    process.wait(timeout=120)
+    reader.join(timeout=10)
+    return "".join(chunks), time.monotonic() - signalled
 
 
 def assert_same_files(first: Path, second: Path) -> None:
@@ -114,20 +129,15 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(toy_data, tmp_path):
 
 
 def test_sigterm_during_a_sample_grid_stops_it_at_the_next_sampler_step(toy_data, tmp_path):
-    # A grid after step 1 with far more sampler steps than it needs: on a CPU the trainer sizes it to ~20 s.
+    # A grid after step 1 with far more sampler steps than it needs: on a CPU the trainer trims it to its budget.
     command = trainer_command(toy_data, tmp_path, steps=3, save_interval=100000)
     command[command.index("--sample-interval") + 1] = "1"
     command[command.index("--sample-steps") + 1] = "100000"
     process = start(command)
-    metrics = tmp_path / "dit" / "metrics.jsonl"
-    wait_for(lambda: metrics.is_file() and metrics.read_text().strip(), process)  # step 1 logged: the grid is next
-    time.sleep(2)
-    signalled = time.monotonic()
-    process.send_signal(signal.SIGTERM)
-    output, _ = process.communicate(timeout=120)
+    output, seconds_to_exit = sigterm_once_shown(process, "sample grid 1")
 
     assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
-    assert time.monotonic() - signalled < 15  # not the minutes a whole grid at 100000 steps would take
+    assert seconds_to_exit < 15  # not the minutes a whole grid at 100000 steps would take
     assert "sample grid of step 1 stopped by a signal" in output
     assert "stopped by SIGTERM at step 2" in output  # one more training step, then the save
     assert [step for step, _ in list_complete_states(tmp_path / "dit" / "state")] == [2]
@@ -136,12 +146,8 @@ def test_sigterm_during_a_sample_grid_stops_it_at_the_next_sampler_step(toy_data
 def test_sigterm_during_the_last_grid_exits_143_and_the_same_command_draws_it(toy_data, tmp_path):
     command = trainer_command(toy_data, tmp_path, steps=1, save_interval=100000)
     command[command.index("--sample-steps") + 1] = "100000"
-    process = start(command)
-    run = tmp_path / "dit"
-    wait_for(lambda: list_complete_states(run / "state"), process)  # step 1, the last, saved: its grid is next
-    time.sleep(2)
-    process.send_signal(signal.SIGTERM)
-    output, _ = process.communicate(timeout=120)
+    process, run = start(command), tmp_path / "dit"
+    output, _ = sigterm_once_shown(process, "sample grid 1")
     assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
     assert read_status(run)["state"] == "stopped" and not (run / "tinydit_final.safetensors").exists()
     command[command.index("--sample-steps") + 1] = "2"
