@@ -21,9 +21,10 @@ from tqdm import tqdm
 from models.classifier import features_and_logits
 from scripts.lib.checkpoints import classifier_normalize, load_classifier, load_dit
 from scripts.lib.cli import DEVICES, UserError, cpu_threads_option, option, printable, resolve_device_type, run_main
-from scripts.lib.cli import write_failure, write_json
+from scripts.lib.cli import write_json
 from scripts.lib.data import ImageCache, load_or_build_cache, stratified_split, to_unit_float
-from scripts.lib.sampling import class_grid_labels, guidance_scale, resolve_sampler, sample_images, save_grid
+from scripts.lib.sampling import GRID_SUFFIXES, class_grid_labels, guidance_scale, resolve_sampler, sample_images
+from scripts.lib.sampling import save_grid
 
 KID_SUBSETS, KID_SUBSET_SIZE = 50, 1000  # the usual number and size of KID's subsets, when there are enough images
 INCEPTION_SIZE = 299
@@ -78,7 +79,7 @@ def kid(features_a, features_b, subset_size: int, num_subsets: int = KID_SUBSETS
 
 def nearest_neighbour_distances(queries, references, chunk: int = 1024) -> np.ndarray:
     """(Q,) Euclidean distance from each query row to its nearest reference row (flatten images first)."""
-    reference = torch.from_numpy(np.asarray(references, np.float64))
+    reference = torch.from_numpy(np.asarray(references, np.float64))  # no copy when already float64
     # Chunks bound the (chunk, R) distance matrix; float64 keeps small distances exact enough to compare.
     parts = torch.from_numpy(np.asarray(queries, np.float64)).split(chunk)
     return torch.cat([torch.cdist(part, reference).min(dim=1).values for part in parts]).numpy()
@@ -86,6 +87,7 @@ def nearest_neighbour_distances(queries, references, chunk: int = 1024) -> np.nd
 
 def memorisation(samples: np.ndarray, heldout: np.ndarray, train: np.ndarray) -> dict[str, float]:
     """Nearest-training-row distances of samples vs of held-out rows (ratio: see MEMORISATION_NOTE)."""
+    train = np.asarray(train, np.float64)  # converted once for both comparisons (for pixels: every training image)
     sample_nn, heldout_nn = nearest_neighbour_distances(samples, train), nearest_neighbour_distances(heldout, train)
     sample_median, heldout_median = float(np.median(sample_nn)), float(np.median(heldout_nn))
     ratio = sample_median / heldout_median if heldout_median else (math.inf if sample_median > 0 else math.nan)
@@ -272,7 +274,7 @@ class EvaluateConfig:
 
 
 def validate_config(cfg: EvaluateConfig) -> None:
-    missing = "does not exist — train it first or pass the right path"
+    missing, suffixes = "does not exist — train it first or pass the right path", ", ".join(GRID_SUFFIXES)
     rules = (
         ("--dit", Path(cfg.dit).is_file(), f"{printable(cfg.dit)} {missing}"),
         ("--classifier", Path(cfg.classifier).is_file(), f"{printable(cfg.classifier)} {missing}"),
@@ -280,6 +282,7 @@ def validate_config(cfg: EvaluateConfig) -> None:
         ("--steps", cfg.steps >= 1, f"must be positive (got {cfg.steps})"),
         ("--batch-size", cfg.batch_size >= 1, f"must be positive (got {cfg.batch_size})"),
         ("--cfg-scale", cfg.cfg_scale is None or cfg.cfg_scale >= 0, f"must be >= 0 (got {cfg.cfg_scale})"),
+        ("--grid", not cfg.grid or Path(cfg.grid).suffix.lower() in GRID_SUFFIXES, f"must end in {suffixes}"),
     )
     if problems := [f"{flag} {problem}" for flag, ok, problem in rules if not ok]:
         raise UserError("; ".join(problems))
@@ -365,10 +368,7 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
     dit_path = Path(cfg.dit)
     grid = Path(cfg.grid) if cfg.grid else dit_path.with_name(dit_path.stem + "_eval_grid.png")
     columns = min(GRID_COLUMNS, cfg.num_per_class)
-    try:
-        save_grid(samples.unflatten(0, (len(class_names), -1))[:, :columns].flatten(0, 1), grid, per_row=columns)
-    except OSError as error:
-        raise write_failure("the sample grid", grid, error) from error
+    save_grid(samples.unflatten(0, (len(class_names), -1))[:, :columns].flatten(0, 1), grid, per_row=columns)
 
     def classify(images: torch.Tensor, desc: str) -> tuple[np.ndarray, np.ndarray]:  # (predictions, features)
         judge = lambda batch: features_and_logits(classifier, classifier_normalize(batch, classifier_meta))  # noqa: E731

@@ -156,7 +156,7 @@ def compare_sampling(model, objective, path: Path, cfg: ExportDiTConfig) -> dict
             f"ONNX sampling differs from PyTorch by {diff:.3g} > {SAMPLING_TOLERANCE:g}: sidecar/sampler mismatch"
         )
     grid = save_grid(dit_to_unit(torch.from_numpy(actual)), path.with_name(f"{path.stem}_onnx_grid.png"),
-                     per_row=cfg.test_per_class)  # fmt: skip
+                     per_row=cfg.test_per_class, what="the ONNX sample grid")  # fmt: skip
     print(f"  wrote {grid}")
     return {"sampling_max_abs_diff": diff, "onnx_grid": str(grid)}
 

@@ -90,10 +90,7 @@ def main(cfg: SampleConfig) -> list[Path]:
         short = [name.encode()[:NAME_BYTES_IN_FILE_NAME].decode(errors="ignore") for name in class_names]
         batches, paths = images[:, None], [out / f"{i:04d}_{short[c]}.png" for i, c in enumerate(labels.tolist())]
     for batch, path in zip(batches, paths, strict=True):
-        try:
-            save_grid(batch, path, per_row=cfg.num)
-        except OSError as error:
-            raise write_failure("the samples", path, error) from None
+        save_grid(batch, path, per_row=cfg.num, what="the samples")
     rows = ", ".join(class_names[i] for i in class_ids)
     print(
         f"wrote {len(images)} samples ({cfg.num} per class, {sampler} {cfg.steps} steps, cfg {cfg_scale:g}; "

@@ -20,7 +20,6 @@ from torch import nn
 
 from scripts.lib import checkpoints, sampling
 from scripts.lib.cli import DEVICES, UserError, cpu_threads_option, option, printable, resolve_device_type, run_main
-from scripts.lib.cli import write_failure
 
 SAMPLES_PER_CLASS = 4
 # The forward and sample checks run at most these many classes (spread over all of them): a DiT with thousands of
@@ -129,9 +128,9 @@ def check_sample(model: nn.Module, metadata: dict[str, Any], cfg: VerifyConfig, 
     if not images.isfinite().all():
         return Check("sample", False, f"{cfg.sample_steps}-step sampling produced NaN/inf")
     try:
-        sampling.save_grid(images, out, per_row=SAMPLES_PER_CLASS)
-    except OSError as error:
-        return Check("sample", False, str(write_failure("the check samples", out, error)))
+        sampling.save_grid(images, out, per_row=SAMPLES_PER_CLASS, what="the check samples")
+    except UserError as error:
+        return Check("sample", False, str(error))
     how = f"{sampler} {cfg.sample_steps} steps, cfg {cfg_scale:g}"
     return Check("sample", True, f"{len(labels)} images, {how} -> {out}")
 

@@ -268,6 +268,7 @@ def test_sampling_shows_one_progress_bar_over_all_chunks_and_steps(setup, tmp_pa
         ({"classifier": "nope.safetensors"}, "--classifier nope.safetensors does not exist"),
         ({"steps": 0, "batch_size": 0}, "--steps must be positive (got 0); --batch-size must be positive (got 0)"),
         ({"sampler": "ddim"}, "--sampler 'ddim' is not a sampler of the flow objective"),
+        ({"grid": "grid.txt"}, "--grid must end in .png, .jpg, .jpeg, .webp"),  # not after minutes of sampling
     ],
 )
 def test_bad_flags_are_one_line_user_errors(setup, overrides, message):

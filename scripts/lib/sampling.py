@@ -13,7 +13,7 @@ from torchvision.utils import save_image
 from tqdm import tqdm
 
 from scripts.lib.checkpoints import dit_to_unit
-from scripts.lib.cli import UserError, printable, write_atomic
+from scripts.lib.cli import UserError, printable, save_output
 
 DEFAULT_CFG_SCALE = 4.0  # of a checkpoint that records none (DiT's best figures sample with 4)
 SAMPLE_CHUNK = 64  # images per forward batch (x2 with guidance): bounds memory for any --num
@@ -89,11 +89,10 @@ def resolve_classes(requested: list[str], class_names: list[str]) -> list[int]:
     return ids or list(range(len(class_names)))
 
 
-def save_grid(images: torch.Tensor, path: Path, per_row: int) -> Path:
-    """`images` as one PNG grid with `per_row` images per row, written whole or not at all."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = path.suffix.lower().lstrip(".") or "png"
-    image_format = {"jpg": "jpeg", "tif": "tiff"}.get(suffix, suffix)
+def save_grid(images: torch.Tensor, path: Path, per_row: int, what: str = "the sample grid") -> Path:
+    """`images` as one grid with `per_row` images per row, in the format of its GRID_SUFFIXES suffix, written whole
+    or not at all; a failed write is one line naming `what`."""
+    suffix = Path(path).suffix.lower().lstrip(".")
+    image_format = {"jpg": "jpeg"}.get(suffix, suffix)
     writer = lambda tmp: save_image(images.cpu(), tmp, nrow=per_row, padding=2, pad_value=1.0, format=image_format)  # noqa: E731
-    return write_atomic(path, writer)
+    return save_output(Path(path), writer, what)
