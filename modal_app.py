@@ -23,7 +23,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 from types import ModuleType
 from typing import Any, Literal, NamedTuple, NoReturn
@@ -36,7 +36,8 @@ from models.tiny_dit import DIT_SIZES
 from scripts import prepare_data as prepare_data_script, train, train_dit
 from scripts.lib.checkpoints import list_complete_states
 from scripts.lib.cli import EXIT_DIR_ENV, EXIT_SIGNAL_BASE, EXIT_TIME_LIMIT, EXIT_USER_ERROR, UserError
-from scripts.lib.cli import config_to_argv, flag_name, name_problem, parse_config, parse_duration
+from scripts.lib.cli import config_to_argv, flag_name, name_problem, parse_config, parse_duration, project_env
+from scripts.lib.cli import save_output
 from scripts.lib.data import AUGMENTATION_LEVELS
 from scripts.lib.run import OWNER_ENV, REPORT_TO, STATE_DIR, append_log_line, default_run_name, format_duration
 from scripts.lib.run import heartbeat_is_stale, stale_after_s
@@ -91,8 +92,8 @@ def requested_tracker(argv: list[str]) -> str:
 image = modal.Image.debian_slim(python_version="3.11").pip_install_from_requirements(
     str(PROJECT_DIR / "requirements-train.txt")
 )
-if requested_tracker(sys.argv) in TRACKER_PACKAGES:
-    image = image.pip_install(TRACKER_PACKAGES[requested_tracker(sys.argv)])
+if (tracker := requested_tracker(sys.argv)) in TRACKER_PACKAGES:
+    image = image.pip_install(TRACKER_PACKAGES[tracker])
 # The local packages come last: added at container start, not baked in a layer. A container imports this file again
 # and hydrates each function's image with the app's built one (only the count of a function's Modal objects matters).
 app = modal.App("tiny-cats", image=image.add_local_python_source("models", "scripts"))
@@ -338,8 +339,11 @@ def run_launched(script: Path, argv: list[str], num_processes: int) -> Exit:
     and SIGTERM go on to the launcher's whole process group as SIGTERM: the elastic agent passes on what it gets,
     and a worker that gets SIGINT twice stops without saving (a second Ctrl-C), while SIGTERM twice is harmless."""
     with tempfile.TemporaryDirectory() as exit_dir:
-        env = {**os.environ, EXIT_DIR_ENV: exit_dir, "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(LAUNCHER_SHUTDOWN_TIMEOUT_S)}
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(PROJECT_DIR), os.environ.get("PYTHONPATH"))))
+        env = {
+            **project_env(),
+            EXIT_DIR_ENV: exit_dir,
+            "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(LAUNCHER_SHUTDOWN_TIMEOUT_S),
+        }
         # Port 0: accelerate picks a free port for the ranks' rendezvous (a fixed one collides with other runs).
         launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1"]
         launcher += ["--num_processes", str(num_processes), "--main_process_port", "0"]
@@ -458,6 +462,14 @@ def no_such_run(run: str) -> UserError:
     return UserError(f"no run {run!r} in volume {volume} — list the runs with `modal volume ls {volume} checkpoints`")
 
 
+def downloader(remote_path: str) -> Callable[[Path], None]:
+    def download(local_path: Path) -> None:
+        with open(local_path, "wb") as handle:
+            handle.writelines(outputs_volume.read_file(remote_path))  # chunk by chunk
+
+    return download
+
+
 def fetch_run(run: str, local_dir: Path, include_state: bool, check: bool) -> None:
     """Copy checkpoints/<run>/ from the volume (without state/ unless asked), then verify and export its weights."""
     entries = []
@@ -469,11 +481,7 @@ def fetch_run(run: str, local_dir: Path, include_state: bool, check: bool) -> No
     for remote_path in files:
         if include_state or f"/{STATE_DIR}/" not in remote_path:
             local_path = local_dir / PurePosixPath(remote_path).relative_to(CHECKPOINTS_DIR)
-            local_path.parent.mkdir(parents=True, exist_ok=True)
-            partial = local_path.with_name(local_path.name + ".part")  # an interrupted download never looks complete
-            with open(partial, "wb") as handle:
-                handle.writelines(outputs_volume.read_file(remote_path))  # chunk by chunk
-            os.replace(partial, local_path)
+            save_output(local_path, downloader(remote_path), f"the download of {remote_path}")  # whole or not at all
             print(local_path)
     finals = [local_dir / run / t.final_name for t in TRAINERS.values() if (local_dir / run / t.final_name).is_file()]
     if not finals:
@@ -482,11 +490,10 @@ def fetch_run(run: str, local_dir: Path, include_state: bool, check: bool) -> No
         weights, dit = finals[0].resolve(), finals[0].name == train_dit.FINAL_NAME  # the commands run from PROJECT_DIR
         export = ["scripts/export_dit_onnx.py", "--test"] if dit else ["scripts/export_onnx.py"]
         onnx = weights.with_name("tinydit.onnx" if dit else "cats_model.onnx")
-        env = os.environ | {"PYTHONPATH": str(PROJECT_DIR)}
         for command in (["scripts/verify_checkpoint.py"], [*export, "--output", str(onnx), "--verify"]):
             command += ["--checkpoint", str(weights)]
             print(f"$ {shlex.join(['python', *command])}", flush=True)
-            ran = subprocess.run([sys.executable, *command], cwd=PROJECT_DIR, env=env)
+            ran = subprocess.run([sys.executable, *command], cwd=PROJECT_DIR, env=project_env())
             if ran.returncode != 0:
                 _fail(f"{command[0]} failed on {weights} (exit status {ran.returncode})", ran.returncode)
 

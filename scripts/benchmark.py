@@ -7,7 +7,6 @@ import functools
 import gc
 import json
 import math
-import os
 import platform
 import shlex
 import statistics
@@ -29,7 +28,8 @@ from tqdm import tqdm
 from models.classifier import build_classifier
 from models.diffusion import build_objective
 from models.tiny_dit import TinyDiT, build_dit, count_parameters
-from scripts.lib.cli import DEVICES, UserError, option, resolve_device_type, run_main, write_json
+from scripts.lib.cli import DEVICES, PROJECT_ROOT, UserError, option, project_env, resolve_device_type, run_main
+from scripts.lib.cli import write_json
 from scripts.lib.data import ImageSource, scan_image_folder, synthetic_cache, training_batch
 from scripts.lib.run import resolve_mixed_precision, synchronize
 
@@ -288,8 +288,7 @@ def speed_bar(report: dict[str, Any], device: torch.device, quick: bool) -> dict
 
 
 # --- GPU suite: the trainer (run as a subprocess) beside a bare loop of the same model, and the GPU goal --------------
-ROOT = Path(__file__).resolve().parents[1]
-TRAINER, TOY_CATS = "scripts/train_dit.py", "scripts/make_toy_cats.py"  # other commands, run from ROOT
+TRAINER, TOY_CATS = "scripts/train_dit.py", "scripts/make_toy_cats.py"  # other commands, run from PROJECT_ROOT
 VARIANTS = {"eager": False, "compiled": True}  # each measurement without and with torch.compile
 
 # Issue 15's goal on an H100/H200-class GPU, per model, for the compiled trainer (what --compile auto runs on CUDA).
@@ -345,10 +344,11 @@ def attempt(what: str, measure: Callable[[], dict[str, Any]], device: torch.devi
 
 
 def run_command(argv: list[str], log_path: Path) -> float:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     started = time.perf_counter()
     with log_path.open("w") as log:
-        status = subprocess.run(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
+        status = subprocess.run(
+            argv, cwd=PROJECT_ROOT, env=project_env(), stdout=log, stderr=subprocess.STDOUT, check=False
+        ).returncode
     if status:
         tail = " | ".join(line for line in log_path.read_text(errors="replace").splitlines()[-6:] if line.strip())
         raise MeasurementFailed(f"{Path(argv[1]).name} exited with status {status}: {tail[-1500:]}")

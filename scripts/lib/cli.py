@@ -34,7 +34,8 @@ from typing import Any, TypeVar
 ConfigT = TypeVar("ConfigT")
 EXIT_USER_ERROR, EXIT_TIME_LIMIT, EXIT_SIGNAL_BASE = 2, 75, 128  # 75 = EX_TEMPFAIL: not finished, resumable
 EXIT_DIR_ENV = "TINY_CATS_EXIT_DIR"
-LOGGER_NAME = "tiny_cats"  # the one logger of the kit: training.log, data warnings, Modal attempts
+LOGGER_NAME = "tiny_cats"  # the one logger of the kit: training.log and data warnings
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # holds models/ and scripts/
 DEVICES = ("auto", "cpu", "cuda", "mps")
 MAX_PRESET_BYTES = 1 << 20  # a preset is a config.json: a few kB; /dev/zero must not be read to the end
 MAX_NAME_CHARS = 255  # a file name, on every common file system
@@ -42,6 +43,13 @@ MAX_NAME_CHARS = 255  # a file name, on every common file system
 
 class UserError(Exception):
     """A problem the user can fix (bad path, bad flag, corrupt data, OOM...). The message says how."""
+
+
+def project_env() -> dict[str, str]:
+    """This process's environment for a command run from source: the project first on PYTHONPATH (its scripts import
+    models/ and scripts/ from there), the user's own entries after it."""
+    path = os.pathsep.join(filter(None, (str(PROJECT_ROOT), os.environ.get("PYTHONPATH"))))
+    return {**os.environ, "PYTHONPATH": path}
 
 
 # Characters a name must not bring to a log line or terminal as they are: controls (a newline forges a line, ESC
