@@ -31,7 +31,7 @@ from scripts.lib.checkpoints import MAX_IMAGE_SIZE, MIN_CLASSIFIER_IMAGE_SIZE, T
 from scripts.lib.checkpoints import classifier_normalize
 from scripts.lib.cli import UserError, option, run_main
 from scripts.lib.run import NonFiniteGuard, Run, RunSpec, Stopper, TrainerConfig, common_problems, config_dict
-from scripts.lib.run import exit_status, format_duration, learning_rate, open_run, positive_problems
+from scripts.lib.run import adamw, exit_status, format_duration, learning_rate, open_run, positive_problems
 
 BEST_STEM = "cats_model_best"
 EVAL_BATCH = 128  # images per validation forward pass (no gradients: larger than training batches is fine)
@@ -128,10 +128,7 @@ def train(run: Run, cfg: TrainConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     with accelerator.main_process_first():  # one download into the torch.hub cache, not one per rank
         raw_model = build_model(cfg, len(cache.class_names)).to(run.device, memory_format=torch.channels_last)
-    # Fused AdamW: one kernel for all parameters, and it can skip a non-finite step on the device.
-    fused = run.device.type in ("cuda", "cpu")
-    optimizer = torch.optim.AdamW(raw_model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
-    model, optimizer = accelerator.prepare(raw_model, optimizer)
+    model, optimizer = accelerator.prepare(raw_model, adamw(raw_model, cfg))
     state = TrainingState(raw_model, optimizer)
     architecture = {"backbone": cfg.backbone, "image_size": cfg.image_size, "class_names": list(cache.class_names)}
     _, saved = run.restore(state, architecture)

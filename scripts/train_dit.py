@@ -33,8 +33,8 @@ from scripts.lib import data
 from scripts.lib.checkpoints import MAX_IMAGE_SIZE, TrainingState, dit_metadata, unit_to_dit
 from scripts.lib.cli import UserError, option, parse_duration, run_main
 from scripts.lib.run import (
-    LR_SCHEDULES, NonFiniteGuard, Run, RunSpec, Stopper, TrainerConfig, common_problems, config_dict, exit_status,
-    format_duration, learning_rate, open_run, positive_problems, synchronize,
+    LR_SCHEDULES, NonFiniteGuard, Run, RunSpec, Stopper, TrainerConfig, adamw, common_problems, config_dict,
+    exit_status, format_duration, learning_rate, open_run, positive_problems, synchronize,
 )  # fmt: skip
 from scripts.lib.sampling import SamplingStopped, class_grid_labels, sample_images, save_grid
 
@@ -249,11 +249,8 @@ def train(run: Run, cfg: TrainDiTConfig, shared: Path | None) -> dict[str, Any]:
     objective = training_objective(cfg)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     raw_model = build_dit(cfg.model, cfg.image_size, len(class_names)).to(device)
-    # Fused AdamW: one kernel over all parameters, and one that can skip a non-finite step on the device.
-    fused = device.type in ("cuda", "cpu")
-    optimizer = torch.optim.AdamW(raw_model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
     # No LR scheduler goes through prepare(): a prepared one steps once per process (see API-NOTES).
-    model, optimizer = accelerator.prepare(raw_model, optimizer)
+    model, optimizer = accelerator.prepare(raw_model, adamw(raw_model, cfg))
     ema = EMA(raw_model, decay=cfg.ema_decay)
     state = TrainingState(raw_model, optimizer, ema, accelerator.scaler)
     start, _ = run.restore(state, architecture(cfg, class_names), training_schedule(cfg))

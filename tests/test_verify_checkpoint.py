@@ -264,3 +264,10 @@ def test_bad_flags_are_refused_before_any_check(dit_path, tmp_path, args, messag
     cfg = parse_config(VerifyConfig, ["--checkpoint", str(dit_path), *(a.format(tmp=tmp_path) for a in args)], "")
     with pytest.raises(UserError, match=message):
         verify(cfg)
+
+
+def test_a_folder_where_the_default_sample_goes_is_refused_before_any_check(tmp_path):
+    dit = save_dit(tmp_path / "tinydit_final.safetensors")
+    (tmp_path / "tinydit_final_verify.png").mkdir()  # not verify.png in the working folder: the real default
+    with pytest.raises(UserError, match="tinydit_final_verify.png is a folder — pass e.g. "):
+        verify(parse_config(VerifyConfig, ["--checkpoint", str(dit)], ""))

@@ -530,6 +530,13 @@ def exit_status(reason: str) -> int:
     return EXIT_TIME_LIMIT if reason == TIME_LIMIT else EXIT_SIGNAL_BASE + signal.Signals[reason].value
 
 
+def adamw(model: torch.nn.Module, cfg: TrainerConfig) -> torch.optim.AdamW:
+    """AdamW over `model`, fused where torch has the kernel: one kernel over all parameters, and one that can skip a
+    non-finite step on the device (NonFiniteGuard)."""
+    fused = next(model.parameters()).device.type in ("cuda", "cpu")
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+
+
 class NonFiniteGuard:
     """No NaN/inf loss, gradient or weight ever reaches a checkpoint, and the GPU is never waited for to know it.
 
@@ -571,7 +578,7 @@ class RunSpec:
     """How one trainer's run differs from the other's."""
 
     kind: str  # "dit" or "classifier": names the status and the tracker project
-    validate: Callable[[Any, int], list[str]]  # the trainer's flag problems for N processes
+    validate: Callable[[Any, int], None]  # raises a UserError naming every bad flag, for N processes
     outputs: list[Path] = field(default_factory=list)  # files written outside the run folder
     min_classes: int = 1
     accumulation: int = 1  # forward passes per optimizer step
