@@ -16,7 +16,8 @@ import torch
 
 from scripts.lib.checkpoints import classifier_normalize, load_classifier
 from scripts.lib.cli import UserError, cpu_threads_option, option, printable, run_main
-from scripts.lib.data import IMAGE_EXTENSIONS, UnreadableImage, load_rgb
+from scripts.lib.cli import IMAGE_EXTENSIONS, is_hidden_name
+from scripts.lib.data import UnreadableImage, load_rgb, unit_batch
 from scripts.lib.onnx_export import (
     DEFAULT_OPSET, PARITY_BATCH_SIZES, PARITY_TOLERANCE, export_with_dynamic_batch, verify_export, write_sidecar,
 )  # fmt: skip
@@ -63,7 +64,8 @@ def real_images(cfg: ExportClassifierConfig, metadata: dict[str, Any]) -> torch.
     folder = cfg.images or (metadata.get("config") or {}).get("data_dir")
     if not folder or not Path(folder).is_dir():
         return None
-    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    listed = (p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    files = sorted(p for p in listed if not any(map(is_hidden_name, p.relative_to(folder).parts)))  # macOS ._x.jpg
     stride, arrays = max(1, len(files) // max(cfg.max_images, 1)), []
     for path in files[::stride][: cfg.max_images]:
         try:
@@ -72,7 +74,7 @@ def real_images(cfg: ExportClassifierConfig, metadata: dict[str, Any]) -> torch.
             print(f"  skipping unreadable image: {error}")
     if not arrays:
         raise UserError("no readable image for the top-1 check — pass --images with a folder of images")
-    return classifier_normalize(torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255, metadata)
+    return classifier_normalize(unit_batch(arrays), metadata)
 
 
 def top1_disagreements(torch_logits: np.ndarray, onnx_logits: np.ndarray, tolerance: float) -> int:

@@ -17,7 +17,7 @@ import torch
 
 from scripts.lib.checkpoints import classifier_normalize, load_classifier
 from scripts.lib.cli import DEVICES, UserError, cpu_threads_option, option, printable, resolve_device_type, run_main
-from scripts.lib.data import load_rgb, to_unit_float
+from scripts.lib.data import load_rgb, unit_batch
 
 # Images decoded, classified and printed at a time: memory stays that of one batch however many files are passed.
 PREDICT_BATCH = 64
@@ -67,8 +67,7 @@ def main(cfg: PredictConfig) -> list[Prediction]:
                 failures += 1
         if not arrays:
             continue
-        batch = to_unit_float(torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).to(device))
-        probabilities = model(classifier_normalize(batch, metadata)).float().softmax(dim=1)
+        probabilities = model(classifier_normalize(unit_batch(arrays, device), metadata)).float().softmax(dim=1)
         values, indices = probabilities.topk(min(cfg.top_k, len(names)), dim=1)
         for path, row_p, row_i in zip(readable, values.tolist(), indices.tolist(), strict=True):
             predictions.append(Prediction(path, [(names[i], p) for i, p in zip(row_i, row_p, strict=True)]))

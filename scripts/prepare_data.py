@@ -19,8 +19,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from scripts.lib.cli import UserError, name_problem, option, printable, run_main
-from scripts.lib.data import IMAGE_EXTENSIONS, class_names_problem, is_hidden_name, refuse_foreign_classes
+from scripts.lib.cli import IMAGE_EXTENSIONS, UserError, check_class_names, class_folders, is_hidden_name, name_problem
+from scripts.lib.cli import option, printable, refuse_foreign_classes, run_main
 
 CAT_BREEDS = ("Abyssinian", "Bengal", "Birman", "Bombay", "British_Shorthair", "Egyptian_Mau", "Maine_Coon",
               "Persian", "Ragdoll", "Russian_Blue", "Siamese", "Sphynx")  # fmt: skip
@@ -108,7 +108,7 @@ def import_folder(source: Path, out_dir: Path, name: str | None, link: bool) -> 
     # A class folder may be a symlink, as the trainers follow one; links further down are not followed (no loops).
     # Nested folders go into the file name, so two `img1.jpg` in different subfolders stay distinct.
     files = []  # (class, image, its file name in the class folder)
-    for class_dir in sorted(p for p in source.glob("*") if p.is_dir() and not is_hidden_name(p.name)):
+    for class_dir in class_folders(source):
         for path in sorted(class_dir.rglob("*")):
             parts = path.relative_to(class_dir).parts
             if not any(map(is_hidden_name, parts)) and path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
@@ -119,8 +119,7 @@ def import_folder(source: Path, out_dir: Path, name: str | None, link: bool) -> 
             "(one subfolder per class, images as .jpg, .png, .webp, ...)"
         )
     classes = sorted({class_name for class_name, _, _ in files})
-    if problem := class_names_problem(classes):  # the trainers would refuse the data set
-        raise UserError(f"class folders of {printable(source)}: {problem} — rename the folder")
+    check_class_names(source, classes)  # the trainers would refuse the data set
     refuse_foreign_classes(out_dir / name, classes)
     place_all([(path, out_dir / name / class_name / file_name) for class_name, path, file_name in files], link)
     return {name: Counter(class_name for class_name, _, _ in files)}

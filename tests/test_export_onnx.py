@@ -187,6 +187,15 @@ def test_classifier_export_matches_pytorch_and_agrees_on_real_images(tmp_path):
     assert [node.name for node in inputs] == ["images"] and isinstance(inputs[0].shape[0], str)
 
 
+def test_the_top1_images_leave_out_hidden_files(tmp_path, capsys):
+    generate_toy_cats(tmp_path / "cats", per_class=1, size=40, seed=0, classes=["black", "white"])
+    (tmp_path / "cats" / "black" / "._black_0000.png").write_bytes(b"\x00\x05\x16\x07")  # macOS resource fork
+    (tmp_path / "cats" / ".tiny-cats-cache").mkdir()
+    (tmp_path / "cats" / ".tiny-cats-cache" / "x.png").write_bytes(b"not a png")
+    images = export_onnx.real_images(ExportClassifierConfig(images=str(tmp_path / "cats")), {"image_size": 32})
+    assert images.shape == (2, 3, 32, 32) and "skipping" not in capsys.readouterr().out
+
+
 def test_top1_disagreements_excuse_only_near_ties():
     torch_logits = np.array([[2.0, 1.0, 0.0], [1.0, 1.0 + 1e-6, 0.0]])
     assert top1_disagreements(torch_logits, torch_logits.copy(), 1e-4) == 0

@@ -4,6 +4,8 @@ shared modules in scripts/lib/ never import a command, models/ knows nothing of 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -53,3 +55,10 @@ def test_the_import_check_can_fail(tmp_path):
     offender = tmp_path / "offender.py"
     offender.write_text("from scripts import train_dit\nfrom scripts.sample import main\nimport scripts.lib.cli\n")
     assert {"scripts.train_dit", "scripts.sample"} <= imported_modules(offender) & command_modules()
+
+
+@pytest.mark.parametrize("command", ["make_toy_cats", "make_toy_glyphs", "prepare_data"])
+def test_the_data_making_commands_start_without_torch(command):
+    """They only write image files: importing torch would add seconds to each start (ten times their own)."""
+    check = f"import sys, scripts.{command}; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", check], cwd=ROOT, timeout=120).returncode == 0

@@ -33,8 +33,9 @@ from torch import nn
 
 from models.diffusion import DDPM, OBJECTIVES, FlowMatching, build_objective
 from models.tiny_dit import DIT_SIZES, TinyDiT, build_dit
-from scripts.lib.cli import FILE_MODE, UserError, name_problem, printable, write_atomic, write_failure
-from scripts.lib.data import MAX_CLASSES, class_names_problem
+from scripts.lib.cli import FILE_MODE, UserError, class_names_problem, name_problem, printable, write_atomic
+from scripts.lib.cli import write_failure
+from scripts.lib.data import MAX_CLASSES
 
 FORMAT_NAME, FORMAT_VERSION = "tiny-cats", 1
 DIT_KIND, CLASSIFIER_KIND = "dit", "classifier"

@@ -1,4 +1,4 @@
-"""What every command shares: flags from a dataclass config, one-line errors and exit statuses, safe writes.
+"""What every command shares: flags from a dataclass config, names (runs, data sets, classes), one-line errors and exit
 
 `build_parser` makes a script's flags from its dataclass config (kebab-case, defaults in --help), so no flag is parsed
 and then ignored; `config_to_argv` is the way back for launchers. `run_main` is every script's `__main__`.
@@ -27,7 +27,7 @@ import sys
 import typing
 import unicodedata
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -78,6 +78,48 @@ def name_problem(name: object) -> str | None:
     if "/" in name or "\\" in name or name in (".", ".."):
         return "is a path, not a plain name (no /, \\, . or ..)"
     return None
+
+
+# --- Image folders: names a data set may use (no torch: the toy-set and import commands start fast) -------------
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+
+
+def is_hidden_name(name: str) -> bool:
+    """Folders like .ipynb_checkpoints, .tiny-cats-cache or __pycache__ are tool clutter, not classes."""
+    return name.startswith((".", "__"))
+
+
+def class_names_problem(names: list[str]) -> str | None:
+    """Why these names cannot be one data set's classes (the first reason), or None. Class names are folder names that
+    reach checkpoint metadata, log lines and the file names sample.py writes; two spellings of one name
+    (NFC "café" and NFD "café") print identically, so they are one class name twice, not two classes."""
+    seen: dict[str, str] = {}
+    for name in names:
+        if problem := name_problem(name):
+            return f"'{printable(name)}': the name {problem}"
+        if (key := unicodedata.normalize("NFC", name)) in seen:
+            return f"'{printable(seen[key])}' and '{printable(name)}' are one name in two Unicode spellings"
+        seen[key] = name
+    return None
+
+
+def check_class_names(root: Path, names: list[str]) -> None:
+    if problem := class_names_problem(names):
+        raise UserError(f"class folders of {printable(root)}: {problem} — rename the folder")
+
+
+def class_folders(root: Path) -> list[Path]:
+    """The class subfolders of an image folder DIR/<class>/*.jpg, sorted by name."""
+    return sorted(p for p in root.iterdir() if p.is_dir() and not is_hidden_name(p.name))
+
+
+def refuse_foreign_classes(out: Path, allowed: Iterable[str]) -> None:
+    """Stop before writing into a folder that already holds other classes: every subfolder of an ImageFolder is a
+    class, so e.g. toy cats and Oxford breeds in one `data/cats` would silently mix."""
+    allowed = set(allowed)
+    if foreign := [p.name for p in (class_folders(out) if out.is_dir() else []) if p.name not in allowed]:
+        raise UserError(f"{printable(out)} already holds other classes ({printable(', '.join(foreign[:6]))}) that "
+                        "would mix into this data set — remove them or choose another output folder")  # fmt: skip
 
 
 # --- Configs <-> command lines -----------------------------------------------------------------------------------

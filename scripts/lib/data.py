@@ -17,10 +17,9 @@ import json
 import logging
 import os
 import struct
-import unicodedata
 import warnings
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -30,9 +29,9 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from scripts.lib.cli import LOGGER_NAME, UserError, name_problem, printable, write_atomic
+from scripts.lib.cli import IMAGE_EXTENSIONS, LOGGER_NAME, UserError, check_class_names, class_folders, is_hidden_name
+from scripts.lib.cli import printable, write_atomic
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 CACHE_DIR_NAME, CACHE_FORMAT_VERSION = ".tiny-cats-cache", 2
 # iNaturalist 2021 (10,000 species) is the largest common labelled set; at this bound the largest class table a
 # checkpoint can ask for (a resnet50 head) is 82 MB, where a claim of 1e9 classes would be 8 TB.
@@ -53,38 +52,18 @@ class ImageFolderListing:
     files: list[tuple[Path, int]]
 
 
-def is_hidden_name(name: str) -> bool:
-    """Folders like .ipynb_checkpoints, .tiny-cats-cache or __pycache__ are tool clutter, not classes."""
-    return name.startswith((".", "__"))
-
-
-def class_names_problem(names: list[str]) -> str | None:
-    """Why these names cannot be one data set's classes (the first reason), or None. Class names are folder names that
-    reach checkpoint metadata, log lines and the file names sample.py writes; two spellings of one name
-    (NFC "café" and NFD "café") print identically, so they are one class name twice, not two classes."""
-    seen: dict[str, str] = {}
-    for name in names:
-        if problem := name_problem(name):
-            return f"'{printable(name)}': the name {problem}"
-        if (key := unicodedata.normalize("NFC", name)) in seen:
-            return f"'{printable(seen[key])}' and '{printable(name)}' are one name in two Unicode spellings"
-        seen[key] = name
-    return None
-
-
 def scan_image_folder(root: str | Path) -> ImageFolderListing:
     """List DIR/<class>/<image>; a UserError that says what to fix when the layout is wrong."""
     root = Path(root).expanduser()
     if not root.is_dir():
         what = "path {} is a file, not a folder" if root.exists() else "folder {} does not exist"
         raise UserError(f"data {what.format(printable(root))} — {LAYOUT_HINT}")
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not is_hidden_name(p.name))
+    class_dirs = class_folders(root)
     if not class_dirs or len(class_dirs) > MAX_CLASSES:
         many = f"{len(class_dirs)} class subfolders, more than the {MAX_CLASSES} a model of this kit can have"
         has = many if class_dirs else "no class subfolders"
         raise UserError(f"data folder {printable(root)} has {has} — {LAYOUT_HINT}")
-    if problem := class_names_problem([class_dir.name for class_dir in class_dirs]):
-        raise UserError(f"class folders of {printable(root)}: {problem} — rename the folder")
+    check_class_names(root, [class_dir.name for class_dir in class_dirs])
     files: list[tuple[Path, int]] = []
     for label, class_dir in enumerate(class_dirs):
         found = [p for p in class_dir.iterdir() if p.is_file() and not is_hidden_name(p.name)]
@@ -94,16 +73,6 @@ def scan_image_folder(root: str | Path) -> ImageFolderListing:
                             f"({', '.join(sorted(IMAGE_EXTENSIONS))}) — add images or remove the folder")  # fmt: skip
         files += [(path, label) for path in images]
     return ImageFolderListing(root, [d.name for d in class_dirs], files)
-
-
-def refuse_foreign_classes(out: Path, allowed: Iterable[str]) -> None:
-    """Stop before writing into a folder that already holds other classes: every subfolder of an ImageFolder is a
-    class, so e.g. toy cats and Oxford breeds in one `data/cats` would silently mix."""
-    allowed = set(allowed)
-    found = sorted(p.name for p in out.iterdir() if p.is_dir() and not is_hidden_name(p.name)) if out.is_dir() else []
-    if foreign := [name for name in found if name not in allowed]:
-        raise UserError(f"{printable(out)} already holds other classes ({printable(', '.join(foreign[:6]))}) that "
-                        "would mix into this data set — remove them or choose another output folder")  # fmt: skip
 
 
 # --- Decoding one file: bounded in memory, upright, RGB, resized and centre-cropped ------------------------------
@@ -474,6 +443,11 @@ def draw_augmentation(level: str, batch_size: int, image_size: int, generator: t
 def to_unit_float(images_uint8: torch.Tensor) -> torch.Tensor:
     """uint8 (B, 3, H, W) -> float32 in [0, 1], for evaluation (no augmentation)."""
     return images_uint8.to(torch.float32).div_(255.0)
+
+
+def unit_batch(arrays: Sequence[np.ndarray], device: torch.device | str = "cpu") -> torch.Tensor:
+    """Decoded (H, W, 3) uint8 images (`load_rgb`) -> one float32 (B, 3, H, W) batch in [0, 1] on `device`."""
+    return to_unit_float(torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).to(device))
 
 
 def apply_augmentation(images_uint8: torch.Tensor, params: AugmentationParams) -> torch.Tensor:

@@ -15,8 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from scripts.lib.cli import UserError, option
-from scripts.lib.data import refuse_foreign_classes
+from scripts.lib.cli import UserError, option, refuse_foreign_classes
 
 # Shapes are drawn at SUPERSAMPLE x the output size and box-downscaled, so edges are anti-aliased.
 SUPERSAMPLE = 4
