@@ -58,8 +58,7 @@ def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 class Objective:
     """What the trainer, sampler and ONNX export need from a diffusion objective. A subclass defines
 
-    - `draw_training_noise(shape, generator, device)`: per-sample time t (B,) and noise of `shape` for a global batch,
-      drawn on the generator's device (so the stream does not depend on where training runs), moved to `device`;
+    - `draw_times(n, generator)`: n training times t, drawn on the generator's device;
     - `add_noise(x0, t, noise)`: the network input x_t; `training_target(x0, noise)`: what the network predicts;
     - `model_time(t)`: the timestep the network is fed (0..1000 scale); `time_grid(steps)`: the times a sampler
       visits, from noise towards data;
@@ -71,6 +70,12 @@ class Objective:
     name: str
     samplers: tuple[str, ...]
     default_sampler: str
+
+    def draw_training_noise(self, shape, generator: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample time t (B,), then noise of `shape`, for a global batch: drawn on the generator's device (so the
+        stream does not depend on where training runs), moved to `device`."""
+        t = self.draw_times(shape[0], generator)
+        return t.to(device), torch.randn(shape, generator=generator, device=generator.device).to(device)
 
     def training_loss(
         self, model: nn.Module, x0: torch.Tensor, y: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
@@ -115,15 +120,11 @@ class FlowMatching(Objective):
     def options(self):
         return {"time_sampling": self.time_sampling}
 
-    def draw_training_noise(self, shape, generator, device):
-        gen_device = generator.device
+    def draw_times(self, n, generator):
         if self.time_sampling == "logit-normal":
             # sigmoid(N(0, 1)) puts more weight on the middle times, where the velocity is hardest (SD3).
-            t = torch.sigmoid(torch.randn(shape[0], generator=generator, device=gen_device))
-        else:
-            t = torch.rand(shape[0], generator=generator, device=gen_device)
-        noise = torch.randn(shape, generator=generator, device=gen_device)
-        return t.to(device), noise.to(device)
+            return torch.sigmoid(torch.randn(n, generator=generator, device=generator.device))
+        return torch.rand(n, generator=generator, device=generator.device)
 
     def add_noise(self, x0, t, noise):
         t = _per_sample(t, x0)
@@ -209,11 +210,8 @@ class DDPM(Objective):
     def options(self):
         return {"schedule": self.schedule, "num_timesteps": self.num_timesteps, "eta": self.eta}
 
-    def draw_training_noise(self, shape, generator, device):
-        gen_device = generator.device
-        t = torch.randint(0, self.num_timesteps, (shape[0],), generator=generator, device=gen_device)
-        noise = torch.randn(shape, generator=generator, device=gen_device)
-        return t.to(device), noise.to(device)
+    def draw_times(self, n, generator):
+        return torch.randint(0, self.num_timesteps, (n,), generator=generator, device=generator.device)
 
     def _alpha_bar(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return _per_sample(self.alphas_cumprod.to(t.device)[t], like)

@@ -31,7 +31,7 @@ from models.tiny_dit import TinyDiT, build_dit, count_parameters
 from scripts.lib.cli import DEVICES, PROJECT_ROOT, UserError, option, project_env, resolve_device_type, run_main
 from scripts.lib.cli import write_json
 from scripts.lib.data import ImageSource, scan_image_folder, synthetic_cache, training_batch
-from scripts.lib.run import resolve_mixed_precision, synchronize
+from scripts.lib.run import allow_tf32, resolve_mixed_precision, synchronize
 
 aten = torch.ops.aten
 
@@ -433,7 +433,7 @@ def measure_gpu_suite(spec: GpuBenchSpec, device: torch.device, skip_compile: bo
     # bf16 where the trainer's `auto` picks it (the device computes it natively), else fp32; TF32 as the trainer sets it
     report["precision"] = "bf16" if resolve_mixed_precision("auto", device.type) == "bf16" else "fp32"
     precision = torch.bfloat16 if report["precision"] == "bf16" else torch.float32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    allow_tf32()
     with tempfile.TemporaryDirectory(prefix="tiny-cats-bench-") as temp:
         work_dir, data_dir = Path(temp), Path(temp, "toy-cats")
         print("benchmark: drawing the toy cats ...", file=sys.stderr, flush=True)
@@ -464,8 +464,9 @@ def measure_gpu_suite(spec: GpuBenchSpec, device: torch.device, skip_compile: bo
         # All training (what the goal judges) before any sampling: a run cut short still has the goal's figures.
         for model in spec.models:
             entry = report["models"][model.name]
-            entry["parameters"] = count_parameters(run.new_dit(model))
-            flops, flops_by_op = count_flops(dit_train_step(run.new_dit(model), spec.batch_size, device, precision))
+            network = run.new_dit(model)
+            entry["parameters"] = count_parameters(network)
+            flops, flops_by_op = count_flops(dit_train_step(network, spec.batch_size, device, precision))
             entry.update(gflop_per_step=flops / 1e9, gflop_per_image=flops / spec.batch_size / 1e9)
             entry["gflop_per_step_by_op"] = {op: n / 1e9 for op, n in flops_by_op.items()}
             measure_variants(model, "bare_loop", functools.partial(run.bare_loop, flops_per_step=flops))

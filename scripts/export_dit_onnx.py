@@ -146,7 +146,7 @@ def compare_sampling(model, objective, path: Path, cfg: ExportDiTConfig) -> dict
     total = min(settings["steps"], sidecar["objective"].get("num_timesteps", settings["steps"]))
     with tqdm(total=total, desc="PyTorch sampling", unit="step", leave=False) as bar:
         expected = objective.sample(model, noise, labels, **settings, on_step=bar.update)
-    session = make_ort_session(path, cfg.cpu_threads or None)
+    session = make_ort_session(path, cfg.cpu_threads)
     actual = onnx_sample(session, sidecar, noise.numpy(), labels.numpy(), progress="ONNX Runtime sampling")
     diff = max_abs_diff(actual, expected.numpy())
     shown = "{sampler}, {steps} steps, cfg {cfg_scale:g}".format(**settings)
@@ -174,7 +174,7 @@ def quantize_and_compare(model, path: Path, cfg: ExportDiTConfig) -> dict[str, A
     quantize_dynamic(graph, quantized, weight_type=QuantType.QInt8, op_types_to_quantize=op_types)
     inputs = random_inputs(model, 4, torch.Generator().manual_seed(cfg.seed))
     feed = {name: tensor.numpy() for name, tensor in inputs.items()}
-    int8, fp32 = (make_ort_session(p, cfg.cpu_threads or None).run(None, feed)[0] for p in (quantized, path))
+    int8, fp32 = (make_ort_session(p, cfg.cpu_threads).run(None, feed)[0] for p in (quantized, path))
     drift = max_abs_diff(int8, fp32)
     print(f"  int8: {quantized} {size_text(quantized)} (fp32 {size_text(path)}); max |int8 - fp32| = {drift:.3g}")
     return {
@@ -197,7 +197,7 @@ def main(cfg: ExportDiTConfig) -> dict[str, Any]:
     if cfg.verify:
         generator = torch.Generator().manual_seed(cfg.seed)
         batches = [random_inputs(model, n, generator) for n in PARITY_BATCH_SIZES]
-        summary["max_abs_diff"] = verify_export("denoiser", model, output, batches, cfg.cpu_threads or None)[1]
+        summary["max_abs_diff"] = verify_export("denoiser", model, output, batches, cfg.cpu_threads)[1]
     if cfg.test:
         summary.update(compare_sampling(model, objective, output, cfg))
     if cfg.quantize:

@@ -97,7 +97,7 @@ def main(cfg: ExportClassifierConfig) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(cfg.seed)
     random_images = (torch.rand((n, 3, size, size), generator=generator) for n in PARITY_BATCH_SIZES)
     batches = [{INPUT_NAME: classifier_normalize(images, metadata)} for images in random_images]
-    session, summary["max_abs_diff"] = verify_export("classifier", model, output, batches, cfg.cpu_threads or None)
+    session, summary["max_abs_diff"] = verify_export("classifier", model, output, batches, cfg.cpu_threads)
     if (images := real_images(cfg, metadata)) is None:
         print("  top-1 on real images: skipped (no --images and the training data_dir is not here)")
         return summary

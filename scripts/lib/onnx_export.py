@@ -26,8 +26,8 @@ PARITY_TOLERANCE = 1e-4
 PARITY_BATCH_SIZES = (1, 2, 5)
 
 
-def make_ort_session(path: str | Path, threads: int | None = None) -> ort.InferenceSession:
-    """A CPU session; by default one intra-op thread per core this process may use (affinity, container limits)."""
+def make_ort_session(path: str | Path, threads: int = 0) -> ort.InferenceSession:
+    """A CPU session; 0 threads: one intra-op thread per core this process may use (affinity, container limits)."""
     options = ort.SessionOptions()
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     options.intra_op_num_threads = threads or usable
@@ -69,7 +69,7 @@ def max_abs_diff(actual: np.ndarray, expected: np.ndarray) -> float:
 
 
 def verify_export(
-    what: str, model: nn.Module, path: Path, batches: Sequence[dict[str, torch.Tensor]], threads: int | None = None
+    what: str, model: nn.Module, path: Path, batches: Sequence[dict[str, torch.Tensor]], threads: int = 0
 ) -> tuple[ort.InferenceSession, float]:
     """onnx.checker, then ONNX Runtime vs PyTorch on each batch of named CPU inputs: (session, worst difference)."""
     try:

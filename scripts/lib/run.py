@@ -138,13 +138,16 @@ def resolve_mixed_precision(requested: str, device_type: str) -> str:
     return "no"
 
 
+def allow_tf32() -> None:
+    """TF32 matmuls and convolutions on CUDA: far faster on Ampere+, accurate enough for training."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+
 def make_accelerator(device: str, mixed_precision: str, accumulation: int = 1, **kwargs: Any) -> Accelerator:
     """One Accelerator for the whole run (DDP, mixed precision, gradient accumulation)."""
     device_type = resolve_device_type(device)
     precision = resolve_mixed_precision(mixed_precision, device_type)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = (
-        True  # far faster on Ampere+, accurate enough
-    )
+    allow_tf32()
     # Accelerate keeps the first run's precision process-wide and refuses another; a second run in one process
     # (tests, notebooks) may rightly ask for a different one.
     if AcceleratorState._shared_state and AcceleratorState().mixed_precision != precision:
