@@ -1,4 +1,4 @@
-"""host_memory: with glibc tuned, a large CPU tensor comes from the heap and its memory stays there when freed.
+"""cli.reuse_freed_memory: with glibc tuned, a large CPU tensor comes from the heap and stays there when freed.
 
 Checked in fresh interpreters through malloc's own statistics (mallinfo2), because the tuning and glibc's
 adaptive thresholds are per-process state that other tests would already have moved.

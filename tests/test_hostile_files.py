@@ -467,14 +467,14 @@ def test_a_16_bit_image_costs_at_most_6_bytes_a_pixel_to_decode(tmp_path):
 
 
 def test_a_large_jpeg_is_decoded_reduced_where_another_format_is_refused(tmp_path, monkeypatch):
-    from scripts.lib import data as decoding
+    from scripts.lib import data
 
-    monkeypatch.setattr(decoding, "MAX_DECODE_PIXELS", 100 * 100)  # 200 x 200 is "too large" now
+    monkeypatch.setattr(data, "MAX_DECODE_PIXELS", 100 * 100)  # 200 x 200 is "too large" now
     Image.new("RGB", (200, 200), (200, 30, 30)).save(tmp_path / "big.jpg", quality=95)
     Image.new("RGB", (200, 200), (200, 30, 30)).save(tmp_path / "big.png")
-    assert decoding.load_rgb(tmp_path / "big.jpg", 16).shape == (16, 16, 3)  # draft decodes it at 1/8 scale
-    with pytest.raises(decoding.UnreadableImage, match="200 x 200 pixels is more than"):
-        decoding.load_rgb(tmp_path / "big.png", 16)
+    assert data.load_rgb(tmp_path / "big.jpg", 16).shape == (16, 16, 3)  # draft decodes it at 1/8 scale
+    with pytest.raises(data.UnreadableImage, match="200 x 200 pixels is more than"):
+        data.load_rgb(tmp_path / "big.png", 16)
 
 
 def test_file_names_cannot_split_or_forge_a_log_line(tmp_path):
