@@ -21,7 +21,7 @@ from tqdm import tqdm
 from models.classifier import features_and_logits
 from scripts.lib.checkpoints import classifier_normalize, load_classifier, load_dit
 from scripts.lib.cli import DEVICES, UserError, cpu_threads_option, option, printable, resolve_device_type, run_main
-from scripts.lib.cli import write_json
+from scripts.lib.cli import refuse, write_json
 from scripts.lib.data import ImageCache, load_or_build_cache, stratified_split, to_unit_float
 from scripts.lib.sampling import GRID_SUFFIXES, class_grid_labels, guidance_scale, resolve_sampler, sample_images
 from scripts.lib.sampling import save_grid
@@ -274,18 +274,17 @@ class EvaluateConfig:
 
 
 def validate_config(cfg: EvaluateConfig) -> None:
-    missing, suffixes = "does not exist — train it first or pass the right path", ", ".join(GRID_SUFFIXES)
-    rules = (
-        ("--dit", Path(cfg.dit).is_file(), f"{printable(cfg.dit)} {missing}"),
-        ("--classifier", Path(cfg.classifier).is_file(), f"{printable(cfg.classifier)} {missing}"),
-        ("--num-per-class", cfg.num_per_class >= 2, f"must be >= 2 for FID/KID statistics (got {cfg.num_per_class})"),
-        ("--steps", cfg.steps >= 1, f"must be positive (got {cfg.steps})"),
-        ("--batch-size", cfg.batch_size >= 1, f"must be positive (got {cfg.batch_size})"),
-        ("--cfg-scale", cfg.cfg_scale is None or cfg.cfg_scale >= 0, f"must be >= 0 (got {cfg.cfg_scale})"),
-        ("--grid", not cfg.grid or Path(cfg.grid).suffix.lower() in GRID_SUFFIXES, f"must end in {suffixes}"),
-    )
-    if problems := [f"{flag} {problem}" for flag, ok, problem in rules if not ok]:
-        raise UserError("; ".join(problems))
+    missing = "does not exist — train it first or pass the right path"
+    unwritable_grid = bool(cfg.grid) and Path(cfg.grid).suffix.lower() not in GRID_SUFFIXES
+    refuse({
+        f"--dit {printable(cfg.dit)} {missing}": not Path(cfg.dit).is_file(),
+        f"--classifier {printable(cfg.classifier)} {missing}": not Path(cfg.classifier).is_file(),
+        f"--num-per-class must be >= 2 for FID/KID statistics (got {cfg.num_per_class})": cfg.num_per_class < 2,
+        f"--steps must be positive (got {cfg.steps})": cfg.steps < 1,
+        f"--batch-size must be positive (got {cfg.batch_size})": cfg.batch_size < 1,
+        f"--cfg-scale must be >= 0 (got {cfg.cfg_scale})": cfg.cfg_scale is not None and cfg.cfg_scale < 0,
+        f"--grid must end in {', '.join(GRID_SUFFIXES)}": unwritable_grid,
+    })  # fmt: skip
 
 
 @dataclass

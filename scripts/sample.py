@@ -13,7 +13,7 @@ import torch
 
 from scripts.lib.checkpoints import load_dit
 from scripts.lib.cli import DEVICES, UserError, cpu_threads_option, option, printable, resolve_device_type, run_main
-from scripts.lib.cli import write_failure
+from scripts.lib.cli import refuse, write_failure
 from scripts.lib.data import available_memory_bytes
 from scripts.lib.sampling import DEFAULT_CFG_SCALE, class_grid_labels, guidance_scale, resolve_classes
 from scripts.lib.sampling import GRID_SUFFIXES, resolve_sampler, sample_images, save_grid
@@ -50,8 +50,7 @@ def check_request(cfg: SampleConfig) -> bool:
         f"--out {shown} is a folder, not a grid file — pass e.g. {shown}/grid.png": is_grid and out.is_dir(),
         f"--out {shown} is a file, not a folder — pass a new folder or a {kinds} file": not is_grid and out.is_file(),
     }
-    if failed := [refusal for refusal, applies in refusals.items() if applies]:
-        raise UserError("; ".join(failed))
+    refuse(refusals)
     return is_grid
 
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from scripts.lib import checkpoints, sampling
 from scripts.lib.cli import DEVICES, UserError, cpu_threads_option, option, printable, resolve_device_type, run_main
+from scripts.lib.cli import refuse
 
 SAMPLES_PER_CLASS = 4
 # The forward and sample checks run at most these many classes (spread over all of them): a DiT with thousands of
@@ -149,15 +150,13 @@ def verify(cfg: VerifyConfig) -> Report:
     """Run every check that the file allows; later checks are skipped once an earlier one makes them moot."""
     path = Path(cfg.checkpoint)
     out = Path(cfg.sample_out) if cfg.sample_out else path.with_name(f"{path.stem}_verify.png")
-    refusals = {
+    suffixes = sampling.GRID_SUFFIXES
+    refuse({
         f"--sample-steps must be positive (got {cfg.sample_steps})": cfg.sample_steps < 1,
         f"--cfg-scale must be >= 0 (got {cfg.cfg_scale})": cfg.cfg_scale is not None and cfg.cfg_scale < 0,
-        f"--sample-out must end in {', '.join(sampling.GRID_SUFFIXES)}": out.suffix.lower()
-        not in sampling.GRID_SUFFIXES,
+        f"--sample-out must end in {', '.join(suffixes)}": out.suffix.lower() not in suffixes,
         f"--sample-out {printable(out)} is a folder — pass e.g. {printable(out / 'verify.png')}": out.is_dir(),
-    }
-    if failed := [refusal for refusal, applies in refusals.items() if applies]:
-        raise UserError("; ".join(failed))
+    })  # fmt: skip
     device, report = resolve_device_type(cfg.device), Report(checkpoint=str(path))
     try:
         state, metadata = checkpoints.load_weights(path)

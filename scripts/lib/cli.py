@@ -187,6 +187,12 @@ def parse_config(config_cls: type[ConfigT], argv: Sequence[str] | None, descript
     return cfg
 
 
+def refuse(refusals: dict[str, bool]) -> None:
+    """A command's table of flag checks (message -> whether it applies): one UserError naming each that applies."""
+    if applying := [message for message, applies in refusals.items() if applies]:
+        raise UserError("; ".join(applying))
+
+
 def non_finite_flags(cfg: Any) -> list[str]:
     """`--flag nan: not a finite number` for each float field holding NaN or inf (argparse's float() takes both)."""
     return [
