@@ -154,7 +154,7 @@ def train(run: Run, cfg: TrainConfig) -> dict[str, Any]:
             record = {"progress": vars(progress).copy(), "architecture": architecture}
             run.save(progress.epoch * schedule.steps_per_epoch, state.state_dict(**record))
     if evaluation is None and len(schedule.val_idx):  # a finished run started again: report on its final weights
-        evaluation = evaluate(raw_model, cache, schedule.val_idx, accelerator, show_progress=run.is_main)
+        evaluation = evaluate(raw_model, source, schedule.val_idx, accelerator, show_progress=run.is_main)
         metrics = {"epoch": progress.epoch, "val_loss": evaluation.loss, "val_acc": evaluation.accuracy}
     summary = {"run_dir": run.run_dir, "final": Path(cfg.output), "metrics": metrics, "best_epoch": progress.best_epoch,
                "best": best if best.exists() else None, "class_names": list(cache.class_names)}  # fmt: skip
@@ -198,7 +198,7 @@ def train_epoch(
                                "img_per_s": seen / (time.perf_counter() - started)}  # fmt: skip
     evaluation = None
     if len(schedule.val_idx):
-        evaluation = evaluate(state.model, run.cache, schedule.val_idx, accelerator, show_progress=run.is_main)
+        evaluation = evaluate(state.model, source, schedule.val_idx, accelerator, show_progress=run.is_main)
         metrics.update(val_loss=evaluation.loss, val_acc=evaluation.accuracy)
     metrics["seconds"] = time.perf_counter() - started
     eta_s = metrics["seconds"] * (cfg.epochs - epoch - 1)
@@ -274,7 +274,7 @@ class Evaluation:
 
 
 @torch.no_grad()
-def evaluate(raw_model: nn.Module, cache: data.ImageCache, val_idx: np.ndarray, accelerator, show_progress: bool):
+def evaluate(raw_model: nn.Module, source: data.ImageSource, val_idx: np.ndarray, accelerator, show_progress: bool):
     """This process's share of the validation split, then every share gathered onto every process. The plain module
     (no DDP wrapper) runs, so ranks with fewer images need not run as many forward passes; shares are padded to one
     length (index -1) only for the gather."""
@@ -288,10 +288,9 @@ def evaluate(raw_model: nn.Module, cache: data.ImageCache, val_idx: np.ndarray, 
     raw_model.eval()
     for start in tqdm(range(0, len(mine), EVAL_BATCH), desc="validate", leave=False, disable=not show_progress):
         chunk, window = mine[start : start + EVAL_BATCH], slice(start, start + EVAL_BATCH)
-        labels = torch.from_numpy(cache.labels[chunk]).to(device)
+        images, labels = source.gather(chunk)  # where the training batches come from: on the GPU when they fit
         with accelerator.autocast():
-            images = data.to_unit_float(data.gather_batch(cache.images, chunk).to(device))
-            logits = raw_model(model_input(images)).float()
+            logits = raw_model(model_input(data.to_unit_float(images))).float()
         columns["label"][window] = labels
         columns["confidence"][window], columns["prediction"][window] = logits.softmax(dim=1).max(dim=1)
         columns["loss"][window] = F.cross_entropy(logits, labels, reduction="none")

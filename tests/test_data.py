@@ -298,7 +298,7 @@ def test_unreadable_files_are_skipped_with_one_counted_warning(tmp_path):
     write_bytes(root / "tabby" / "zz.jpg", b"plain text")
     warnings: list[str] = []
 
-    cache = data.load_or_build_cache(root, 6, log=warnings.append, show_progress=False)
+    cache = data.load_or_build_cache(root, 6, warn=warnings.append, show_progress=False)
 
     assert len(warnings) == 1
     assert "skipped 2" in warnings[0] and "black/001b.jpg" in warnings[0] and "tabby/zz.jpg" in warnings[0]
@@ -314,7 +314,7 @@ def test_nothing_readable_is_a_user_error(tmp_path):
     write_bytes(tmp_path / "cats" / "tabby" / "a.jpg", b"")
     write_bytes(tmp_path / "cats" / "black" / "b.png", b"text")
     with pytest.raises(UserError, match="none of the 2 image files"):
-        data.load_or_build_cache(tmp_path / "cats", 6, log=lambda message: None, show_progress=False)
+        data.load_or_build_cache(tmp_path / "cats", 6, warn=lambda message: None, show_progress=False)
 
 
 def test_cache_falls_back_to_user_cache_when_data_folder_cannot_hold_it(tmp_path, monkeypatch):

@@ -28,7 +28,7 @@ from scripts.lib.checkpoints import list_complete_states
 from scripts.lib.checkpoints import load_weights
 from scripts.lib.cli import parse_config
 from scripts.lib.data import stratified_split
-from scripts.lib.data import load_or_build_cache
+from scripts.lib.data import ImageSource, load_or_build_cache
 from scripts.train import evaluate
 from scripts.lib.checkpoints import load_classifier
 from scripts.lib.run import make_accelerator
@@ -355,7 +355,7 @@ def test_classifier_validation_figures_are_those_of_the_saved_model(launches, to
     model, metadata = load_classifier(launch.run_dir.parent / "cats_model.safetensors")
     cache = load_or_build_cache(toy_data, IMAGE_SIZE, show_progress=False)
     _, val_idx = stratified_split(cache.labels, 0.25, seed=0)
-    evaluation = evaluate(model, cache, val_idx, make_accelerator("cpu", "no"), show_progress=False)
+    evaluation = evaluate(model, ImageSource(cache, "cpu"), val_idx, make_accelerator("cpu", "no"), show_progress=False)
     last = launch.metrics()[-1]
     assert len(evaluation.labels) == len(val_idx) > 2  # more than one rank's share
     assert evaluation.accuracy == pytest.approx(last["val_acc"])

@@ -443,7 +443,7 @@ def test_the_cache_build_skips_the_bomb_with_the_counted_warning(bomb, tmp_path)
         Image.new("RGB", (20, 20), (10, 10, 10)).save(tmp_path / "cats" / name / "ok.png")
     (tmp_path / "cats" / "white" / "huge.png").symlink_to(bomb)
     warnings: list[str] = []
-    cache = load_or_build_cache(tmp_path / "cats", 16, log=warnings.append, show_progress=False)
+    cache = load_or_build_cache(tmp_path / "cats", 16, warn=warnings.append, show_progress=False)
     assert len(cache) == 2 and len(warnings) == 1
     assert "skipped 1 unreadable image file(s) of 3" in warnings[0]
     assert f"white/huge.png: {BOMB_SIDE} x {BOMB_SIDE} pixels is more than the 67 megapixels" in warnings[0]
@@ -493,7 +493,7 @@ def test_file_names_cannot_split_or_forge_a_log_line(tmp_path):
     logger = logging.getLogger("test_hostile_files")
     logger.addHandler(handler)
     try:
-        load_or_build_cache(tmp_path / "cats", 16, log=logger, show_progress=False)
+        load_or_build_cache(tmp_path / "cats", 16, warn=logger.warning, show_progress=False)
     finally:
         logger.removeHandler(handler)
     (line,) = records

@@ -239,7 +239,7 @@ def _read_cache(images_path: Path, meta_path: Path, key: str, image_size: int) -
 
 def load_or_build_cache(
     data_dir: str | Path, image_size: int, cache_dir: str | Path | None = None,
-    log: Callable[[str], object] | logging.Logger | None = None, show_progress: bool = True,
+    warn: Callable[[str], object] | None = None, show_progress: bool = True,
 ) -> ImageCache:  # fmt: skip
     """The uint8 cache of `data_dir` at `image_size`, reused while the listing is unchanged, else rebuilt.
 
@@ -270,7 +270,7 @@ def load_or_build_cache(
     else:
         raise UserError(f"cannot create an image cache in any of {', '.join(map(printable, candidates))} — pass a "
                         "writable --cache-dir, or set XDG_CACHE_HOME to a writable folder")  # fmt: skip
-    warn = log.warning if isinstance(log, logging.Logger) else log or logging.getLogger(LOGGER_NAME).warning
+    warn = warn or logging.getLogger(LOGGER_NAME).warning  # the skipped files' warnings
     return _build_cache(listing, image_size, directory, stem, key, warn, show_progress)
 
 

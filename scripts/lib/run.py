@@ -807,7 +807,7 @@ def open_run(cfg: Any, spec: RunSpec, on_checkpoint: Callable[[Path], None] | No
         if accelerator.is_main_process and (removed := remove_unfinished_writes(run_dir / STATE_DIR)):
             log.info("removed %d unfinished checkpoint write(s) left by a killed run", removed)
         with accelerator.local_main_process_first():  # one process per machine builds the cache
-            run.cache = load_or_build_cache(cfg.data_dir, cfg.image_size, cfg.cache_dir or None, log=log,
+            run.cache = load_or_build_cache(cfg.data_dir, cfg.image_size, cfg.cache_dir or None,
                                             show_progress=accelerator.is_main_process)  # fmt: skip
         names = run.cache.class_names
         log.info("data: %d images, %d classes (%s) from %s", len(run.cache), len(names), ", ".join(names), cfg.data_dir)
