@@ -23,7 +23,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from types import ModuleType
 from typing import Any, Literal, NamedTuple, NoReturn
@@ -339,11 +339,8 @@ def run_launched(script: Path, argv: list[str], num_processes: int) -> Exit:
     and SIGTERM go on to the launcher's whole process group as SIGTERM: the elastic agent passes on what it gets,
     and a worker that gets SIGINT twice stops without saving (a second Ctrl-C), while SIGTERM twice is harmless."""
     with tempfile.TemporaryDirectory() as exit_dir:
-        env = {
-            **project_env(),
-            EXIT_DIR_ENV: exit_dir,
-            "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(LAUNCHER_SHUTDOWN_TIMEOUT_S),
-        }
+        env = project_env() | {EXIT_DIR_ENV: exit_dir}
+        env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = str(LAUNCHER_SHUTDOWN_TIMEOUT_S)
         # Port 0: accelerate picks a free port for the ranks' rendezvous (a fixed one collides with other runs).
         launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1"]
         launcher += ["--num_processes", str(num_processes), "--main_process_port", "0"]
@@ -462,14 +459,6 @@ def no_such_run(run: str) -> UserError:
     return UserError(f"no run {run!r} in volume {volume} — list the runs with `modal volume ls {volume} checkpoints`")
 
 
-def downloader(remote_path: str) -> Callable[[Path], None]:
-    def download(local_path: Path) -> None:
-        with open(local_path, "wb") as handle:
-            handle.writelines(outputs_volume.read_file(remote_path))  # chunk by chunk
-
-    return download
-
-
 def fetch_run(run: str, local_dir: Path, include_state: bool, check: bool) -> None:
     """Copy checkpoints/<run>/ from the volume (without state/ unless asked), then verify and export its weights."""
     entries = []
@@ -481,7 +470,8 @@ def fetch_run(run: str, local_dir: Path, include_state: bool, check: bool) -> No
     for remote_path in files:
         if include_state or f"/{STATE_DIR}/" not in remote_path:
             local_path = local_dir / PurePosixPath(remote_path).relative_to(CHECKPOINTS_DIR)
-            save_output(local_path, downloader(remote_path), f"the download of {remote_path}")  # whole or not at all
+            chunks = outputs_volume.read_file(remote_path)
+            save_output(local_path, chunks, f"the download of {remote_path}")  # chunk by chunk, whole or not at all
             print(local_path)
     finals = [local_dir / run / t.final_name for t in TRAINERS.values() if (local_dir / run / t.final_name).is_file()]
     if not finals:

@@ -6,6 +6,7 @@ zero-initialised tensors were nudged, which is all verify/export/evaluate need t
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -119,3 +120,8 @@ def one_error_line(main, config_cls, argv: list[str], capsys) -> str:
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), lines
     return lines[0]
+
+
+def read_status(run_dir: Path) -> dict:
+    """A run's status.json, as a launcher reads it."""
+    return json.loads((Path(run_dir) / "status.json").read_text())

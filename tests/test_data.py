@@ -216,7 +216,7 @@ def test_cache_holds_decoded_images_labels_and_class_names(tmp_path):
 
     cache = data.load_or_build_cache(root, 6, show_progress=False)
 
-    assert len(cache) == 5 and cache.num_classes == 2
+    assert len(cache) == 5 and len(cache.class_names) == 2
     assert cache.images.shape == (5, 3, 6, 6) and cache.images.dtype == np.uint8
     assert isinstance(cache.images, np.memmap)
     assert cache.labels.tolist() == [0, 0, 1, 1, 1] and cache.labels.dtype == np.int64

@@ -13,11 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from builders import make_toy_data
+from builders import make_toy_data, read_status
 
 from scripts.lib.checkpoints import COMPLETE_MARKER, list_complete_states
 from scripts.lib.checkpoints import load_weights
-from scripts.lib.run import read_status
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from builders import make_toy_data, tiny_config
+from builders import make_toy_data, read_status, tiny_config
 
 from scripts import train, train_dit
 from scripts.lib import checkpoints
@@ -22,7 +22,6 @@ from scripts.lib.checkpoints import list_complete_states, load_training_state
 from scripts.lib.checkpoints import load_weights
 from scripts.lib.cli import EXIT_TIME_LIMIT, UserError, parse_config
 from scripts.lib.run import RunLock
-from scripts.lib.run import read_status
 from scripts.lib.checkpoints import TrainingState
 from scripts.make_toy_cats import generate_toy_cats
 

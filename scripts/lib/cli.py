@@ -312,16 +312,20 @@ os.umask(_UMASK)
 FILE_MODE = 0o666 & ~_UMASK  # what a plain open() gives: some writers, safetensors among them, create files 0600
 
 
-def write_atomic(path: Path, content: str | bytes | Callable[[Path], None]) -> Path:
-    """Replace `path` with `content` (text, bytes, or a writer called with a temporary path): a reader sees the old
-    file or the new one, never half of one. The temporary name is unique: several processes may write one file."""
+def write_atomic(path: Path, content: str | bytes | Iterable[bytes] | Callable[[Path], None]) -> Path:
+    """Replace `path` with `content` (text, bytes, chunks of bytes, or a writer called with a temporary path): a reader
+    sees the old file or the new one, never half of one. The temporary name is unique: several processes may write
+    one file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
     try:
         if callable(content):
             content(tmp)
-        else:
+        elif isinstance(content, str | bytes):
             tmp.write_bytes(content.encode() if isinstance(content, str) else content)
+        else:
+            with open(tmp, "wb") as handle:
+                handle.writelines(content)
         os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
@@ -331,7 +335,7 @@ def write_atomic(path: Path, content: str | bytes | Callable[[Path], None]) -> P
     return path
 
 
-def save_output(path: Path, content: str | bytes | Callable[[Path], None], what: str) -> Path:
+def save_output(path: Path, content: str | bytes | Iterable[bytes] | Callable[[Path], None], what: str) -> Path:
     """`write_atomic` into a folder made as needed; a failure is one line that names `what`."""
     try:
         Path(path).parent.mkdir(parents=True, exist_ok=True)

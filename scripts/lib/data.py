@@ -174,10 +174,6 @@ class ImageCache:
     def __len__(self) -> int:
         return len(self.labels)
 
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
 
 def available_memory_bytes(meminfo: Path = Path("/proc/meminfo"), cgroup: Path = Path("/sys/fs/cgroup")) -> int | None:
     """Host memory this process could still take without swapping, or None where nothing tells: MemAvailable,

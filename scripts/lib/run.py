@@ -456,13 +456,6 @@ class StatusFile:
             write_atomic(self.path, json.dumps({**self.fields, "updated": round(time.time(), 3)}, indent=2) + "\n")
 
 
-def read_status(run_dir: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads((Path(run_dir) / "status.json").read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def format_duration(seconds: float) -> str:
     """`3h04m`, `12m05s`, `42s` — for ETA log lines."""
     hours, rest = divmod(max(0, int(seconds)), 3600)
